@@ -1,0 +1,4 @@
+from lit_tricks.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+"""Callbacks and tricks: one file per technique."""
+
+__all__: list[str] = []

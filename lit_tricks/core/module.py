@@ -1,0 +1,159 @@
+"""The LightningModule base class that runs tricks inside its training step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from lit_tricks.core.batch import StepOutput, TrickBatch
+from lit_tricks.core.rng import collect_rng_states, set_rng_states
+from lit_tricks.core.trick import Trick
+from lit_tricks.functional.losses import soft_target_cross_entropy, weighted_mean
+from lit_tricks.metrics.classification import classification_metrics
+
+_RNG_KEY = "lit_tricks_rng_states"
+
+
+class TrickModule(pl.LightningModule):
+    """A classification ``LightningModule`` whose training step runs every :class:`~lit_tricks.Trick`.
+
+    ``training_step`` is: batch -> :class:`~lit_tricks.TrickBatch` -> each trick's ``before_forward`` ->
+    forward -> :meth:`per_sample_loss` -> each trick's ``after_loss`` -> weighted mean + auxiliary losses.
+    It logs ``train/loss`` (the total), ``train/task_loss`` (the weighted mean), every auxiliary term as
+    ``train/<name>`` and ``train/acc``. Validation and test log ``val/acc``, ``val/nll``, ``val/ece``
+    (``test/...`` likewise) through torchmetrics; ``predict_step`` returns class probabilities.
+
+    Subclass it and implement ``forward(inputs) -> logits`` and ``configure_optimizers``; implement
+    ``forward_features(inputs) -> (logits, features)`` too if a trick needs features.
+    :class:`~lit_tricks.Classifier` is the ready-made subclass that wraps any backbone.
+
+    Batches may be dicts with ``inputs``, ``targets`` and optionally ``index``/``weight`` (other keys reach
+    tricks as ``TrickBatch.extras``), or ``(inputs, targets)`` / ``(inputs, targets, index)`` sequences.
+    Targets are class ids ``[N]`` or probabilities ``[N, C]``. The first batch of each stage is checked
+    against ``num_classes`` and the tricks' needs, with a clear error.
+
+    The checkpoint also holds the global random-number-generator states, restored when training resumes,
+    so dropout and other randomness in the model continue exactly as in an uninterrupted run.
+
+    Args:
+        num_classes: number of classes ``C``.
+        ece_bins: number of equal-width confidence bins of the expected calibration error.
+    """
+
+    def __init__(self, num_classes: int, ece_bins: int = 15) -> None:
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
+        if not isinstance(ece_bins, int) or ece_bins < 1:
+            raise ValueError(f"ece_bins must be a positive integer, got {ece_bins!r}.")
+        self.num_classes = num_classes
+        self.val_metrics = classification_metrics(num_classes, "val/", ece_bins)
+        self.test_metrics = classification_metrics(num_classes, "test/", ece_bins)
+        self._tricks: list[Trick] = []
+        self._checked_stages: set[str] = set()
+        self._rng_to_restore: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ model interface
+    def forward_features(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(logits, features)``; needed only by tricks with ``needs_features = True``."""
+        raise NotImplementedError(
+            f"A trick needs features, but {type(self).__name__} does not implement forward_features(inputs) "
+            "-> (logits, features)."
+        )
+
+    def per_sample_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Loss of each sample ``[N]``; soft-target cross-entropy by default (class ids or probabilities)."""
+        return soft_target_cross_entropy(logits, targets)
+
+    @property
+    def tricks(self) -> list[Trick]:
+        """The tricks this module runs, in the order it runs them."""
+        return self._tricks
+
+    # ------------------------------------------------------------------ lightning hooks
+    def setup(self, stage: str) -> None:
+        trainer = self._trainer
+        callbacks = trainer.callbacks if trainer is not None else []
+        # `sorted` is stable, so tricks with equal `order` keep the order of trainer.callbacks.
+        self._tricks = sorted((cb for cb in callbacks if isinstance(cb, Trick)), key=lambda trick: trick.order)
+        self._checked_stages.clear()
+        data_classes = getattr(getattr(trainer, "datamodule", None), "num_classes", None)
+        if isinstance(data_classes, int) and data_classes != self.num_classes:
+            raise ValueError(
+                f"The data module has {data_classes} classes but {type(self).__name__} was built with "
+                f"num_classes={self.num_classes}: make them agree."
+            )
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        trainer = self._trainer
+        tb = TrickBatch.from_batch(batch)
+        self._check_first_batch(tb, "train")
+        for trick in self._tricks:
+            tb = trick.before_forward(trainer, self, tb)
+        if any(trick.needs_features for trick in self._tricks):
+            logits, features = self.forward_features(tb.inputs)
+        else:
+            logits, features = self(tb.inputs), None
+        out = StepOutput(logits, features, self.per_sample_loss(logits, tb.targets))
+        for trick in self._tricks:
+            out = trick.after_loss(trainer, self, tb, out)
+
+        task_loss = weighted_mean(out.per_sample_loss, tb.weight)
+        loss = task_loss + sum(out.aux_losses.values())
+        n = len(tb)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        if out.aux_losses:
+            self.log("train/task_loss", task_loss, batch_size=n)
+            for name, value in out.aux_losses.items():
+                self.log(f"train/{name}", value, batch_size=n)
+        acc = (logits.detach().argmax(dim=-1) == tb.hard_targets).float().mean()
+        self.log("train/acc", acc, batch_size=n)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Class probabilities ``[N, C]``; the batch may also be a bare input tensor."""
+        inputs = batch if isinstance(batch, Tensor) else TrickBatch.from_batch(batch).inputs
+        return self(inputs).softmax(dim=-1)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[_RNG_KEY] = collect_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Applied when training starts, so loading weights for inference leaves the caller's RNG alone.
+        self._rng_to_restore = checkpoint.get(_RNG_KEY)
+
+    def on_train_start(self) -> None:
+        if self._rng_to_restore is not None:
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    # ------------------------------------------------------------------ helpers
+    def _evaluate(self, batch: Any, metrics: torch.nn.Module, stage: str) -> None:
+        tb = TrickBatch.from_batch(batch)
+        self._check_first_batch(tb, stage)
+        probs = self(tb.inputs).float().softmax(dim=-1)
+        metrics.update(probs, tb.hard_targets)
+        self.log_dict(metrics, batch_size=len(tb))
+
+    def _check_first_batch(self, tb: TrickBatch, stage: str) -> None:
+        if stage in self._checked_stages:
+            return
+        tb.check(self.num_classes)
+        if stage == "train" and tb.index is None:
+            needing = [type(t).__name__ for t in self._tricks if t.needs_index]
+            if needing:
+                raise ValueError(
+                    f"{', '.join(needing)} keep per-sample memories and need dataset indices, but the batches "
+                    "carry no 'index': use a lit_tricks data module, wrap your dataset in "
+                    "lit_tricks.data.IndexedDataset, or return (inputs, targets, index)."
+                )
+        self._checked_stages.add(stage)

@@ -1,0 +1,73 @@
+"""The base class of every technique that shapes the training step."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from lit_tricks.core.batch import StepOutput, TrickBatch
+
+if TYPE_CHECKING:
+    from lit_tricks.core.module import TrickModule
+
+
+class Trick(Callback):
+    """A :class:`~lightning.pytorch.callbacks.Callback` that may also change the training step.
+
+    A :class:`~lit_tricks.TrickModule` calls, inside its ``training_step``, every trick's
+    :meth:`before_forward` (to change inputs, targets or weights) and :meth:`after_loss` (to change the
+    per-sample loss or add named loss terms), in the order of ``order`` and then of ``trainer.callbacks``.
+    Both default to doing nothing, so a trick overrides only what it needs.
+
+    Class attributes a subclass sets:
+        order: lower runs first (e.g. a trick that mixes targets runs before one that distils towards them).
+        needs_index: the trick keeps a per-sample memory, so batches must carry dataset indices.
+        needs_features: the trick reads ``StepOutput.features``; the module then calls ``forward_features``.
+        works_without_trick_module: the trick can act through plain Lightning hooks, so a plain
+            ``LightningModule`` is allowed.
+
+    Example::
+
+        class ScaleLoss(Trick):
+            def __init__(self, factor: float) -> None:
+                self.factor = factor
+
+            def after_loss(self, trainer, module, batch, out):
+                out.per_sample_loss = out.per_sample_loss * self.factor
+                return out
+
+        trainer = L.Trainer(callbacks=[ScaleLoss(0.5)])
+    """
+
+    order: int = 0
+    needs_index: bool = False
+    needs_features: bool = False
+    works_without_trick_module: bool = False
+
+    def before_forward(self, trainer: pl.Trainer, module: TrickModule, batch: TrickBatch) -> TrickBatch:
+        """Change the batch before the forward pass; return it (or a new one)."""
+        return batch
+
+    def after_loss(
+        self, trainer: pl.Trainer, module: TrickModule, batch: TrickBatch, out: StepOutput
+    ) -> StepOutput:
+        """Change the per-sample loss or add ``out.aux_losses[name]``; return ``out``."""
+        return out
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check that the module can run this trick; subclasses that override ``setup`` call ``super()``."""
+        from lit_tricks.core.module import TrickModule
+
+        if not self.works_without_trick_module and not isinstance(pl_module, TrickModule):
+            raise TypeError(
+                f"{type(self).__name__} shapes the training step, so the LightningModule must subclass "
+                f"lit_tricks.TrickModule (got {type(pl_module).__name__}). Use lit_tricks.Classifier(backbone=...) "
+                "or subclass TrickModule and implement forward()."
+            )
+
+    def log(self, module: pl.LightningModule, name: str, value: Tensor | float, **kwargs) -> None:
+        """Log ``value`` as ``tricks/<ClassName>/<name>`` (logged per step by default in training)."""
+        module.log(f"tricks/{type(self).__name__}/{name}", value, **kwargs)

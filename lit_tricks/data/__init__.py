@@ -1,0 +1,20 @@
+"""Offline, seeded LightningDataModules and dataset wrappers."""
+
+from lit_tricks.data.array_datamodule import ArrayDataModule
+from lit_tricks.data.digits import DigitsDataModule
+from lit_tricks.data.indexed import ArrayDataset, IndexedDataset
+from lit_tricks.data.label_noise import LabelNoise, flip_labels
+from lit_tricks.data.mnist1d import MNIST1DDataModule, generate_mnist1d
+from lit_tricks.data.sampler import EpochRandomSampler
+
+__all__ = [
+    "ArrayDataModule",
+    "ArrayDataset",
+    "DigitsDataModule",
+    "EpochRandomSampler",
+    "IndexedDataset",
+    "LabelNoise",
+    "MNIST1DDataModule",
+    "flip_labels",
+    "generate_mnist1d",
+]

@@ -1,0 +1,81 @@
+"""The ready-made TrickModule: any backbone that maps inputs to logits."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from lit_tricks.core.module import TrickModule
+
+
+class Classifier(TrickModule):
+    """A classifier around any ``nn.Module`` that maps inputs to logits, ready for every trick.
+
+    Args:
+        backbone: the network, ``inputs -> logits [N, num_classes]``. If it also has ``forward_features``
+            and ``forward_head`` (as our ``lit_tricks.nets`` and timm models do), tricks that need
+            penultimate features get them without a second forward pass.
+        num_classes: number of classes.
+        optimizer: a callable ``params -> Optimizer``, e.g. ``functools.partial(torch.optim.SGD, lr=0.1)``;
+            in YAML a ``class_path`` with ``init_args``. Default: Adam with lr 1e-3.
+        lr_scheduler: optional callable ``optimizer -> LRScheduler``.
+        scheduler_interval: step the scheduler every ``"epoch"`` or every ``"step"``.
+        scheduler_monitor: the metric ``ReduceLROnPlateau`` watches.
+        ece_bins: bins of the expected calibration error.
+
+    Example::
+
+        >>> import lightning as L
+        >>> from lit_tricks import Classifier
+        >>> from lit_tricks.data import DigitsDataModule
+        >>> from lit_tricks.nets import MLP
+        >>> model = Classifier(MLP(in_features=64, num_classes=10), num_classes=10)
+        >>> trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+        ...                     enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(model, DigitsDataModule())
+        >>> trainer.callback_metrics["val/acc"] > 0.5
+        tensor(True)
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
+        scheduler_monitor: str = "val/nll",
+        ece_bins: int = 15,
+    ) -> None:
+        super().__init__(num_classes=num_classes, ece_bins=ece_bins)
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"backbone must be a torch.nn.Module, got {type(backbone).__name__}.")
+        if scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}.")
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+        self.backbone = backbone
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.backbone(inputs)
+
+    def forward_features(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        if not (hasattr(self.backbone, "forward_features") and hasattr(self.backbone, "forward_head")):
+            return super().forward_features(inputs)
+        features = self.backbone.forward_features(inputs)
+        return self.backbone.forward_head(features), features
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer(self.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = {
+            "scheduler": self.lr_scheduler(optimizer),
+            "interval": self.hparams.scheduler_interval,
+            "monitor": self.hparams.scheduler_monitor,
+        }
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
