@@ -98,7 +98,9 @@ class TrickBatch:
                     "normalise them, or pass class ids."
                 )
         else:
-            raise ValueError(f"targets must be class ids [N] or probabilities [N, C], got shape {tuple(targets.shape)}.")
+            raise ValueError(
+                f"targets must be class ids [N] or probabilities [N, C], got shape {tuple(targets.shape)}."
+            )
         if self.index is not None and self.index.shape != (n,):
             raise ValueError(f"index must have shape [{n}], got {tuple(self.index.shape)}.")
         if self.weight is not None and self.weight.shape != (n,):

@@ -51,9 +51,7 @@ class Trick(Callback):
         """Change the batch before the forward pass; return it (or a new one)."""
         return batch
 
-    def after_loss(
-        self, trainer: pl.Trainer, module: TrickModule, batch: TrickBatch, out: StepOutput
-    ) -> StepOutput:
+    def after_loss(self, trainer: pl.Trainer, module: TrickModule, batch: TrickBatch, out: StepOutput) -> StepOutput:
         """Change the per-sample loss or add ``out.aux_losses[name]``; return ``out``."""
         return out
 
