@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from torch import Tensor
 
 from lit_tricks.core.batch import StepOutput, TrickBatch
 
@@ -66,6 +65,10 @@ class Trick(Callback):
                 "or subclass TrickModule and implement forward()."
             )
 
-    def log(self, module: pl.LightningModule, name: str, value: Tensor | float, **kwargs) -> None:
-        """Log ``value`` as ``tricks/<ClassName>/<name>`` (logged per step by default in training)."""
-        module.log(f"tricks/{type(self).__name__}/{name}", value, **kwargs)
+    def tag(self, name: str) -> str:
+        """The logging name of a quantity: ``tricks/<ClassName>/<name>``, e.g. ``module.log(self.tag("lam"), lam)``.
+
+        (Lightning overwrites a callback's ``log`` attribute with the module's ``log``, so tricks log through
+        the module.)
+        """
+        return f"tricks/{type(self).__name__}/{name}"

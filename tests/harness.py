@@ -1,0 +1,65 @@
+"""Cases shared by the bit-exact resume test and the DDP test.
+
+Every stateful part of lit_tricks registers a case here: a function that builds, from scratch and with the
+global seed already set, ``(module, datamodule, callbacks)`` for a short run. The harnesses then check that
+fit(N) equals fit(N/2) + resume(N) bit for bit, and that two DDP ranks agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lit_tricks import Classifier
+from lit_tricks.data import DigitsDataModule
+from lit_tricks.nets import CNN2D, MLP
+
+Build = Callable[[], tuple[pl.LightningModule, pl.LightningDataModule, list[Callback]]]
+CASES: dict[str, Build] = {}
+
+
+def case(name: str) -> Callable[[Build], Build]:
+    def register(build: Build) -> Build:
+        CASES[name] = build
+        return build
+
+    return register
+
+
+@case("classifier_mlp_dropout")
+def _classifier_mlp():
+    # dropout makes the run depend on the global RNG, which the resume must restore
+    model = Classifier(MLP(64, 10, hidden=(32,), dropout=0.3), num_classes=10)
+    return model, DigitsDataModule(batch_size=32), []
+
+
+@case("classifier_cnn_batchnorm")
+def _classifier_cnn():
+    model = Classifier(
+        CNN2D(num_classes=10, width=8),
+        num_classes=10,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
+    )
+    return model, DigitsDataModule(batch_size=32, as_image=True), []
+
+
+def assert_same(a, b, path: str = "") -> None:
+    """Assert two nested structures of tensors / dicts / lists / scalars are identical, bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), path
+        assert a.shape == b.shape and a.dtype == b.dtype, f"{path}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}"
+        assert torch.equal(a, b), f"{path} differs (max abs diff {(a.double() - b.double()).abs().max():.3g})"
+    elif isinstance(a, Mapping):
+        assert isinstance(b, Mapping) and set(a) == set(b), f"{path}: keys {sorted(a)} vs {sorted(b)}"
+        for key in a:
+            assert_same(a[key], b[key], f"{path}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{path}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"

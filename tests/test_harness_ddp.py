@@ -1,0 +1,30 @@
+"""Harness (c): every case fits under strategy="ddp" on 2 CPU processes (gloo), and the ranks agree."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import CASES, assert_same
+
+SCRIPT = Path(__file__).with_name("ddp_run.py")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_ddp_ranks_agree(name, tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), name, str(tmp_path)], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["world_size"] == 2
+    assert_same(ranks[0]["params"], ranks[1]["params"], "params")
+    assert_same(ranks[0]["callbacks"], ranks[1]["callbacks"], "callbacks")
+    assert_same(ranks[0]["metrics"], ranks[1]["metrics"], "synced metrics")
+    assert ranks[0]["metrics"], "validation metrics were logged"
+    changed = [not torch.equal(ranks[0]["initial"][k], v) for k, v in ranks[0]["params"].items()]
+    assert all(changed), "training changed every parameter"

@@ -1,0 +1,197 @@
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lit_tricks import Classifier, Trick, TrickModule
+from lit_tricks.data import DigitsDataModule, IndexedDataset
+from lit_tricks.nets import MLP
+
+
+def _digits_model(**kwargs):
+    return Classifier(MLP(64, 10, hidden=(32,)), num_classes=10, **kwargs)
+
+
+class Recorder(Trick):
+    """Records the order of calls and the values the pipeline produced."""
+
+    def __init__(self, name, calls, order=0, aux=None, needs_features=False):
+        self.name, self.calls, self.order, self.aux, self.needs_features = name, calls, order, aux, needs_features
+        self.seen = {}
+
+    def before_forward(self, trainer, module, batch):
+        self.calls.append(("before_forward", self.name))
+        return batch
+
+    def after_loss(self, trainer, module, batch, out):
+        self.calls.append(("after_loss", self.name))
+        self.seen = {"per_sample_loss": out.per_sample_loss.detach(), "features": out.features}
+        if self.aux is not None:
+            out.aux_losses[f"aux_{self.name}"] = torch.tensor(self.aux)
+        module.log(self.tag("called"), 1.0)
+        return out
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen["loss"] = outputs["loss"].detach()
+
+
+def test_tricks_run_by_order_then_callback_order(quiet_trainer_kwargs):
+    calls = []
+    tricks = [Recorder("late", calls, order=5), Recorder("a", calls), Recorder("b", calls)]
+    trainer = pl.Trainer(max_steps=1, limit_val_batches=0, callbacks=tricks, **quiet_trainer_kwargs)
+    model = _digits_model()
+    trainer.fit(model, DigitsDataModule())
+    assert [t.name for t in model.tricks] == ["a", "b", "late"]
+    names = ["a", "b", "late"]
+    assert calls == [("before_forward", n) for n in names] + [("after_loss", n) for n in names]
+
+
+def test_loss_is_weighted_mean_plus_aux_and_everything_is_logged(quiet_trainer_kwargs):
+    class HalfWeights(Trick):
+        def before_forward(self, trainer, module, batch):
+            batch.weight = torch.zeros(len(batch))
+            batch.weight[: len(batch) // 2] = 2.0
+            return batch
+
+    recorder = Recorder("r", [], order=1, aux=0.25)
+    trainer = pl.Trainer(max_steps=1, limit_val_batches=0, callbacks=[HalfWeights(), recorder], **quiet_trainer_kwargs)
+    trainer.fit(_digits_model(), DigitsDataModule(batch_size=16))
+    losses = recorder.seen["per_sample_loss"]
+    expected = 2.0 * losses[:8].sum() / 16 + 0.25
+    torch.testing.assert_close(recorder.seen["loss"], expected)
+    logged = trainer.callback_metrics
+    for key in ("train/loss", "train/task_loss", "train/aux_r", "train/acc", "tricks/Recorder/called"):
+        assert key in logged, key
+    torch.testing.assert_close(logged["train/aux_r"], torch.tensor(0.25))
+
+
+def test_features_reach_tricks_that_ask(quiet_trainer_kwargs):
+    recorder = Recorder("f", [], needs_features=True)
+    trainer = pl.Trainer(max_steps=1, limit_val_batches=0, callbacks=[recorder], **quiet_trainer_kwargs)
+    trainer.fit(_digits_model(), DigitsDataModule(batch_size=8))
+    assert recorder.seen["features"].shape == (8, 32)
+
+
+def test_module_without_forward_features_says_so(quiet_trainer_kwargs):
+    model = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), num_classes=10)
+    trainer = pl.Trainer(max_steps=1, callbacks=[Recorder("f", [], needs_features=True)], **quiet_trainer_kwargs)
+    with pytest.raises(NotImplementedError, match="forward_features"):
+        trainer.fit(model, DigitsDataModule())
+
+
+def test_classifier_learns_digits(quiet_trainer_kwargs):
+    pl.seed_everything(0, verbose=False)
+    model = _digits_model(optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
+    trainer = pl.Trainer(max_epochs=8, **quiet_trainer_kwargs)
+    datamodule = DigitsDataModule()
+    trainer.fit(model, datamodule)
+    assert trainer.callback_metrics["val/acc"] > 0.9
+    result = trainer.test(model, datamodule, verbose=False)[0]
+    assert result["test/acc"] > 0.9 and 0 <= result["test/ece"] < 0.2 and result["test/nll"] < 0.5
+    probs = torch.cat(trainer.predict(model, datamodule))
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(len(probs)))
+
+
+def test_user_loader_with_probability_targets(quiet_trainer_kwargs):
+    x = torch.randn(64, 64)
+    soft = torch.softmax(torch.randn(64, 10), dim=1)
+    loader = DataLoader(TensorDataset(x, soft), batch_size=16)
+    trainer = pl.Trainer(max_epochs=1, **quiet_trainer_kwargs)
+    trainer.fit(_digits_model(), loader)
+    assert trainer.global_step == 4
+
+
+def test_scheduler_steps(quiet_trainer_kwargs):
+    model = _digits_model(
+        optimizer=lambda p: torch.optim.SGD(p, lr=1.0),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
+        scheduler_interval="step",
+    )
+    trainer = pl.Trainer(max_steps=3, limit_val_batches=0, **quiet_trainer_kwargs)
+    trainer.fit(model, DigitsDataModule())
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.125)
+
+
+# ---------------------------------------------------------------- bad input
+class NeedsIndex(Trick):
+    needs_index = True
+
+
+def test_trick_that_needs_index_without_index(quiet_trainer_kwargs):
+    loader = DataLoader(TensorDataset(torch.randn(32, 64), torch.randint(0, 10, (32,))), batch_size=8)
+    trainer = pl.Trainer(max_steps=1, callbacks=[NeedsIndex()], **quiet_trainer_kwargs)
+    with pytest.raises(ValueError, match=r"NeedsIndex .*need dataset indices.*IndexedDataset"):
+        trainer.fit(_digits_model(), loader)
+    # the fix the message names works
+    indexed = DataLoader(IndexedDataset(loader.dataset), batch_size=8)
+    trainer = pl.Trainer(max_steps=1, callbacks=[NeedsIndex()], **quiet_trainer_kwargs)
+    trainer.fit(_digits_model(), indexed)
+    assert trainer.global_step == 1
+
+
+def test_class_count_mismatch_with_datamodule(quiet_trainer_kwargs):
+    model = Classifier(MLP(64, 5), num_classes=5)
+    with pytest.raises(ValueError, match="data module has 10 classes.*num_classes=5"):
+        pl.Trainer(max_steps=1, **quiet_trainer_kwargs).fit(model, DigitsDataModule())
+
+
+def test_class_count_mismatch_with_plain_loader(quiet_trainer_kwargs):
+    loader = DataLoader(TensorDataset(torch.randn(16, 64), torch.arange(16) % 10), batch_size=8)
+    model = Classifier(MLP(64, 5), num_classes=5)
+    with pytest.raises(ValueError, match=r"class ids in \[0, \d\] but num_classes=5"):
+        pl.Trainer(max_steps=1, **quiet_trainer_kwargs).fit(model, loader)
+
+
+def test_trick_on_plain_lightning_module_points_to_trick_module(quiet_trainer_kwargs):
+    class Plain(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(64, 10)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self.net(batch["inputs"]), batch["targets"])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    with pytest.raises(TypeError, match="must subclass lit_tricks.TrickModule"):
+        pl.Trainer(max_steps=1, callbacks=[Recorder("x", [])], **quiet_trainer_kwargs).fit(Plain(), DigitsDataModule())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"backbone": "mlp", "num_classes": 10}, TypeError, "backbone must be a torch.nn.Module"),
+        ({"backbone": nn.Linear(2, 2), "num_classes": 1}, ValueError, "num_classes must be an integer >= 2"),
+        ({"backbone": nn.Linear(2, 2), "num_classes": 2, "ece_bins": 0}, ValueError, "ece_bins"),
+        ({"backbone": nn.Linear(2, 2), "num_classes": 2, "scheduler_interval": "batch"}, ValueError, "interval"),
+    ],
+)
+def test_classifier_rejects_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        Classifier(**kwargs)
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_checkpoint_loads_safely_and_leaves_rng_alone(tmp_path, quiet_trainer_kwargs):
+    quiet_trainer_kwargs["enable_checkpointing"] = True
+    trainer = pl.Trainer(max_steps=2, limit_val_batches=1, **quiet_trainer_kwargs)
+    model = _digits_model()
+    trainer.fit(model, DigitsDataModule())
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    torch.load(path, weights_only=True)  # no pickled numpy or python objects
+    backbone = MLP(64, 10, hidden=(32,))
+    torch.manual_seed(123)
+    expected_draw = torch.rand(1)
+    torch.manual_seed(123)
+    loaded = Classifier.load_from_checkpoint(path, backbone=backbone)
+    assert torch.rand(1) == expected_draw
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key])
+
+
+def test_trick_module_is_abstract_about_forward():
+    with pytest.raises(NotImplementedError):
+        TrickModule(num_classes=3)(torch.zeros(1, 2))
