@@ -1,0 +1,82 @@
+"""Harness (a): every recipe in configs/ runs a few steps offline; snippets in configs/tricks/ stack."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from lit_tricks.cli import LitTricksCLI, catalogue
+
+RECIPES = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "tricks" not in p.relative_to(ROOT).parts)
+SNIPPETS = sorted((ROOT / "configs" / "tricks").glob("*.yaml"))
+SHORT_RUN = [
+    "--trainer.max_steps=3",
+    "--trainer.limit_val_batches=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+def _configs(*paths):
+    return [arg for path in paths for arg in ("--config", str(path))]
+
+
+def _appended_classes(snippet):
+    entries = yaml.safe_load(snippet.read_text())["trainer"]["callbacks+"]
+    return {entry["class_path"].rsplit(".", 1)[-1] for entry in entries}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_recipe_runs_a_few_steps(recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = LitTricksCLI(args=["fit", *_configs(recipe), *SHORT_RUN])
+    assert cli.trainer.global_step == 3
+    assert (tmp_path / "lightning_logs").exists(), "recipes log to TensorBoard under lightning_logs/"
+
+
+def test_snippets_append_rather_than_replace(tmp_path):
+    snippet = tmp_path / "lr_monitor.yaml"
+    snippet.write_text("trainer:\n  callbacks+:\n    - class_path: lightning.pytorch.callbacks.LearningRateMonitor\n")
+    cli = LitTricksCLI(args=_configs(ROOT / "configs/quickstart.yaml", snippet), run=False)
+    names = {type(cb).__name__ for cb in cli.trainer.callbacks}
+    assert {"LearningRateMonitor", "ModelCheckpoint"} <= names
+
+
+@pytest.mark.parametrize("snippet", SNIPPETS, ids=lambda p: p.name)
+def test_every_snippet_appends_with_callbacks_plus(snippet):
+    assert _appended_classes(snippet), f"{snippet.name} must append with `trainer: callbacks+:`"
+
+
+@pytest.mark.skipif(not SNIPPETS, reason="no trick snippets in configs/tricks yet")
+def test_all_snippets_stack_on_the_quickstart(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = LitTricksCLI(args=["fit", *_configs(ROOT / "configs/quickstart.yaml", *SNIPPETS), *SHORT_RUN])
+    names = {type(cb).__name__ for cb in cli.trainer.callbacks}
+    expected = set().union(*map(_appended_classes, SNIPPETS))
+    assert expected <= names and "ModelCheckpoint" in names
+    assert cli.trainer.global_step == 3
+
+
+def test_unknown_config_key_is_rejected(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  init_args:\n    num_clases: 10\n")
+    with pytest.raises(SystemExit):
+        LitTricksCLI(args=_configs(ROOT / "configs/quickstart.yaml", bad), run=False)
+    assert "num_clases" in capsys.readouterr().err
+
+
+def test_bad_hyperparameter_from_yaml_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  init_args:\n    label_noise: 2.0\n")
+    with pytest.raises(ValueError, match="label_noise must be in"):
+        LitTricksCLI(args=_configs(ROOT / "configs/quickstart.yaml", bad), run=False)
+
+
+def test_help_lists_the_parts():
+    text = catalogue()
+    for name in ("lit_tricks.Classifier", "lit_tricks.data.DigitsDataModule", "lit_tricks.nets.CNN1D"):
+        assert name in text
+    out = subprocess.run([sys.executable, "-m", "lit_tricks", "--help"], capture_output=True, text=True, check=True)
+    assert "lit_tricks parts" in out.stdout and "lit_tricks.data.MNIST1DDataModule" in out.stdout
