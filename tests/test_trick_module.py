@@ -91,6 +91,8 @@ def test_classifier_learns_digits(quiet_trainer_kwargs):
     assert result["test/acc"] > 0.9 and 0 <= result["test/ece"] < 0.2 and result["test/nll"] < 0.5
     probs = torch.cat(trainer.predict(model, datamodule))
     torch.testing.assert_close(probs.sum(dim=1), torch.ones(len(probs)))
+    inputs_only = DataLoader([{"inputs": x} for x in torch.randn(6, 64)], batch_size=3)
+    assert torch.cat(trainer.predict(model, inputs_only)).shape == (6, 10)
 
 
 def test_user_loader_with_probability_targets(quiet_trainer_kwargs):

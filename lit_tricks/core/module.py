@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -120,8 +121,13 @@ class TrickModule(pl.LightningModule):
         self._evaluate(batch, self.test_metrics, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Class probabilities ``[N, C]``; the batch may also be a bare input tensor."""
-        inputs = batch if isinstance(batch, Tensor) else TrickBatch.from_batch(batch).inputs
+        """Class probabilities ``[N, C]``; the batch may be a dict, a sequence or a bare input tensor."""
+        if isinstance(batch, Mapping):
+            inputs = batch["inputs"]
+        elif isinstance(batch, Sequence):
+            inputs = batch[0]
+        else:
+            inputs = batch
         return self(inputs).softmax(dim=-1)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

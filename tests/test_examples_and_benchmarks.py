@@ -1,0 +1,35 @@
+"""Examples and benchmark scripts run (benchmarks in --quick mode), so they never rot; README and CI agree."""
+
+import json
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def _run(args, cwd):
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_quickstart_example(tmp_path):
+    out = _run([str(ROOT / "examples/quickstart.py"), "--max-epochs", "2"], cwd=tmp_path)
+    accuracy = float(re.search(r"'test/acc': ([0-9.]+)", out).group(1))
+    assert accuracy > 0.8
+    assert list((tmp_path / "lightning_logs").glob("version_0/events.out.tfevents.*"))
+
+
+def test_baseline_benchmark_quick(tmp_path):
+    out = _run([str(ROOT / "benchmarks/baseline.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
+    assert out.startswith("Machine: ") and "| MNIST-1D / CNN1D |" in out
+    runs = json.loads((tmp_path / "baseline_quick.json").read_text())["runs"]
+    assert {r["setup"] for r in runs} == {"digits / MLP", "digits / CNN2D", "MNIST-1D / MLP", "MNIST-1D / CNN1D"}
+    assert all(0.0 <= r["acc"] <= 1.0 and r["fit_seconds"] > 0 for r in runs)
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"<!-- test-command -->\s*```bash\n(.+?)\n```", readme, re.S).group(1).strip()
+    assert command in (ROOT / ".ci/run").read_text()
