@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lit_tricks import Classifier
+from lit_tricks import Classifier, EMATeacher
 from lit_tricks.data import DigitsDataModule
 from lit_tricks.nets import CNN2D, MLP
 
@@ -45,6 +45,14 @@ def _classifier_cnn():
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
     )
     return model, DigitsDataModule(batch_size=32, as_image=True), []
+
+
+@case("ema_teacher")
+def _ema_teacher():
+    # averaged BatchNorm buffers and a warm-up: every piece of EMA state must survive the resume
+    model = Classifier(CNN2D(num_classes=10, width=8), num_classes=10)
+    ema = EMATeacher(decay=0.9, warmup=True, buffers="average", start_step=2)
+    return model, DigitsDataModule(batch_size=32, as_image=True), [ema]
 
 
 def assert_same(a, b, path: str = "") -> None:

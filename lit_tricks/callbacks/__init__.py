@@ -1,3 +1,5 @@
 """Callbacks and tricks: one file per technique."""
 
-__all__: list[str] = []
+from lit_tricks.callbacks.ema_teacher import EMATeacher
+
+__all__ = ["EMATeacher"]

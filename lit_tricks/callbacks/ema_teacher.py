@@ -1,0 +1,246 @@
+"""An exponential moving average of the model, serving as teacher and as evaluation weights."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from torch import Tensor
+
+from lit_tricks.functional.ema import ema_decay, ema_update_, half_life_to_decay
+
+
+class EMATeacher(Callback):
+    r"""Keep :math:`\theta_{\mathrm{EMA}} \leftarrow \beta_t \theta_{\mathrm{EMA}} + (1 - \beta_t)\theta`
+    after every optimizer step; use it as a teacher and for evaluation.
+
+    The mean teacher of Tarvainen & Valpola (2017), used by Robust Mean Teacher, MEAL V2 and many
+    self-distillation methods, and the evaluation EMA of most modern training recipes. One instance per
+    trainer serves every part that needs a teacher: ``EMATeacher.of(trainer)`` finds it, and ``teacher(x)``
+    returns the EMA model's outputs (eval mode, no grad), computed at most once per step for the same input.
+    (Lightning itself refuses a second instance in one trainer.)
+
+    The update is one fused ``torch._foreach_lerp_`` over tensors cached at the start of the fit, with the
+    decay a Python float: no host-device synchronisation. Evaluation swaps the parameter storage (pointers,
+    not copies) and swaps back exactly. It counts optimizer steps (``trainer.global_step``), so gradient
+    accumulation is respected. Under DDP every rank keeps the same average without communicating.
+
+    Args:
+        decay: :math:`\beta`, in (0, 1). Ignored when ``half_life`` is given.
+        half_life: optimizer steps after which the weight of the past halves
+            (:math:`\beta = 0.5^{k/h}` for updates every :math:`k` steps).
+        warmup: ramp the decay up as :math:`\min(\beta, 1 - (1 + t/\gamma)^{-p})` (timm's ``ModelEmaV3``).
+        warmup_gamma: :math:`\gamma` of the warm-up.
+        warmup_power: :math:`p` of the warm-up (2/3 for long runs, 3/4 for short ones).
+        start_step: before this optimizer step the average just copies the weights.
+        every_n_steps: update every ``k`` optimizer steps.
+        buffers: ``"copy"``: the teacher uses the live model's buffers (e.g. BatchNorm statistics) as they
+            are, at no extra memory; ``"average"``: floating-point buffers are averaged like the parameters.
+        swap_for_eval: evaluate (validation, test, predict) with the EMA weights.
+
+    The checkpoint's ``state_dict`` holds the **live** weights, so a resumed run continues training them;
+    the averages are in the callback state. To get a module with the EMA weights use
+    :meth:`ema_state_dict` (in a run) or :meth:`ema_weights_from_checkpoint` (from a file).
+
+    Example::
+
+        >>> import lightning as L
+        >>> from lit_tricks import Classifier, EMATeacher
+        >>> from lit_tricks.data import DigitsDataModule
+        >>> from lit_tricks.nets import MLP
+        >>> ema = EMATeacher(decay=0.99)
+        >>> trainer = L.Trainer(max_epochs=1, callbacks=[ema], logger=False, enable_checkpointing=False,
+        ...                     enable_progress_bar=False, enable_model_summary=False)
+        >>> model = Classifier(MLP(64, 10), num_classes=10)
+        >>> trainer.fit(model, DigitsDataModule())
+        >>> ema.num_updates == trainer.global_step
+        True
+    """
+
+    def __init__(
+        self,
+        decay: float = 0.999,
+        half_life: float | None = None,
+        warmup: bool = False,
+        warmup_gamma: float = 1.0,
+        warmup_power: float = 2 / 3,
+        start_step: int = 0,
+        every_n_steps: int = 1,
+        buffers: Literal["copy", "average"] = "copy",
+        swap_for_eval: bool = True,
+    ) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"decay must be in (0, 1), got {decay}; e.g. 0.999, or give half_life in steps.")
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}.")
+        if start_step < 0:
+            raise ValueError(f"start_step must be >= 0, got {start_step}.")
+        if warmup_gamma <= 0 or warmup_power <= 0:
+            raise ValueError(f"warmup_gamma and warmup_power must be positive, got {warmup_gamma}, {warmup_power}.")
+        if buffers not in ("copy", "average"):
+            raise ValueError(f"buffers must be 'copy' or 'average', got {buffers!r}.")
+        self.decay = decay if half_life is None else half_life_to_decay(half_life, every_n_steps)
+        self.warmup, self.warmup_gamma, self.warmup_power = warmup, warmup_gamma, warmup_power
+        self.start_step, self.every_n_steps = start_step, every_n_steps
+        self.buffers, self.swap_for_eval = buffers, swap_for_eval
+        self.num_updates = 0  # updates since start_step; the warm-up's t
+        self._last_step = -1  # the global step of the last update
+        self._names: list[str] = []
+        self._live: list[Tensor] = []
+        self._ema: list[Tensor] = []
+        self._loaded: dict[str, Any] | None = None
+        self._swapped = False
+        self._cache: tuple[int, Tensor, Tensor] | None = None
+
+    # ------------------------------------------------------------------ the service
+    @staticmethod
+    def of(trainer: pl.Trainer) -> EMATeacher:
+        """The trainer's one ``EMATeacher``, with a clear error when there is none."""
+        found = [cb for cb in trainer.callbacks if isinstance(cb, EMATeacher)]
+        if not found:
+            raise ValueError("This needs an EMA teacher: add lit_tricks.EMATeacher(...) to Trainer(callbacks=[...]).")
+        return found[0]
+
+    @torch.no_grad()
+    def teacher(self, module: pl.LightningModule, inputs: Tensor) -> Tensor:
+        """The EMA model's outputs for ``inputs`` (eval mode, no grad); reused when asked again in the same
+        step for the same tensor."""
+        step = module.trainer.global_step if module._trainer is not None else -1
+        if self._cache is not None and self._cache[0] == step and self._cache[1] is inputs:
+            return self._cache[2]
+        self._ensure_allocated(module)
+        was_training = module.training
+        module.eval()
+        with self.swapped():
+            outputs = module(inputs)
+        module.train(was_training)
+        self._cache = (step, inputs, outputs)
+        return outputs
+
+    def ema_state_dict(self, module: pl.LightningModule) -> dict[str, Tensor]:
+        """``module.state_dict()`` with the EMA weights in place of the live ones (copies)."""
+        self._ensure_allocated(module)
+        with self.swapped():
+            return {key: value.detach().clone() for key, value in module.state_dict().items()}
+
+    @staticmethod
+    def ema_weights_from_checkpoint(path: str, map_location: Any = "cpu") -> dict[str, Tensor]:
+        """A checkpoint's ``state_dict`` with the EMA weights in place of the live ones, e.g.
+        ``model.load_state_dict(EMATeacher.ema_weights_from_checkpoint("last.ckpt"))``."""
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        states = [v for k, v in checkpoint.get("callbacks", {}).items() if k.startswith("EMATeacher")]
+        if not states:
+            raise ValueError(f"{path} holds no EMATeacher state: was the run trained with EMATeacher?")
+        return {**checkpoint["state_dict"], **states[0]["ema"]}
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+            raise NotImplementedError(
+                f"EMATeacher does not support {type(trainer.strategy).__name__} yet (sharded parameters); "
+                "use strategy='ddp' or a single device."
+            )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._ensure_allocated(pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step  # optimizer steps taken so far
+        if step == self._last_step or step % self.every_n_steps:
+            return  # no optimizer step in this batch (accumulation), or not an update step
+        self._last_step = step
+        if step <= self.start_step:
+            ema_update_(self._ema, self._live, 0.0)  # before the start the average follows the weights
+            return
+        decay = ema_decay(self.num_updates, self.decay, self.warmup, self.warmup_gamma, self.warmup_power)
+        ema_update_(self._ema, self._live, decay)
+        self.num_updates += 1
+        pl_module.log("tricks/EMATeacher/decay", decay)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_in(pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_out()
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_in(pl_module)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_out()
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_in(pl_module)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_out()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._swap_out()
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._swapped:
+            raise RuntimeError("EMATeacher.state_dict() was called while the EMA weights were swapped in.")
+        return {
+            "ema": {name: tensor.detach().clone() for name, tensor in zip(self._names, self._ema, strict=True)},
+            "num_updates": self.num_updates,
+            "last_step": self._last_step,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores callbacks before it moves the model to its device: keep the state until then.
+        self.num_updates, self._last_step = state_dict["num_updates"], state_dict["last_step"]
+        self._loaded = state_dict["ema"]
+        self._names, self._live, self._ema = [], [], []
+
+    # ------------------------------------------------------------------ internals
+    def _tracked(self, module: pl.LightningModule) -> Iterator[tuple[str, Tensor]]:
+        yield from ((n, p) for n, p in module.named_parameters() if p.is_floating_point())
+        if self.buffers == "average":
+            yield from ((n, b) for n, b in module.named_buffers() if b.is_floating_point())
+
+    def _ensure_allocated(self, module: pl.LightningModule) -> None:
+        if self._ema:
+            return
+        tracked = list(self._tracked(module))
+        self._names = [name for name, _ in tracked]
+        self._live = [tensor for _, tensor in tracked]
+        if self._loaded is not None:
+            missing = set(self._names) - set(self._loaded)
+            if missing:
+                raise ValueError(f"The EMATeacher state in the checkpoint lacks {sorted(missing)[:5]}...")
+            self._ema = [self._loaded[n].to(t.device, t.dtype, copy=True) for n, t in tracked]
+            self._loaded = None
+        else:
+            self._ema = [tensor.detach().clone() for tensor in self._live]
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        """Within the block the module holds the EMA weights (storage swapped, not copied)."""
+        already = self._swapped
+        if not already:
+            self._exchange()
+        try:
+            yield
+        finally:
+            if not already:
+                self._exchange()
+
+    def _exchange(self) -> None:
+        for live, ema in zip(self._live, self._ema, strict=True):
+            live.data, ema.data = ema.data, live.data
+        self._swapped = not self._swapped
+
+    def _swap_in(self, module: pl.LightningModule) -> None:
+        if self.swap_for_eval and not self._swapped:
+            self._ensure_allocated(module)
+            self._exchange()
+
+    def _swap_out(self) -> None:
+        if self._swapped:
+            self._exchange()
