@@ -33,3 +33,11 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     command = re.search(r"<!-- test-command -->\s*```bash\n(.+?)\n```", readme, re.S).group(1).strip()
     assert command in (ROOT / ".ci/run").read_text()
+
+
+def test_ema_speed_benchmark_quick(tmp_path):
+    out = _run([str(ROOT / "benchmarks/ema_speed.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
+    assert out.startswith("Machine: ") and "| ResNet-50 layout |" in out
+    runs = json.loads((tmp_path / "ema_speed_quick.json").read_text())["runs"]
+    assert {r["model"] for r in runs} == {"MLP 8.4M params", "ResNet-50 layout"}
+    assert all(r["ema_teacher_ms"] > 0 and r["lightning_ema_ms"] > 0 for r in runs)

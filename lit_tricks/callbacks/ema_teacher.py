@@ -160,7 +160,8 @@ class EMATeacher(Callback):
         decay = ema_decay(self.num_updates, self.decay, self.warmup, self.warmup_gamma, self.warmup_power)
         ema_update_(self._ema, self._live, decay)
         self.num_updates += 1
-        pl_module.log("tricks/EMATeacher/decay", decay)
+        if step % trainer.log_every_n_steps == 0:  # self.log costs more than the update itself
+            pl_module.log("tricks/EMATeacher/decay", decay)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._swap_in(pl_module)
