@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lit_tricks import Classifier, EMATeacher
+from lit_tricks import Classifier, EMATeacher, SelfDistill
 from lit_tricks.data import DigitsDataModule
 from lit_tricks.nets import CNN2D, MLP
 
@@ -53,6 +53,20 @@ def _ema_teacher():
     model = Classifier(CNN2D(num_classes=10, width=8), num_classes=10)
     ema = EMATeacher(decay=0.9, warmup=True, buffers="average", start_step=2)
     return model, DigitsDataModule(batch_size=32, as_image=True), [ema]
+
+
+@case("self_distill_pskd")
+def _pskd():
+    # the per-sample prediction table must survive the resume and be filled from both DDP ranks
+    model = Classifier(MLP(64, 10, hidden=(32,)), num_classes=10)
+    return model, DigitsDataModule(batch_size=32), [SelfDistill("past_predictions", total_epochs=2)]
+
+
+@case("self_distill_ema")
+def _ema_kd():
+    model = Classifier(MLP(64, 10, hidden=(32,), dropout=0.2), num_classes=10)
+    tricks = [EMATeacher(decay=0.9), SelfDistill("ema", temperature=2.0, rampup_steps=4)]
+    return model, DigitsDataModule(batch_size=32), tricks
 
 
 def assert_same(a, b, path: str = "") -> None:

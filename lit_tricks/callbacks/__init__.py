@@ -1,5 +1,6 @@
 """Callbacks and tricks: one file per technique."""
 
 from lit_tricks.callbacks.ema_teacher import EMATeacher
+from lit_tricks.callbacks.self_distill import SelfDistill
 
-__all__ = ["EMATeacher"]
+__all__ = ["EMATeacher", "SelfDistill"]

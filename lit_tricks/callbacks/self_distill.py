@@ -1,0 +1,173 @@
+"""Self-distillation: soft targets from the model's own past predictions (PS-KD) or from its EMA teacher."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_tricks.callbacks.ema_teacher import EMATeacher
+from lit_tricks.core.batch import StepOutput, TrickBatch
+from lit_tricks.core.trick import Trick
+from lit_tricks.functional.distillation import distillation_kl, pskd_alpha, pskd_targets, sigmoid_rampup
+
+
+class SelfDistill(Trick):
+    r"""Distil the model into itself, with the soft targets from one of two teachers.
+
+    ``teacher="past_predictions"`` is **PS-KD** ("Self-Knowledge Distillation with Progressive Refinement of
+    Targets", Kim et al., ICCV 2021). The target of sample :math:`i` in epoch :math:`t` (0-based) is
+
+    .. math:: \tilde y_i = (1 - \alpha_t)\,\mathrm{onehot}(y_i) + \alpha_t\, p_{t-1}(x_i),
+              \qquad \alpha_t = \alpha_T \frac{t + 1}{T},
+
+    trained with soft-target cross-entropy, where :math:`p_{t-1}(x_i)` is the softmax the model gave sample
+    :math:`i` when it last saw it (in the previous epoch) and :math:`T` the number of epochs; epoch 0 uses
+    the one-hot targets. The predictions live in a table indexed by dataset index (so batches must carry
+    ``index``), filled from all ranks under DDP and saved in checkpoints; it costs no extra forward pass and
+    :math:`N \times C` numbers of memory (``table_dtype="float16"`` halves it).
+
+    ``teacher="ema"`` is **mean-teacher distillation**: the loss gains
+
+    .. math:: w(s)\; T^2\,\mathrm{KL}\big(\sigma(z^{\mathrm{EMA}}_i/T)\,\|\,\sigma(z_i/T)\big),
+              \qquad w(s) = w \exp\!\big(-5 (1 - \min(s/S, 1))^2\big),
+
+    with :math:`z^{\mathrm{EMA}}` the outputs of the trainer's :class:`~lit_tricks.EMATeacher` (one extra
+    forward pass in eval mode, no grad), :math:`s` the optimizer step and :math:`S` = ``rampup_steps``. The
+    teacher may see another augmented view of the batch, ``batch[view_key]``.
+
+    With Mixup/CutMix: SelfDistill runs first (``order = -10``), so the PS-KD targets of each sample are
+    built before the mixing trick mixes inputs and targets with one permutation; the table then stores the
+    predictions for the mixed inputs, and the EMA teacher sees the mixed inputs the student sees.
+
+    Args:
+        teacher: ``"past_predictions"`` (PS-KD) or ``"ema"``.
+        alpha_T: PS-KD's final weight of the past predictions :math:`\alpha_T` (0.8 in the paper).
+        total_epochs: PS-KD's :math:`T`; default ``Trainer(max_epochs=...)``.
+        table_dtype: ``"float32"`` or ``"float16"`` storage of the PS-KD table.
+        temperature: EMA distillation temperature :math:`T`.
+        weight: EMA distillation weight :math:`w`.
+        rampup_steps: optimizer steps :math:`S` of the sigmoid ramp-up of :math:`w` (0: no ramp-up).
+        view_key: batch key of the view the EMA teacher sees (default: the student's inputs).
+
+    Example::
+
+        >>> import lightning as L
+        >>> from lit_tricks import Classifier, SelfDistill
+        >>> from lit_tricks.data import DigitsDataModule
+        >>> from lit_tricks.nets import MLP
+        >>> pskd = SelfDistill(teacher="past_predictions", alpha_T=0.8)
+        >>> trainer = L.Trainer(max_epochs=2, callbacks=[pskd], logger=False, enable_checkpointing=False,
+        ...                     enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(Classifier(MLP(64, 10), num_classes=10), DigitsDataModule())
+        >>> bool(pskd.seen.all())
+        True
+    """
+
+    order = -10
+
+    def __init__(
+        self,
+        teacher: Literal["past_predictions", "ema"] = "past_predictions",
+        alpha_T: float = 0.8,
+        total_epochs: int | None = None,
+        table_dtype: Literal["float32", "float16"] = "float32",
+        temperature: float = 4.0,
+        weight: float = 1.0,
+        rampup_steps: int = 0,
+        view_key: str | None = None,
+    ) -> None:
+        if teacher not in ("past_predictions", "ema"):
+            raise ValueError(f"teacher must be 'past_predictions' (PS-KD) or 'ema', got {teacher!r}.")
+        if not 0.0 <= alpha_T <= 1.0:
+            raise ValueError(f"alpha_T must be in [0, 1], got {alpha_T}.")
+        if total_epochs is not None and total_epochs < 1:
+            raise ValueError(f"total_epochs must be >= 1, got {total_epochs}.")
+        if table_dtype not in ("float32", "float16"):
+            raise ValueError(f"table_dtype must be 'float32' or 'float16', got {table_dtype!r}.")
+        if temperature <= 0 or weight < 0 or rampup_steps < 0:
+            raise ValueError(
+                f"temperature must be > 0 and weight, rampup_steps >= 0; got {temperature}, {weight}, {rampup_steps}."
+            )
+        self.teacher, self.alpha_T, self.total_epochs = teacher, alpha_T, total_epochs
+        self.table_dtype = getattr(torch, table_dtype)
+        self.temperature, self.weight, self.rampup_steps, self.view_key = temperature, weight, rampup_steps, view_key
+        self.needs_index = teacher == "past_predictions"
+        self.table: torch.Tensor | None = None  # [N, C] last softmax of each sample
+        self.seen: torch.Tensor | None = None  # [N] whether the row holds a prediction yet
+        self._alpha = 0.0
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        if self.teacher == "ema":
+            EMATeacher.of(trainer)  # a clear error now if there is none
+        elif self.total_epochs is None and (trainer.max_epochs is None or trainer.max_epochs < 1):
+            raise ValueError(
+                "PS-KD's alpha schedule needs the number of epochs: set Trainer(max_epochs=...) or "
+                "SelfDistill(total_epochs=...)."
+            )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.teacher != "past_predictions":
+            return
+        n, c = len(trainer.train_dataloader.dataset), pl_module.num_classes
+        if self.table is None:
+            self.table = torch.zeros(n, c, dtype=self.table_dtype, device=pl_module.device)
+            self.seen = torch.zeros(n, dtype=torch.bool, device=pl_module.device)
+        elif self.table.shape != (n, c):
+            raise ValueError(
+                f"The PS-KD table in the checkpoint is {tuple(self.table.shape)} but the data has {n} samples "
+                f"of {c} classes: resume with the same training set."
+            )
+        else:
+            self.table, self.seen = self.table.to(pl_module.device), self.seen.to(pl_module.device)
+        megabytes = self.table.numel() * self.table.element_size() / 2**20
+        rank_zero_info(f"SelfDistill (PS-KD): prediction table {n} x {c} {self.table.dtype}, {megabytes:.1f} MiB")
+
+    def before_forward(self, trainer: pl.Trainer, module: pl.LightningModule, batch: TrickBatch) -> TrickBatch:
+        if self.teacher != "past_predictions":
+            return batch
+        epoch = trainer.current_epoch
+        self._alpha = 0.0 if epoch == 0 else pskd_alpha(epoch, self.total_epochs or trainer.max_epochs, self.alpha_T)
+        onehot = F.one_hot(batch.hard_targets, module.num_classes).float()
+        past = torch.where(self.seen[batch.index, None], self.table[batch.index].float(), onehot)
+        batch.targets = pskd_targets(onehot, past, self._alpha)
+        return batch
+
+    def after_loss(
+        self, trainer: pl.Trainer, module: pl.LightningModule, batch: TrickBatch, out: StepOutput
+    ) -> StepOutput:
+        log_now = trainer.global_step % trainer.log_every_n_steps == 0
+        if self.teacher == "past_predictions":
+            self._remember(module, batch.index, out.logits.detach().softmax(dim=-1))
+            if log_now:
+                module.log(self.tag("alpha"), self._alpha)
+            return out
+        inputs = batch.inputs if self.view_key is None else batch.extras[self.view_key]
+        teacher_logits = EMATeacher.of(trainer).teacher(module, inputs)
+        weight = self.weight * sigmoid_rampup(trainer.global_step, self.rampup_steps)
+        out.aux_losses["distill"] = weight * distillation_kl(out.logits, teacher_logits, self.temperature).mean()
+        if log_now:
+            module.log(self.tag("weight"), weight)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.table is None else {"table": self.table, "seen": self.seen}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self.table, self.seen = state_dict["table"], state_dict["seen"]
+
+    # ------------------------------------------------------------------ internals
+    def _remember(self, module: pl.LightningModule, index: torch.Tensor, probs: torch.Tensor) -> None:
+        """Write this step's predictions into the table, from every rank under DDP."""
+        if module.trainer.world_size > 1:
+            index, probs = module.all_gather(index).flatten(), module.all_gather(probs).flatten(0, 1)
+        self.table[index] = probs.to(self.table.dtype)
+        self.seen[index] = True

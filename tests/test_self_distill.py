@@ -1,0 +1,167 @@
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lit_tricks import Classifier, EMATeacher, SelfDistill, Trick
+from lit_tricks.data import DigitsDataModule
+from lit_tricks.functional import distillation_kl, pskd_alpha, pskd_targets, sigmoid_rampup
+from lit_tricks.nets import MLP
+
+
+# ---------------------------------------------------------------- the math
+def test_pskd_schedule_and_targets_by_hand():
+    assert pskd_alpha(0, 10, 0.8) == pytest.approx(0.08)
+    assert pskd_alpha(4, 10, 0.8) == pytest.approx(0.4)
+    assert pskd_alpha(9, 10, 0.8) == pytest.approx(0.8)
+    onehot, past = torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[0.5, 0.3, 0.2]])
+    torch.testing.assert_close(pskd_targets(onehot, past, 0.4), torch.tensor([[0.8, 0.12, 0.08]]))
+
+
+def test_distillation_kl_by_hand():
+    student = torch.tensor([[math.log(3.0), 0.0]])  # softmax [0.75, 0.25]
+    teacher = torch.tensor([[0.0, 0.0]])  # softmax [0.5, 0.5]
+    expected = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    assert distillation_kl(student, teacher).item() == pytest.approx(expected)
+    # at temperature T the logits are divided by T and the result scaled by T^2
+    scaled = distillation_kl(2 * student, 2 * teacher, temperature=2.0)
+    assert scaled.item() == pytest.approx(4 * expected)
+    assert distillation_kl(teacher, teacher).item() == 0.0
+
+
+def test_sigmoid_rampup_by_hand():
+    assert sigmoid_rampup(0, 10) == pytest.approx(math.exp(-5))
+    assert sigmoid_rampup(5, 10) == pytest.approx(math.exp(-1.25))
+    assert sigmoid_rampup(20, 10) == 1.0 and sigmoid_rampup(0, 0) == 1.0
+
+
+# ---------------------------------------------------------------- in a real fit
+class Spy(Trick):
+    """Sees the batch after SelfDistill's before_forward and the output after its after_loss."""
+
+    order = 5
+
+    def __init__(self, self_distill):
+        self.self_distill, self.records = self_distill, []
+
+    def before_forward(self, trainer, module, batch):
+        table = self.self_distill.table
+        record = {"epoch": trainer.current_epoch, "targets": batch.targets.clone(), "index": batch.index.clone()}
+        if table is not None:
+            record["past"] = table[batch.index].clone()
+            record["seen"] = self.self_distill.seen[batch.index].clone()
+        record["labels"] = batch.extras["clean_targets"]
+        self.records.append(record)
+        return batch
+
+    def after_loss(self, trainer, module, batch, out):
+        self.records[-1]["logits"] = out.logits.detach().clone()
+        self.records[-1]["inputs"] = batch.inputs
+        self.records[-1]["aux"] = {k: v.detach() for k, v in out.aux_losses.items()}
+        return out
+
+
+def _fit(tricks, quiet_trainer_kwargs, **trainer_kwargs):
+    pl.seed_everything(0, verbose=False)
+    model = Classifier(MLP(64, 10, hidden=(32,)), num_classes=10)
+    trainer_kwargs.setdefault("max_epochs", 3)
+    trainer = pl.Trainer(
+        limit_train_batches=4, limit_val_batches=0, callbacks=tricks, **quiet_trainer_kwargs, **trainer_kwargs
+    )
+    trainer.fit(model, DigitsDataModule(batch_size=16))
+    return trainer, model
+
+
+def test_pskd_targets_in_a_real_fit(quiet_trainer_kwargs):
+    pskd = SelfDistill("past_predictions", alpha_T=0.8)
+    spy = Spy(pskd)
+    _fit([pskd, spy], quiet_trainer_kwargs)
+    assert len(spy.records) == 12
+    for record in spy.records:
+        onehot = F.one_hot(record["labels"], 10).float()
+        if record["epoch"] == 0:
+            torch.testing.assert_close(record["targets"], onehot)  # epoch 0: the labels
+            continue
+        alpha = 0.8 * (record["epoch"] + 1) / 3
+        past = torch.where(record["seen"][:, None], record["past"].float(), onehot)
+        torch.testing.assert_close(record["targets"], (1 - alpha) * onehot + alpha * past)
+    # batches are reshuffled each epoch, so later epochs meet both remembered and new samples
+    assert any(r["seen"].any() for r in spy.records if r["epoch"] > 0)
+    # each row holds the softmax of the step that last saw the sample
+    last = spy.records[-1]
+    torch.testing.assert_close(pskd.table[last["index"]], last["logits"].softmax(dim=-1))
+    assert pskd.seen.sum() == len(torch.unique(torch.cat([r["index"] for r in spy.records])))
+
+
+def test_pskd_float16_table(quiet_trainer_kwargs):
+    pskd = SelfDistill("past_predictions", table_dtype="float16")
+    _fit([pskd], quiet_trainer_kwargs, max_epochs=2)
+    assert pskd.table.dtype == torch.float16 and pskd.table.shape == (1438 - 144, 10)
+
+
+def test_ema_distillation_loss_in_a_real_fit(quiet_trainer_kwargs):
+    ema = EMATeacher(decay=0.9)
+    kd = SelfDistill("ema", temperature=2.0, weight=0.5, rampup_steps=6)
+    spy = Spy(kd)
+    trainer, model = _fit([ema, kd, spy], quiet_trainer_kwargs, max_epochs=1)
+    last = spy.records[-1]
+    teacher = ema.teacher(model, last["inputs"])  # cached: the same tensor the step used
+    expected = 0.5 * sigmoid_rampup(3, 6) * distillation_kl(last["logits"], teacher, 2.0).mean()
+    torch.testing.assert_close(last["aux"]["distill"], expected)
+    assert "train/distill" in trainer.callback_metrics and "train/task_loss" in trainer.callback_metrics
+
+
+# ---------------------------------------------------------------- bad input
+def test_pskd_without_index(quiet_trainer_kwargs):
+    loader = DataLoader(TensorDataset(torch.randn(32, 64), torch.randint(0, 10, (32,))), batch_size=8)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[SelfDistill()], **quiet_trainer_kwargs)
+    with pytest.raises(ValueError, match="SelfDistill keep per-sample memories and need dataset indices"):
+        trainer.fit(Classifier(MLP(64, 10), num_classes=10), loader)
+
+
+def test_ema_teacher_missing(quiet_trainer_kwargs):
+    with pytest.raises(ValueError, match="add lit_tricks.EMATeacher"):
+        _fit([SelfDistill("ema")], quiet_trainer_kwargs)
+
+
+def test_pskd_needs_a_number_of_epochs(quiet_trainer_kwargs):
+    with pytest.raises(ValueError, match="needs the number of epochs"):
+        _fit([SelfDistill()], quiet_trainer_kwargs, max_epochs=-1, max_steps=3)
+    trainer, _ = _fit([SelfDistill(total_epochs=4)], quiet_trainer_kwargs, max_epochs=-1, max_steps=5)
+    assert trainer.global_step == 5
+
+
+def test_on_a_plain_lightning_module(quiet_trainer_kwargs):
+    class Plain(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(64, 10)
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.net(batch["inputs"]), batch["targets"])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    with pytest.raises(TypeError, match="SelfDistill shapes the training step.*TrickModule"):
+        pl.Trainer(max_epochs=1, callbacks=[SelfDistill()], **quiet_trainer_kwargs).fit(Plain(), DigitsDataModule())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"teacher": "self"}, "teacher must be"),
+        ({"alpha_T": 1.5}, r"alpha_T must be in \[0, 1\]"),
+        ({"total_epochs": 0}, "total_epochs"),
+        ({"table_dtype": "int8"}, "table_dtype"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"weight": -1.0}, "weight"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SelfDistill(**kwargs)
