@@ -6,8 +6,9 @@ fused lerp, inside real fits, on an 8M-parameter MLP and a ResNet-50-layout CNN 
 
 The per-step cost of each callback is the time spent in its ``on_train_batch_end`` hook during a real
 ``Trainer.fit`` (median over steps, after a warm-up). The floor is one ``torch._foreach_lerp_`` over the
-same tensors from a minimal callback in the same kind of fit (and, for reference, timed alone in a hot
-loop, where the tensors stay in cache). Swap cost is one swap-in plus swap-out of the evaluation weights, halved.
+same tensors (parameters and float buffers, as both EMAs average by default) from a minimal callback in
+the same kind of fit (and, for reference, timed alone in a hot loop, where the tensors stay in cache).
+Swap cost is one swap-in plus swap-out of the evaluation weights, halved.
 timm's ModelEmaV3 is not measured here: timm needs torchvision, which does not import beside this torch.
 """
 
@@ -88,11 +89,16 @@ def fit_and_time(make_net, shape, callback, steps: int) -> list[float]:
     return times[3:]  # drop warm-up steps
 
 
+def tracked(module: nn.Module) -> list[torch.Tensor]:
+    """What EMATeacher's default averages: the parameters and the floating-point buffers."""
+    return [*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]
+
+
 class BareLerp(pl.Callback):
     """The floor inside a fit: one fused lerp over lists cached at the start, nothing else."""
 
     def on_fit_start(self, trainer, pl_module):
-        self.live = [p for p in pl_module.parameters()]
+        self.live = tracked(pl_module)
         self.ema = [p.detach().clone() for p in self.live]
 
     @torch.no_grad()
@@ -101,7 +107,7 @@ class BareLerp(pl.Callback):
 
 
 def bare_lerp(make_net, repeats: int) -> list[float]:
-    live = [p.detach() for p in make_net().parameters()]
+    live = [t.detach() for t in tracked(make_net())]
     ema = [p.clone() for p in live]
     times = []
     for _ in range(repeats + 3):

@@ -106,7 +106,8 @@ def test_teacher_outputs_are_the_ema_model_in_eval_mode_and_cached(quiet_trainer
 def test_average_buffers_option_tracks_batchnorm_statistics(quiet_trainer_kwargs):
     pl.seed_everything(0, verbose=False)
     model = Classifier(CNN2D(10, width=4), num_classes=10)
-    copy, average = EMATeacher(decay=0.5), EMATeacher(decay=0.5, buffers="average")
+    copy, average = EMATeacher(decay=0.5, buffers="copy"), EMATeacher(decay=0.5)
+    assert average.buffers == "average"  # the default: BatchNorm statistics that match the EMA weights
     for ema in (copy, average):
         trainer = pl.Trainer(max_steps=3, limit_val_batches=0, callbacks=[ema], **quiet_trainer_kwargs)
         trainer.fit(model, DigitsDataModule(batch_size=16, as_image=True))
@@ -184,3 +185,15 @@ def test_two_teachers_and_no_teacher(quiet_trainer_kwargs):
 
 def test_half_life_sets_decay():
     assert EMATeacher(half_life=100).decay == pytest.approx(math.exp(math.log(0.5) / 100))
+
+
+def test_sharded_strategies_get_a_clear_error():
+    # Lightning runs FSDP only on GPUs, so the guard is checked directly (no process group needed).
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    ema = EMATeacher()
+    trainer = SimpleNamespace(strategy=FSDPStrategy(), callbacks=[ema])
+    with pytest.raises(NotImplementedError, match="does not support FSDPStrategy yet"):
+        ema.setup(trainer, None, "fit")

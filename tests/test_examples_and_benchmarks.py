@@ -41,3 +41,10 @@ def test_ema_speed_benchmark_quick(tmp_path):
     runs = json.loads((tmp_path / "ema_speed_quick.json").read_text())["runs"]
     assert {r["model"] for r in runs} == {"MLP 8.4M params", "ResNet-50 layout"}
     assert all(r["ema_teacher_ms"] > 0 and r["lightning_ema_ms"] > 0 for r in runs)
+
+
+def test_self_distill_benchmark_quick(tmp_path):
+    out = _run([str(ROOT / "benchmarks/self_distill.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
+    assert out.startswith("Machine: ") and "| MNIST-1D / CNN1D | 20% | EMA-KD |" in out
+    runs = json.loads((tmp_path / "self_distill_quick.json").read_text())["runs"]
+    assert {r["method"] for r in runs} == {"baseline", "EMA", "PS-KD", "EMA-KD"} and len(runs) == 16

@@ -18,6 +18,7 @@ def test_pskd_schedule_and_targets_by_hand():
     assert pskd_alpha(0, 10, 0.8) == pytest.approx(0.08)
     assert pskd_alpha(4, 10, 0.8) == pytest.approx(0.4)
     assert pskd_alpha(9, 10, 0.8) == pytest.approx(0.8)
+    assert pskd_alpha(14, 10, 0.8) == pytest.approx(0.8)  # training past total_epochs holds alpha_T
     onehot, past = torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[0.5, 0.3, 0.2]])
     torch.testing.assert_close(pskd_targets(onehot, past, 0.4), torch.tensor([[0.8, 0.12, 0.08]]))
 

@@ -10,8 +10,9 @@ from torch import Tensor
 
 def pskd_alpha(epoch: int, total_epochs: int, alpha_T: float = 0.8) -> float:
     r"""PS-KD's weight of the past predictions in epoch ``epoch`` (0-based):
-    :math:`\alpha_t = \alpha_T \cdot (t + 1) / T` (Kim et al. 2021, as in the authors' code)."""
-    return max(0.0, alpha_T * (epoch + 1) / total_epochs)
+    :math:`\alpha_t = \alpha_T \cdot (t + 1) / T` (Kim et al. 2021, as in the authors' code), held at
+    :math:`\alpha_T` for epochs past :math:`T` so the targets stay a distribution."""
+    return min(alpha_T, max(0.0, alpha_T * (epoch + 1) / total_epochs))
 
 
 def pskd_targets(onehot: Tensor, past: Tensor, alpha: float) -> Tensor:
