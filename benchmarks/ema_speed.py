@@ -120,12 +120,13 @@ def bare_lerp(make_net, repeats: int) -> list[float]:
 def swap_time(make_net, repeats: int) -> tuple[float, float]:
     model = Classifier(make_net(), 10)
     ours = EMATeacher()
-    ours._ensure_allocated(model)
+    ours._module = model
+    ours._ensure_allocated()
     theirs = EMAWeightAveraging()
     theirs._average_model = torch.optim.swa_utils.AveragedModel(model)
     results = []
     for swap_in, swap_out in [
-        (lambda: ours._swap_in(model), ours._swap_out),
+        (ours._swap_in, ours._swap_out),
         (lambda: theirs._swap_models(model), lambda: theirs._swap_models(model)),
     ]:
         samples = []

@@ -61,7 +61,7 @@ def test_ema_after_k_steps_matches_the_recursion(warmup, quiet_trainer_kwargs):
         beta = ema_decay(step - 3, 0.8, warmup)  # update number t = step - start_step - 1
         expected = {k: beta * expected[k] + (1 - beta) * weights[k] for k in weights}
     assert ema.num_updates == 4
-    averaged = ema.ema_state_dict(model)
+    averaged = ema.ema_state_dict()
     for name, value in expected.items():
         torch.testing.assert_close(averaged[name], value, rtol=1e-5, atol=1e-6)
     assert not torch.equal(averaged["backbone.head.weight"], model.backbone.head.weight)
@@ -82,7 +82,7 @@ def test_evaluation_uses_ema_weights_and_restores_live_ones(quiet_trainer_kwargs
     for key, value in model.state_dict().items():
         assert torch.equal(value, live[key]), key  # restored exactly
     plain = Classifier(MLP(64, 10, hidden=(16,)), num_classes=10)
-    plain.load_state_dict(ema.ema_state_dict(model))
+    plain.load_state_dict(ema.ema_state_dict())
     by_hand = pl.Trainer(**quiet_trainer_kwargs).validate(plain, datamodule, verbose=False)[0]
     assert with_ema["val/acc"] == by_hand["val/acc"] and with_ema["val/nll"] == pytest.approx(by_hand["val/nll"])
     ema.swap_for_eval = False
@@ -94,11 +94,11 @@ def test_teacher_outputs_are_the_ema_model_in_eval_mode_and_cached(quiet_trainer
     trainer, model = _fit([ema], quiet_trainer_kwargs)
     model.train()
     x = torch.randn(4, 64)
-    out = ema.teacher(model, x)
+    out = ema.teacher(x)
     assert model.training and not out.requires_grad
-    assert ema.teacher(model, x) is out  # same step, same input: reused
+    assert ema.teacher(x) is out  # same step, same input: reused
     reference = Classifier(MLP(64, 10, hidden=(16,)), num_classes=10).eval()
-    reference.load_state_dict(ema.ema_state_dict(model))
+    reference.load_state_dict(ema.ema_state_dict())
     torch.testing.assert_close(out, reference(x))
     assert EMATeacher.of(trainer) is ema
 
@@ -113,8 +113,8 @@ def test_average_buffers_option_tracks_batchnorm_statistics(quiet_trainer_kwargs
         trainer.fit(model, DigitsDataModule(batch_size=16, as_image=True))
     key = "backbone.body.0.1.running_mean"
     assert key not in copy.state_dict()["ema"] and key in average.state_dict()["ema"]
-    assert torch.equal(copy.ema_state_dict(model)[key], model.state_dict()[key])
-    assert not torch.equal(average.ema_state_dict(model)[key], model.state_dict()[key])
+    assert torch.equal(copy.ema_state_dict()[key], model.state_dict()[key])
+    assert not torch.equal(average.ema_state_dict()[key], model.state_dict()[key])
 
 
 def test_works_on_a_plain_lightning_module(quiet_trainer_kwargs):
@@ -136,7 +136,7 @@ def test_works_on_a_plain_lightning_module(quiet_trainer_kwargs):
     trainer = pl.Trainer(max_steps=4, callbacks=[ema], **quiet_trainer_kwargs)
     module = Plain()
     trainer.fit(module, DigitsDataModule())
-    assert ema.num_updates == 4 and ema.teacher(module, torch.zeros(2, 64)).shape == (2, 10)
+    assert ema.num_updates == 4 and ema.teacher(torch.zeros(2, 64)).shape == (2, 10)
 
 
 def test_ema_weights_from_checkpoint(tmp_path, quiet_trainer_kwargs):
@@ -144,7 +144,7 @@ def test_ema_weights_from_checkpoint(tmp_path, quiet_trainer_kwargs):
     trainer, model = _fit([ema], quiet_trainer_kwargs)
     trainer.save_checkpoint(tmp_path / "run.ckpt")
     weights = EMATeacher.ema_weights_from_checkpoint(tmp_path / "run.ckpt")
-    expected = ema.ema_state_dict(model)
+    expected = ema.ema_state_dict()
     assert set(weights) == set(expected) and all(torch.equal(weights[k], expected[k]) for k in expected)
     assert torch.equal(
         torch.load(tmp_path / "run.ckpt")["state_dict"]["backbone.head.weight"], model.backbone.head.weight

@@ -98,6 +98,7 @@ class EMATeacher(Callback):
         self._loaded: dict[str, Any] | None = None
         self._swapped = False
         self._cache: tuple[int, Tensor, Tensor] | None = None
+        self._module: pl.LightningModule | None = None
 
     # ------------------------------------------------------------------ the service
     @staticmethod
@@ -109,13 +110,14 @@ class EMATeacher(Callback):
         return found[0]
 
     @torch.no_grad()
-    def teacher(self, module: pl.LightningModule, inputs: Tensor) -> Tensor:
+    def teacher(self, inputs: Tensor) -> Tensor:
         """The EMA model's outputs for ``inputs`` (eval mode, no grad); reused when asked again in the same
         step for the same tensor."""
-        step = module.trainer.global_step if module._trainer is not None else -1
+        module = self._attached_module()
+        step = module.trainer.global_step
         if self._cache is not None and self._cache[0] == step and self._cache[1] is inputs:
             return self._cache[2]
-        self._ensure_allocated(module)
+        self._ensure_allocated()
         was_training = module.training
         module.eval()
         with self.swapped():
@@ -124,9 +126,10 @@ class EMATeacher(Callback):
         self._cache = (step, inputs, outputs)
         return outputs
 
-    def ema_state_dict(self, module: pl.LightningModule) -> dict[str, Tensor]:
-        """``module.state_dict()`` with the EMA weights in place of the live ones (copies)."""
-        self._ensure_allocated(module)
+    def ema_state_dict(self) -> dict[str, Tensor]:
+        """The module's ``state_dict()`` with the EMA weights in place of the live ones (copies)."""
+        module = self._attached_module()
+        self._ensure_allocated()
         with self.swapped():
             return {key: value.detach().clone() for key, value in module.state_dict().items()}
 
@@ -142,6 +145,7 @@ class EMATeacher(Callback):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._module = pl_module
         if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
             raise NotImplementedError(
                 f"EMATeacher does not support {type(trainer.strategy).__name__} yet (sharded parameters); "
@@ -149,7 +153,7 @@ class EMATeacher(Callback):
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._ensure_allocated(pl_module)
+        self._ensure_allocated()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step  # optimizer steps taken so far
@@ -166,19 +170,19 @@ class EMATeacher(Callback):
             pl_module.log("tricks/EMATeacher/decay", decay)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._swap_in(pl_module)
+        self._swap_in()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._swap_out()
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._swap_in(pl_module)
+        self._swap_in()
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._swap_out()
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._swap_in(pl_module)
+        self._swap_in()
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._swap_out()
@@ -207,10 +211,15 @@ class EMATeacher(Callback):
         if self.buffers == "average":
             yield from ((n, b) for n, b in module.named_buffers() if b.is_floating_point())
 
-    def _ensure_allocated(self, module: pl.LightningModule) -> None:
+    def _attached_module(self) -> pl.LightningModule:
+        if self._module is None:
+            raise RuntimeError("EMATeacher is not attached to a module yet: use it inside Trainer.fit/validate/test.")
+        return self._module
+
+    def _ensure_allocated(self) -> None:
         if self._ema:
             return
-        tracked = list(self._tracked(module))
+        tracked = list(self._tracked(self._attached_module()))
         self._names = [name for name, _ in tracked]
         self._live = [tensor for _, tensor in tracked]
         if self._loaded is not None:
@@ -239,9 +248,9 @@ class EMATeacher(Callback):
             live.data, ema.data = ema.data, live.data
         self._swapped = not self._swapped
 
-    def _swap_in(self, module: pl.LightningModule) -> None:
+    def _swap_in(self) -> None:
         if self.swap_for_eval and not self._swapped:
-            self._ensure_allocated(module)
+            self._ensure_allocated()
             self._exchange()
 
     def _swap_out(self) -> None:

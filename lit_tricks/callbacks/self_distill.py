@@ -150,7 +150,7 @@ class SelfDistill(Trick):
                 module.log(self.tag("alpha"), self._alpha)
             return out
         inputs = batch.inputs if self.view_key is None else batch.extras[self.view_key]
-        teacher_logits = EMATeacher.of(trainer).teacher(module, inputs)
+        teacher_logits = EMATeacher.of(trainer).teacher(inputs)
         weight = self.weight * sigmoid_rampup(trainer.global_step, self.rampup_steps)
         out.aux_losses["distill"] = weight * distillation_kl(out.logits, teacher_logits, self.temperature).mean()
         if log_now:
