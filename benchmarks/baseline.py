@@ -11,11 +11,9 @@ training budget (Adam, lr 1e-2, batch 100, 6,000 steps); the paper reports ~68% 
 
 from __future__ import annotations
 
-import time
-
 import lightning.pytorch as pl
 import torch
-from common import machine_line, mean_std, parser, write_json
+from common import fit_and_test, machine_line, mean_std, parser, write_json
 
 from lit_tricks import Classifier
 from lit_tricks.data import DigitsDataModule, MNIST1DDataModule
@@ -49,19 +47,7 @@ def run(name: str, seed: int, quick: bool) -> dict:
     if quick and isinstance(datamodule, MNIST1DDataModule):
         datamodule.num_samples = 500
     model = Classifier(make_net(), num_classes=10, optimizer=lambda params: torch.optim.Adam(params, lr=lr))
-    trainer = pl.Trainer(
-        max_steps=20 if quick else steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    start = time.perf_counter()
-    trainer.fit(model, datamodule)
-    seconds = time.perf_counter() - start
-    test = trainer.test(model, datamodule, verbose=False)[0]
+    test, seconds, _ = fit_and_test(model, datamodule, max_steps=20 if quick else steps)
     return {"setup": name, "seed": seed, "acc": test["test/acc"], "ece": test["test/ece"], "fit_seconds": seconds}
 
 

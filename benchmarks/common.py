@@ -7,9 +7,11 @@ import json
 import os
 import platform
 import statistics
+import time
 from pathlib import Path
 
 import lightning
+import lightning.pytorch as pl
 import torch
 
 RESULTS = Path(__file__).parent / "results"
@@ -42,3 +44,21 @@ def write_json(out: Path, name: str, payload: dict) -> Path:
     path = out / f"{name}.json"
     path.write_text(json.dumps({"machine": machine_line(), **payload}, indent=2))
     return path
+
+
+def fit_and_test(model: pl.LightningModule, datamodule: pl.LightningDataModule, **trainer_kwargs) -> tuple:
+    """Fit silently on the CPU, then test. Returns ``(test metrics, fit seconds, trainer)``; the test runs on
+    the EMA weights when an EMATeacher is among the callbacks."""
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, datamodule)
+    seconds = time.perf_counter() - start
+    return trainer.test(model, datamodule, verbose=False)[0], seconds, trainer

@@ -12,11 +12,9 @@ over seeds, and the wall-time ratio against the baseline of the same data and no
 
 from __future__ import annotations
 
-import time
-
 import lightning.pytorch as pl
 import torch
-from common import machine_line, mean_std, parser, write_json
+from common import fit_and_test, machine_line, mean_std, parser, write_json
 
 from lit_tricks import Classifier, EMATeacher, SelfDistill
 from lit_tricks.data import DigitsDataModule, MNIST1DDataModule
@@ -63,20 +61,7 @@ def run(data: str, method: str, noise: float, seed: int, quick: bool) -> dict:
     steps = epochs * -(-len(datamodule.train_set) // datamodule.batch_size)
     callbacks = methods(steps)[method]()
     model = Classifier(make_net(), num_classes=10, optimizer=lambda params: torch.optim.Adam(params, lr=lr))
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
-    start = time.perf_counter()
-    trainer.fit(model, datamodule)
-    seconds = time.perf_counter() - start
-    test = trainer.test(model, datamodule, verbose=False)[0]  # on the EMA weights where there is an EMA
+    test, seconds, trainer = fit_and_test(model, datamodule, max_epochs=epochs, callbacks=callbacks)
     return {
         "data": data, "method": method, "noise": noise, "seed": seed, "steps": trainer.global_step,
         "acc": test["test/acc"], "ece": test["test/ece"], "nll": test["test/nll"], "fit_seconds": seconds,

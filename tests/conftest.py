@@ -1,11 +1,31 @@
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
+import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+class PlainModule(pl.LightningModule):
+    """A plain LightningModule (not a TrickModule) for 64-feature digits: a linear layer and cross-entropy."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch["inputs"]), batch["targets"])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import PlainModule
 from lightning.pytorch.callbacks import Callback
-from torch import nn
 
 from lit_tricks import Classifier, EMATeacher
 from lit_tricks.data import DigitsDataModule
@@ -118,23 +118,9 @@ def test_average_buffers_option_tracks_batchnorm_statistics(quiet_trainer_kwargs
 
 
 def test_works_on_a_plain_lightning_module(quiet_trainer_kwargs):
-    class Plain(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Linear(64, 10)
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, batch_idx):
-            return nn.functional.cross_entropy(self(batch["inputs"]), batch["targets"])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
     ema = EMATeacher(decay=0.9)
     trainer = pl.Trainer(max_steps=4, callbacks=[ema], **quiet_trainer_kwargs)
-    module = Plain()
+    module = PlainModule()
     trainer.fit(module, DigitsDataModule())
     assert ema.num_updates == 4 and ema.teacher(torch.zeros(2, 64)).shape == (2, 10)
 

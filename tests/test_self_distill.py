@@ -4,7 +4,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from conftest import PlainModule
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_tricks import Classifier, EMATeacher, SelfDistill, Trick
@@ -137,19 +137,10 @@ def test_pskd_needs_a_number_of_epochs(quiet_trainer_kwargs):
 
 
 def test_on_a_plain_lightning_module(quiet_trainer_kwargs):
-    class Plain(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Linear(64, 10)
-
-        def training_step(self, batch, batch_idx):
-            return F.cross_entropy(self.net(batch["inputs"]), batch["targets"])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
     with pytest.raises(TypeError, match="SelfDistill shapes the training step.*TrickModule"):
-        pl.Trainer(max_epochs=1, callbacks=[SelfDistill()], **quiet_trainer_kwargs).fit(Plain(), DigitsDataModule())
+        pl.Trainer(max_epochs=1, callbacks=[SelfDistill()], **quiet_trainer_kwargs).fit(
+            PlainModule(), DigitsDataModule()
+        )
 
 
 @pytest.mark.parametrize(

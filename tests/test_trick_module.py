@@ -1,6 +1,7 @@
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import PlainModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -146,19 +147,10 @@ def test_class_count_mismatch_with_plain_loader(quiet_trainer_kwargs):
 
 
 def test_trick_on_plain_lightning_module_points_to_trick_module(quiet_trainer_kwargs):
-    class Plain(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Linear(64, 10)
-
-        def training_step(self, batch, batch_idx):
-            return nn.functional.cross_entropy(self.net(batch["inputs"]), batch["targets"])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
     with pytest.raises(TypeError, match="must subclass lit_tricks.TrickModule"):
-        pl.Trainer(max_steps=1, callbacks=[Recorder("x", [])], **quiet_trainer_kwargs).fit(Plain(), DigitsDataModule())
+        pl.Trainer(max_steps=1, callbacks=[Recorder("x", [])], **quiet_trainer_kwargs).fit(
+            PlainModule(), DigitsDataModule()
+        )
 
 
 @pytest.mark.parametrize(
