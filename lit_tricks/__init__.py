@@ -1,9 +1,19 @@
 """lit_tricks: training techniques from recent deep-learning papers as PyTorch Lightning parts."""
 
-from lit_tricks.callbacks import EMATeacher, SelfDistill
+from lit_tricks.callbacks import CutMix, EMATeacher, Mixup, SelfDistill
 from lit_tricks.core import StepOutput, Trick, TrickBatch, TrickModule
 from lit_tricks.modules import Classifier
 
 __version__ = "0.1.0"
 
-__all__ = ["Classifier", "EMATeacher", "SelfDistill", "StepOutput", "Trick", "TrickBatch", "TrickModule"]
+__all__ = [
+    "Classifier",
+    "CutMix",
+    "EMATeacher",
+    "Mixup",
+    "SelfDistill",
+    "StepOutput",
+    "Trick",
+    "TrickBatch",
+    "TrickModule",
+]

@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lit_tricks import Classifier, EMATeacher, SelfDistill
+from lit_tricks import Classifier, EMATeacher, Mixup, SelfDistill
 from lit_tricks.data import DigitsDataModule
 from lit_tricks.nets import CNN2D, MLP
 
@@ -67,6 +67,14 @@ def _ema_kd():
     model = Classifier(MLP(64, 10, hidden=(32,), dropout=0.2), num_classes=10)
     tricks = [EMATeacher(decay=0.9), SelfDistill("ema", temperature=2.0, rampup_steps=4)]
     return model, DigitsDataModule(batch_size=32), tricks
+
+
+@case("mixup_cutmix_switch")
+def _mixup():
+    # the private generator (pairs, lambdas, boxes, switches) must continue exactly after the resume
+    model = Classifier(CNN2D(num_classes=10, width=8), num_classes=10)
+    mixing = Mixup(alpha=0.4, cutmix_alpha=1.0, switch_prob=0.5, mode="elem", label_smoothing=0.1, seed=7)
+    return model, DigitsDataModule(batch_size=32, as_image=True), [mixing]
 
 
 def assert_same(a, b, path: str = "") -> None:

@@ -3,8 +3,22 @@
 from lit_tricks.functional.distillation import distillation_kl, pskd_alpha, pskd_targets, sigmoid_rampup
 from lit_tricks.functional.ema import ema_decay, ema_update_, half_life_to_decay
 from lit_tricks.functional.losses import soft_target_cross_entropy, to_probabilities, weighted_mean
+from lit_tricks.functional.mixing import (
+    cutmix_,
+    cutmix_masks,
+    mix_targets,
+    mixup_,
+    sample_mixing,
+    smooth_labels,
+)
 
 __all__ = [
+    "cutmix_",
+    "cutmix_masks",
+    "mix_targets",
+    "mixup_",
+    "sample_mixing",
+    "smooth_labels",
     "distillation_kl",
     "pskd_alpha",
     "pskd_targets",

@@ -1,0 +1,196 @@
+"""Mixup and CutMix: train on convex combinations (or cut-and-paste) of pairs of samples and of their labels."""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping, MutableSequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lit_tricks.core.batch import TrickBatch
+from lit_tricks.core.module import TrickModule
+from lit_tricks.core.trick import Trick
+from lit_tricks.functional.mixing import cutmix_, cutmix_masks, mix_targets, mixup_, sample_mixing, smooth_labels
+
+
+class Mixup(Trick):
+    r"""Mixup (Zhang et al., ICLR 2018), optionally switching with CutMix (Yun et al., ICCV 2019) as timm does.
+
+    Each training batch is paired with a random permutation :math:`\pi` of itself and
+
+    .. math:: \tilde x_i = \lambda_i x_i + (1 - \lambda_i)\, x_{\pi(i)}, \qquad
+              \tilde y_i = \lambda_i y_i + (1 - \lambda_i)\, y_{\pi(i)}, \qquad
+              \lambda_i \sim \mathrm{Beta}(\alpha, \alpha),
+
+    with one :math:`\lambda` per batch (``mode="batch"``) or one per sample (``mode="elem"``, vectorised).
+    With ``cutmix_alpha > 0`` a batch is instead cut-mixed with probability ``switch_prob``: a box (images
+    ``[N, C, H, W]``) or a segment (signals ``[N, L]`` / ``[N, C, L]``) of side :math:`\sqrt[d]{1-\lambda}`
+    is pasted from the partner and :math:`\lambda` is corrected to the pasted area.
+
+    ``stop_at`` gives early-stopped mixup ("The Benefits of Mixup for Feature Learning"): no mixing after
+    that fraction of the training steps. Labels become probabilities (optionally smoothed by
+    ``label_smoothing``), which the soft-target cross-entropy of :class:`~lit_tricks.TrickModule` (and
+    ``F.cross_entropy``) accept. Inputs are mixed in place on their device. All randomness comes from a
+    private generator whose state is checkpointed, so a resumed run mixes exactly as an uninterrupted one.
+
+    With a :class:`~lit_tricks.TrickModule` it runs in ``before_forward``; with a plain ``LightningModule``
+    it mutates dict or list batches in ``on_train_batch_start`` (tuples cannot be changed: a clear error
+    says so) and needs ``num_classes``.
+
+    Args:
+        alpha: Mixup's :math:`\alpha` (0 turns Mixup off, leaving CutMix only).
+        cutmix_alpha: CutMix's :math:`\alpha` (0: no CutMix).
+        switch_prob: probability of CutMix instead of Mixup when both alphas are positive.
+        mode: ``"batch"`` (one :math:`\lambda` per batch) or ``"elem"`` (one per sample).
+        prob: probability of mixing a batch at all.
+        label_smoothing: :math:`\epsilon` of :math:`(1-\epsilon) y + \epsilon / C`, applied before mixing.
+        stop_at: fraction of the training steps after which mixing stops (``None``: never).
+        num_classes: number of classes; needed only with a plain ``LightningModule``.
+        seed: seed of the private generator.
+
+    Example::
+
+        >>> import lightning as L
+        >>> from lit_tricks import Classifier, Mixup
+        >>> from lit_tricks.data import DigitsDataModule
+        >>> from lit_tricks.nets import MLP
+        >>> trainer = L.Trainer(max_epochs=1, callbacks=[Mixup(alpha=0.4)], logger=False,
+        ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(Classifier(MLP(64, 10), num_classes=10), DigitsDataModule())
+        >>> 0.0 <= float(trainer.callback_metrics["tricks/Mixup/lam"]) <= 1.0
+        True
+    """
+
+    works_without_trick_module = True
+
+    def __init__(
+        self,
+        alpha: float = 0.2,
+        cutmix_alpha: float = 0.0,
+        switch_prob: float = 0.5,
+        mode: Literal["batch", "elem"] = "batch",
+        prob: float = 1.0,
+        label_smoothing: float = 0.0,
+        stop_at: float | None = None,
+        num_classes: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        if alpha < 0 or cutmix_alpha < 0 or alpha == cutmix_alpha == 0:
+            raise ValueError(
+                f"alpha and cutmix_alpha must be >= 0 and not both 0 (got {alpha}, {cutmix_alpha}); "
+                "e.g. Mixup(alpha=0.2) or CutMix(alpha=1.0)."
+            )
+        for name, value in {"switch_prob": switch_prob, "prob": prob}.items():
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}.")
+        if mode not in ("batch", "elem"):
+            raise ValueError(f"mode must be 'batch' (one lambda per batch) or 'elem' (one per sample), got {mode!r}.")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
+        if stop_at is not None and not 0.0 < stop_at <= 1.0:
+            raise ValueError(f"stop_at must be a fraction of training in (0, 1], got {stop_at}.")
+        if num_classes is not None and num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
+        self.alpha, self.cutmix_alpha, self.switch_prob = alpha, cutmix_alpha, switch_prob
+        self.mode, self.prob, self.label_smoothing = mode, prob, label_smoothing
+        self.stop_at, self.num_classes = stop_at, num_classes
+        self._rng = np.random.default_rng(seed)
+        self._stop_step: int | None = None
+        self._checked = False  # a plain module's first batch is checked against num_classes
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._checked = False
+        if isinstance(pl_module, TrickModule):
+            self.num_classes = pl_module.num_classes
+        elif self.num_classes is None:
+            raise ValueError(
+                f"{type(self).__name__} on a plain LightningModule turns class ids into probabilities, so it needs "
+                f"{type(self).__name__}(num_classes=...); or use a lit_tricks.TrickModule."
+            )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.stop_at is not None:
+            self._stop_step = int(self.stop_at * trainer.estimated_stepping_batches)
+
+    def before_forward(self, trainer: pl.Trainer, module: pl.LightningModule, batch: TrickBatch) -> TrickBatch:
+        batch.targets = self._apply(trainer, module, batch.inputs, batch.targets)
+        return batch
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if isinstance(pl_module, TrickModule):
+            return  # the module calls before_forward
+        if not isinstance(batch, (MutableMapping, MutableSequence)):
+            raise TypeError(
+                f"{type(self).__name__} on a plain LightningModule changes the batch in place, but the batch is a "
+                f"{type(batch).__name__}: return a dict with 'inputs'/'targets' or a list [inputs, targets] "
+                "(e.g. wrap the dataset in lit_tricks.data.IndexedDataset), or use a lit_tricks.TrickModule."
+            )
+        key = "targets" if isinstance(batch, MutableMapping) else 1
+        inputs = batch["inputs"] if key == "targets" else batch[0]
+        if not self._checked:
+            TrickBatch(inputs, batch[key]).check(self.num_classes)  # a clear error, not one_hot's
+            self._checked = True
+        batch[key] = self._apply(trainer, pl_module, inputs, batch[key])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self._rng.bit_generator.state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._rng.bit_generator.state = state_dict["rng"]
+
+    # ------------------------------------------------------------------ internals
+    def _apply(self, trainer: pl.Trainer, module: pl.LightningModule, inputs: Tensor, targets: Tensor) -> Tensor:
+        """Mix ``inputs`` in place; return the (smoothed, mixed) probability targets."""
+        probs = targets.float() if targets.ndim == 2 else F.one_hot(targets, self.num_classes).float()
+        if self.label_smoothing:
+            probs = smooth_labels(probs, self.label_smoothing)
+        stopped = self._stop_step is not None and trainer.global_step >= self._stop_step
+        if stopped or self._rng.random() >= self.prob:
+            return probs
+        use_cutmix = self.cutmix_alpha > 0 and (self.alpha == 0 or self._rng.random() < self.switch_prob)
+        alpha = self.cutmix_alpha if use_cutmix else self.alpha
+        perm, lam = sample_mixing(self._rng, len(inputs), alpha, self.mode == "elem", inputs.device)
+        with torch.no_grad():
+            if use_cutmix:
+                spatial = inputs.shape[2:] if inputs.ndim == 4 else inputs.shape[-1:]
+                mask, lam = cutmix_masks(tuple(spatial), lam, self._rng)
+                cutmix_(inputs, perm, mask)
+            else:
+                mixup_(inputs, perm, lam)
+        if trainer.global_step % trainer.log_every_n_steps == 0:
+            module.log(self.tag("lam"), lam.mean())
+            module.log(self.tag("cutmix"), float(use_cutmix))
+        return mix_targets(probs, perm, lam)
+
+
+class CutMix(Mixup):
+    r"""CutMix (Yun et al., ICCV 2019): paste a box (images) or a segment (1-D signals) of the partner sample,
+    with :math:`\lambda \sim \mathrm{Beta}(\alpha, \alpha)` corrected to the pasted area; labels mixed by
+    :math:`\lambda`. ``Mixup(alpha=..., cutmix_alpha=..., switch_prob=...)`` switches between the two.
+
+    Args:
+        alpha: CutMix's :math:`\alpha` (1.0 in the paper).
+        mode, prob, label_smoothing, stop_at, num_classes, seed: as in :class:`Mixup`.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        mode: Literal["batch", "elem"] = "batch",
+        prob: float = 1.0,
+        label_smoothing: float = 0.0,
+        stop_at: float | None = None,
+        num_classes: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        if alpha <= 0:
+            raise ValueError(f"alpha must be > 0, got {alpha}; e.g. CutMix(alpha=1.0).")
+        super().__init__(0.0, alpha, 0.5, mode, prob, label_smoothing, stop_at, num_classes, seed)

@@ -1,0 +1,72 @@
+"""Mixup and CutMix on batches: partner permutations, mixing weights, boxes, in-place mixing of inputs and targets."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def sample_mixing(
+    rng: np.random.Generator, n: int, alpha: float, per_sample: bool, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    r"""Partners and weights of one batch: ``perm`` ``[N]`` (a random permutation, so odd batch sizes work)
+    and :math:`\lambda \sim \mathrm{Beta}(\alpha, \alpha)`, one for the batch (shape ``[1]``) or one per
+    sample (``[N]``). Drawn from ``rng`` on the host; only the small results move to ``device``."""
+    perm = torch.as_tensor(rng.permutation(n), device=device)
+    lam = torch.as_tensor(rng.beta(alpha, alpha, size=n if per_sample else 1), dtype=torch.float32, device=device)
+    return perm, lam
+
+
+def mixup_(inputs: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
+    r"""In place, :math:`x_i \leftarrow \lambda_i x_i + (1 - \lambda_i) x_{\pi(i)}` (Zhang et al., 2018)."""
+    lam = lam.to(inputs.dtype).view(-1, *([1] * (inputs.ndim - 1)))
+    partners = inputs[perm]  # a gathered copy, so the in-place update reads unmixed partners
+    return inputs.mul_(lam).add_(partners.mul_(1.0 - lam))
+
+
+def cutmix_masks(sizes: tuple[int, ...], lam: Tensor, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+    r"""CutMix regions (Yun et al., 2019): per row of ``lam``, a box (or a segment for 1-D signals) with sides
+    :math:`\sqrt[d]{1 - \lambda}` of the input's, centred uniformly and clipped to the input.
+
+    Args:
+        sizes: the spatial sizes, ``(L,)`` for signals or ``(H, W)`` for images.
+        lam: ``[B]`` drawn weights (``B`` = 1 for one box per batch).
+        rng: the generator of the centres.
+
+    Returns:
+        ``mask`` ``[B, *sizes]`` (True inside the pasted region) and the corrected
+        :math:`\lambda = 1 - \text{area}/\text{total}` ``[B]`` of the clipped regions.
+    """
+    d = len(sizes)
+    cut = (1.0 - lam).clamp(0, 1) ** (1.0 / d)  # [B], the side fraction of the region
+    mask = torch.ones(len(lam), *sizes, dtype=torch.bool, device=lam.device)
+    for axis, size in enumerate(sizes):
+        centre = torch.as_tensor(rng.integers(0, size, size=len(lam)), device=lam.device)
+        half = (cut * size / 2).round().long()
+        low, high = (centre - half).clamp(0, size), (centre + half).clamp(0, size)
+        coords = torch.arange(size, device=lam.device)
+        inside = (coords >= low[:, None]) & (coords < high[:, None])  # [B, size]
+        mask &= inside.view(len(lam), *[size if a == axis else 1 for a in range(d)])
+    area = mask.flatten(1).float().mean(dim=1)
+    return mask, 1.0 - area
+
+
+def cutmix_(inputs: Tensor, perm: Tensor, mask: Tensor) -> Tensor:
+    """In place, paste ``inputs[perm]`` into ``inputs`` where ``mask`` (``[B, *spatial]``, B = 1 or N) is True;
+    channels (the dimensions between batch and spatial) share the mask."""
+    channels = inputs.ndim - mask.ndim
+    mask = mask.view(mask.shape[0], *([1] * channels), *mask.shape[1:])
+    partners = inputs[perm]
+    return inputs.copy_(torch.where(mask, partners, inputs))
+
+
+def mix_targets(probs: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
+    r""":math:`\tilde y_i = \lambda_i y_i + (1 - \lambda_i) y_{\pi(i)}` for probability targets ``[N, C]``."""
+    lam = lam.to(probs.dtype).view(-1, 1)
+    return lam * probs + (1.0 - lam) * probs[perm]
+
+
+def smooth_labels(probs: Tensor, smoothing: float) -> Tensor:
+    r"""Label smoothing :math:`(1 - \epsilon)\,y + \epsilon / C`."""
+    return probs * (1.0 - smoothing) + smoothing / probs.shape[-1]

@@ -1,0 +1,172 @@
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from conftest import PlainModule
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, TensorDataset, default_collate
+
+from lit_tricks import Classifier, CutMix, Mixup, Trick
+from lit_tricks.data import DigitsDataModule, MNIST1DDataModule
+from lit_tricks.functional import cutmix_, cutmix_masks, mix_targets, mixup_, smooth_labels
+from lit_tricks.nets import CNN1D, CNN2D, MLP
+
+
+# ---------------------------------------------------------------- the math
+def test_mixup_and_targets_by_hand():
+    x = torch.tensor([[1.0, 1.0], [3.0, 3.0]])
+    mixup_(x, torch.tensor([1, 0]), torch.tensor([0.75]))
+    assert x.tolist() == [[1.5, 1.5], [2.5, 2.5]]
+    x = torch.tensor([[1.0], [3.0], [5.0]])
+    mixup_(x, torch.tensor([2, 0, 1]), torch.tensor([1.0, 0.0, 0.5]))  # per sample; odd batch size
+    assert x.squeeze(1).tolist() == [1.0, 1.0, 4.0]
+    y = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert mix_targets(y, torch.tensor([1, 0]), torch.tensor([0.75])).tolist() == [[0.75, 0.25], [0.25, 0.75]]
+    torch.testing.assert_close(
+        smooth_labels(torch.tensor([[1.0, 0.0, 0.0, 0.0]]), 0.2), torch.tensor([[0.85, 0.05, 0.05, 0.05]])
+    )
+
+
+def test_cutmix_segment_by_hand():
+    lam = torch.tensor([0.6])
+    mask, corrected = cutmix_masks((10,), lam, np.random.default_rng(0))
+    centre = int(np.random.default_rng(0).integers(0, 10))  # the same draw
+    half = round(0.4 * 10 / 2)  # side (1 - lam) * L = 4
+    expected = torch.zeros(10, dtype=torch.bool)
+    expected[max(centre - half, 0) : min(centre + half, 10)] = True
+    assert torch.equal(mask[0], expected)
+    assert corrected.item() == pytest.approx(1 - expected.float().mean().item())
+
+
+def test_cutmix_boxes_are_boxes_and_lambda_is_the_kept_area():
+    lam = torch.tensor([0.3, 0.7, 1.0])
+    mask, corrected = cutmix_masks((8, 8), lam, np.random.default_rng(1))
+    for m, c in zip(mask, corrected, strict=True):
+        rows, cols = m.any(dim=1), m.any(dim=0)
+        assert m.sum() == rows.sum() * cols.sum()  # a rectangle
+        assert c.item() == pytest.approx(1 - m.float().mean().item())
+    assert not mask[2].any() and corrected[2] == 1.0  # lambda 1: nothing pasted
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    original = images.clone()
+    cutmix_(images, torch.tensor([1, 0]), mask[:1])  # one box for the batch, shared by channels
+    inside = mask[0].expand(3, 8, 8)
+    assert torch.equal(images[0][inside], original[1][inside]) and torch.equal(images[0][~inside], original[0][~inside])
+
+
+# ---------------------------------------------------------------- in a real fit
+class Snapshot(Callback):
+    """Copies each training batch before any trick touches it."""
+
+    def __init__(self):
+        self.batches = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append({k: v.clone() for k, v in batch.items() if torch.is_tensor(v)})
+
+
+class Spy(Trick):
+    order = 5
+
+    def __init__(self):
+        self.seen = []
+
+    def before_forward(self, trainer, module, batch):
+        self.seen.append((batch.inputs.clone(), batch.targets.clone()))
+        return batch
+
+
+def _fit(tricks, quiet_trainer_kwargs, net=None, datamodule=None, **trainer_kwargs):
+    pl.seed_everything(0, verbose=False)
+    model = Classifier(net or MLP(64, 10, hidden=(32,)), num_classes=10)
+    trainer_kwargs.setdefault("max_steps", 3)
+    trainer = pl.Trainer(limit_val_batches=0, callbacks=tricks, **quiet_trainer_kwargs, **trainer_kwargs)
+    trainer.fit(model, datamodule or DigitsDataModule(batch_size=15))
+    return trainer
+
+
+def test_mixup_in_a_real_fit_follows_its_seed(quiet_trainer_kwargs):
+    snapshot, spy = Snapshot(), Spy()
+    _fit([snapshot, Mixup(alpha=0.4, seed=3), spy], quiet_trainer_kwargs)
+    rng = np.random.default_rng(3)
+    for original, (inputs, targets) in zip(snapshot.batches, spy.seen, strict=True):
+        rng.random()  # the draw of `prob`
+        perm, lam = torch.as_tensor(rng.permutation(15)), float(rng.beta(0.4, 0.4))
+        torch.testing.assert_close(inputs, lam * original["inputs"] + (1 - lam) * original["inputs"][perm])
+        onehot = torch.nn.functional.one_hot(original["targets"], 10).float()
+        torch.testing.assert_close(targets, lam * onehot + (1 - lam) * onehot[perm])
+
+
+def test_per_sample_mode_and_label_smoothing(quiet_trainer_kwargs):
+    spy = Spy()
+    _fit([Mixup(alpha=1.0, mode="elem", label_smoothing=0.1), spy], quiet_trainer_kwargs)
+    targets = spy.seen[0][1]
+    torch.testing.assert_close(targets.sum(dim=1), torch.ones(15))
+    assert targets.min() >= 0.01 - 1e-6  # smoothing put 0.1 / 10 on every class
+    assert len({round(float(v), 4) for v in targets.max(dim=1).values}) > 3  # per-sample lambdas
+
+
+def test_early_stopped_mixup(quiet_trainer_kwargs):
+    spy = Spy()
+    _fit([Mixup(alpha=1.0, stop_at=0.5), spy], quiet_trainer_kwargs, max_steps=4)
+    mixed = [bool((t.max(dim=1).values < 1).any()) for _, t in spy.seen]
+    assert mixed == [True, True, False, False]
+
+
+@pytest.mark.parametrize(
+    ("trick", "net", "datamodule"),
+    [
+        (CutMix(alpha=1.0), CNN2D(10, width=4), DigitsDataModule(batch_size=15, as_image=True)),
+        (CutMix(alpha=1.0, mode="elem"), CNN1D(10, channels=4), MNIST1DDataModule(num_samples=200, batch_size=15)),
+        (
+            Mixup(alpha=0.4, cutmix_alpha=1.0, switch_prob=0.5, mode="elem"),
+            CNN2D(10, width=4),
+            DigitsDataModule(batch_size=15, as_image=True),
+        ),
+    ],
+    ids=["cutmix-2d", "cutmix-1d-elem", "switch"],
+)
+def test_cutmix_on_images_and_signals(trick, net, datamodule, quiet_trainer_kwargs):
+    spy = Spy()
+    trainer = _fit([trick, spy], quiet_trainer_kwargs, net=net, datamodule=datamodule, max_steps=4)
+    assert trainer.global_step == 4
+    for _, targets in spy.seen:
+        torch.testing.assert_close(targets.sum(dim=1), torch.ones(len(targets)))
+    assert "tricks/" + type(trick).__name__ + "/lam" in trainer.callback_metrics
+
+
+def test_plain_lightning_module_with_dict_batches(quiet_trainer_kwargs):
+    trainer = pl.Trainer(max_steps=3, callbacks=[Mixup(alpha=0.4, num_classes=10)], **quiet_trainer_kwargs)
+    trainer.fit(PlainModule(), DigitsDataModule())
+    assert trainer.global_step == 3
+
+
+def test_plain_lightning_module_errors(quiet_trainer_kwargs):
+    with pytest.raises(ValueError, match=r"needs Mixup\(num_classes=...\)"):
+        pl.Trainer(max_steps=1, callbacks=[Mixup()], **quiet_trainer_kwargs).fit(PlainModule(), DigitsDataModule())
+    data = TensorDataset(torch.randn(16, 64), torch.randint(0, 10, (16,)))
+    tuples = DataLoader(data, batch_size=8, collate_fn=lambda items: tuple(default_collate(items)))
+    with pytest.raises(TypeError, match="batch is a tuple.*dict"):
+        pl.Trainer(max_steps=1, callbacks=[Mixup(num_classes=10)], **quiet_trainer_kwargs).fit(PlainModule(), tuples)
+    with pytest.raises(ValueError, match=r"num_classes=5"):
+        pl.Trainer(max_steps=1, callbacks=[Mixup(num_classes=5)], **quiet_trainer_kwargs).fit(
+            PlainModule(), DigitsDataModule()
+        )
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: Mixup(alpha=-0.1), "alpha and cutmix_alpha must be >= 0"),
+        (lambda: Mixup(alpha=0.0), "not both 0"),
+        (lambda: CutMix(alpha=0.0), "alpha must be > 0"),
+        (lambda: Mixup(mode="pair"), "mode must be"),
+        (lambda: Mixup(prob=1.5), r"prob must be in \[0, 1\]"),
+        (lambda: Mixup(switch_prob=-1), "switch_prob"),
+        (lambda: Mixup(label_smoothing=1.0), "label_smoothing"),
+        (lambda: Mixup(stop_at=0.0), "stop_at"),
+        (lambda: Mixup(num_classes=1), "num_classes"),
+    ],
+)
+def test_bad_arguments(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
