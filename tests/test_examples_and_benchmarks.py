@@ -48,3 +48,10 @@ def test_self_distill_benchmark_quick(tmp_path):
     assert out.startswith("Machine: ") and "| MNIST-1D / CNN1D | 20% | EMA-KD |" in out
     runs = json.loads((tmp_path / "self_distill_quick.json").read_text())["runs"]
     assert {r["method"] for r in runs} == {"baseline", "EMA", "PS-KD", "EMA-KD"} and len(runs) == 16
+
+
+def test_mixup_speed_benchmark_quick(tmp_path):
+    out = _run([str(ROOT / "benchmarks/mixup_speed.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
+    assert out.startswith("Machine: ") and "| CutMix |" in out
+    runs = json.loads((tmp_path / "mixup_speed_quick.json").read_text())["runs"]
+    assert {r["trick"] for r in runs} == {"Mixup", "CutMix"} and all(r["ours_ms"] > 0 for r in runs)

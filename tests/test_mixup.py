@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from lit_tricks import Classifier, CutMix, Mixup, Trick
 from lit_tricks.data import DigitsDataModule, MNIST1DDataModule
-from lit_tricks.functional import cutmix_, cutmix_masks, mix_targets, mixup_, smooth_labels
+from lit_tricks.functional import cutmix_, cutmix_masks, mixup_, one_hot, smooth_labels
 from lit_tricks.nets import CNN1D, CNN2D, MLP
 
 
@@ -21,7 +21,8 @@ def test_mixup_and_targets_by_hand():
     mixup_(x, torch.tensor([2, 0, 1]), torch.tensor([1.0, 0.0, 0.5]))  # per sample; odd batch size
     assert x.squeeze(1).tolist() == [1.0, 1.0, 4.0]
     y = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    assert mix_targets(y, torch.tensor([1, 0]), torch.tensor([0.75])).tolist() == [[0.75, 0.25], [0.25, 0.75]]
+    assert mixup_(y, torch.tensor([1, 0]), torch.tensor([0.75])).tolist() == [[0.75, 0.25], [0.25, 0.75]]
+    assert one_hot(torch.tensor([2, 0]), 3).tolist() == [[0, 0, 1], [1, 0, 0]]
     torch.testing.assert_close(
         smooth_labels(torch.tensor([[1.0, 0.0, 0.0, 0.0]]), 0.2), torch.tensor([[0.85, 0.05, 0.05, 0.05]])
     )

@@ -8,13 +8,12 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lit_tricks.core.batch import TrickBatch
 from lit_tricks.core.module import TrickModule
 from lit_tricks.core.trick import Trick
-from lit_tricks.functional.mixing import cutmix_, cutmix_masks, mix_targets, mixup_, sample_mixing, smooth_labels
+from lit_tricks.functional.mixing import cutmix_, cutmix_masks, mixup_, one_hot, sample_mixing, smooth_labels
 
 
 class Mixup(Trick):
@@ -149,7 +148,7 @@ class Mixup(Trick):
     # ------------------------------------------------------------------ internals
     def _apply(self, trainer: pl.Trainer, module: pl.LightningModule, inputs: Tensor, targets: Tensor) -> Tensor:
         """Mix ``inputs`` in place; return the (smoothed, mixed) probability targets."""
-        probs = targets.float() if targets.ndim == 2 else F.one_hot(targets, self.num_classes).float()
+        probs = targets.float() if targets.ndim == 2 else one_hot(targets, self.num_classes)
         if self.label_smoothing:
             probs = smooth_labels(probs, self.label_smoothing)
         stopped = self._stop_step is not None and trainer.global_step >= self._stop_step
@@ -168,7 +167,7 @@ class Mixup(Trick):
         if trainer.global_step % trainer.log_every_n_steps == 0:
             module.log(self.tag("lam"), lam.mean())
             module.log(self.tag("cutmix"), float(use_cutmix))
-        return mix_targets(probs, perm, lam)
+        return mixup_(probs, perm, lam)
 
 
 class CutMix(Mixup):

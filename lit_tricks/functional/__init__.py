@@ -6,8 +6,8 @@ from lit_tricks.functional.losses import soft_target_cross_entropy, to_probabili
 from lit_tricks.functional.mixing import (
     cutmix_,
     cutmix_masks,
-    mix_targets,
     mixup_,
+    one_hot,
     sample_mixing,
     smooth_labels,
 )
@@ -15,7 +15,7 @@ from lit_tricks.functional.mixing import (
 __all__ = [
     "cutmix_",
     "cutmix_masks",
-    "mix_targets",
+    "one_hot",
     "mixup_",
     "sample_mixing",
     "smooth_labels",

@@ -19,7 +19,8 @@ def sample_mixing(
 
 
 def mixup_(inputs: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
-    r"""In place, :math:`x_i \leftarrow \lambda_i x_i + (1 - \lambda_i) x_{\pi(i)}` (Zhang et al., 2018)."""
+    r"""In place, :math:`x_i \leftarrow \lambda_i x_i + (1 - \lambda_i) x_{\pi(i)}` (Zhang et al., 2018);
+    for inputs and for probability targets ``[N, C]`` alike."""
     lam = lam.to(inputs.dtype).view(-1, *([1] * (inputs.ndim - 1)))
     partners = inputs[perm]  # a gathered copy, so the in-place update reads unmixed partners
     return inputs.mul_(lam).add_(partners.mul_(1.0 - lam))
@@ -61,10 +62,10 @@ def cutmix_(inputs: Tensor, perm: Tensor, mask: Tensor) -> Tensor:
     return inputs.copy_(torch.where(mask, partners, inputs))
 
 
-def mix_targets(probs: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
-    r""":math:`\tilde y_i = \lambda_i y_i + (1 - \lambda_i) y_{\pi(i)}` for probability targets ``[N, C]``."""
-    lam = lam.to(probs.dtype).view(-1, 1)
-    return lam * probs + (1.0 - lam) * probs[perm]
+def one_hot(targets: Tensor, num_classes: int) -> Tensor:
+    """Class ids ``[N]`` to float32 one-hot probabilities ``[N, C]``, in one allocation."""
+    probs = torch.zeros(len(targets), num_classes, device=targets.device)
+    return probs.scatter_(1, targets.view(-1, 1), 1.0)
 
 
 def smooth_labels(probs: Tensor, smoothing: float) -> Tensor:
