@@ -157,3 +157,32 @@ def test_on_a_plain_lightning_module(quiet_trainer_kwargs):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SelfDistill(**kwargs)
+
+
+def test_pskd_targets_are_mixed_consistently_by_mixup(quiet_trainer_kwargs):
+    import numpy as np
+    from lightning.pytorch.callbacks import Callback
+
+    from lit_tricks import Mixup
+
+    class Snapshot(Callback):
+        def __init__(self):
+            self.batches = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.batches.append({"inputs": batch["inputs"].clone(), "targets": batch["targets"].clone()})
+
+    pskd = SelfDistill("past_predictions", alpha_T=0.8)
+    snapshot, spy = Snapshot(), Spy(pskd)
+    # callbacks listed in the "wrong" order: SelfDistill's order (-10) still runs it before Mixup (0)
+    _fit([snapshot, Mixup(alpha=0.4, seed=1), pskd, spy], quiet_trainer_kwargs, max_epochs=2)
+    rng = np.random.default_rng(1)
+    for original, record in zip(snapshot.batches, spy.records, strict=True):
+        rng.random()
+        perm, lam = torch.as_tensor(rng.permutation(16)), float(rng.beta(0.4, 0.4))
+        onehot = F.one_hot(original["targets"], 10).float()
+        alpha = 0.0 if record["epoch"] == 0 else 0.8 * (record["epoch"] + 1) / 2
+        past = torch.where(record["seen"][:, None], record["past"].float(), onehot)
+        pskd_target = (1 - alpha) * onehot + alpha * past
+        torch.testing.assert_close(record["targets"], lam * pskd_target + (1 - lam) * pskd_target[perm])
+    assert any(r["seen"].any() for r in spy.records if r["epoch"] == 1)
