@@ -52,9 +52,9 @@ class Spy(Trick):
     def before_forward(self, trainer, module, batch):
         table = self.self_distill.table
         record = {"epoch": trainer.current_epoch, "targets": batch.targets.clone(), "index": batch.index.clone()}
-        if table is not None:
-            record["past"] = table[batch.index].clone()
-            record["seen"] = self.self_distill.seen[batch.index].clone()
+        if table.values is not None:
+            record["past"] = table.values[batch.index].clone()
+            record["seen"] = table.seen[batch.index].clone()
         record["labels"] = batch.extras["clean_targets"]
         self.records.append(record)
         return batch
@@ -94,14 +94,14 @@ def test_pskd_targets_in_a_real_fit(quiet_trainer_kwargs):
     assert any(r["seen"].any() for r in spy.records if r["epoch"] > 0)
     # each row holds the softmax of the step that last saw the sample
     last = spy.records[-1]
-    torch.testing.assert_close(pskd.table[last["index"]], last["logits"].softmax(dim=-1))
-    assert pskd.seen.sum() == len(torch.unique(torch.cat([r["index"] for r in spy.records])))
+    torch.testing.assert_close(pskd.table.values[last["index"]], last["logits"].softmax(dim=-1))
+    assert pskd.table.seen.sum() == len(torch.unique(torch.cat([r["index"] for r in spy.records])))
 
 
 def test_pskd_float16_table(quiet_trainer_kwargs):
     pskd = SelfDistill("past_predictions", table_dtype="float16")
     _fit([pskd], quiet_trainer_kwargs, max_epochs=2)
-    assert pskd.table.dtype == torch.float16 and pskd.table.shape == (1438 - 144, 10)
+    assert pskd.table.values.dtype == torch.float16 and pskd.table.values.shape == (1438 - 144, 10)
 
 
 def test_ema_distillation_loss_in_a_real_fit(quiet_trainer_kwargs):

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_tricks.callbacks.ema_teacher import EMATeacher
 from lit_tricks.core.batch import StepOutput, TrickBatch
+from lit_tricks.core.sample_table import SampleTable
 from lit_tricks.core.trick import Trick
 from lit_tricks.functional.distillation import distillation_kl, pskd_alpha, pskd_targets, sigmoid_rampup
 
@@ -63,7 +64,7 @@ class SelfDistill(Trick):
         >>> trainer = L.Trainer(max_epochs=2, callbacks=[pskd], logger=False, enable_checkpointing=False,
         ...                     enable_progress_bar=False, enable_model_summary=False)
         >>> trainer.fit(Classifier(MLP(64, 10), num_classes=10), DigitsDataModule())
-        >>> bool(pskd.seen.all())
+        >>> bool(pskd.table.seen.all())
         True
     """
 
@@ -93,11 +94,9 @@ class SelfDistill(Trick):
                 f"temperature must be > 0 and weight, rampup_steps >= 0; got {temperature}, {weight}, {rampup_steps}."
             )
         self.teacher, self.alpha_T, self.total_epochs = teacher, alpha_T, total_epochs
-        self.table_dtype = getattr(torch, table_dtype)
+        self.table = SampleTable(getattr(torch, table_dtype))  # each sample's last softmax
         self.temperature, self.weight, self.rampup_steps, self.view_key = temperature, weight, rampup_steps, view_key
         self.needs_index = teacher == "past_predictions"
-        self.table: torch.Tensor | None = None  # [N, C] last softmax of each sample
-        self.seen: torch.Tensor | None = None  # [N] whether the row holds a prediction yet
         self._alpha = 0.0
 
     # ------------------------------------------------------------------ hooks
@@ -117,18 +116,10 @@ class SelfDistill(Trick):
         if self.teacher != "past_predictions":
             return
         n, c = len(trainer.train_dataloader.dataset), pl_module.num_classes
-        if self.table is None:
-            self.table = torch.zeros(n, c, dtype=self.table_dtype, device=pl_module.device)
-            self.seen = torch.zeros(n, dtype=torch.bool, device=pl_module.device)
-        elif self.table.shape != (n, c):
-            raise ValueError(
-                f"The PS-KD table in the checkpoint is {tuple(self.table.shape)} but the data has {n} samples "
-                f"of {c} classes: resume with the same training set."
-            )
-        else:
-            self.table, self.seen = self.table.to(pl_module.device), self.seen.to(pl_module.device)
-        megabytes = self.table.numel() * self.table.element_size() / 2**20
-        rank_zero_info(f"SelfDistill (PS-KD): prediction table {n} x {c} {self.table.dtype}, {megabytes:.1f} MiB")
+        self.table.allocate(n, c, pl_module.device, owner="PS-KD")
+        rank_zero_info(
+            f"SelfDistill (PS-KD): prediction table {n} x {c} {self.table.dtype}, {self.table.megabytes:.1f} MiB"
+        )
 
     def before_forward(self, trainer: pl.Trainer, module: pl.LightningModule, batch: TrickBatch) -> TrickBatch:
         if self.teacher != "past_predictions":
@@ -136,7 +127,8 @@ class SelfDistill(Trick):
         epoch = trainer.current_epoch
         self._alpha = 0.0 if epoch == 0 else pskd_alpha(epoch, self.total_epochs or trainer.max_epochs, self.alpha_T)
         onehot = F.one_hot(batch.hard_targets, module.num_classes).float()
-        past = torch.where(self.seen[batch.index, None], self.table[batch.index].float(), onehot)
+        table = self.table
+        past = torch.where(table.seen[batch.index, None], table.values[batch.index].float(), onehot)
         batch.targets = pskd_targets(onehot, past, self._alpha)
         return batch
 
@@ -145,7 +137,7 @@ class SelfDistill(Trick):
     ) -> StepOutput:
         log_now = trainer.global_step % trainer.log_every_n_steps == 0
         if self.teacher == "past_predictions":
-            self._remember(module, batch.index, out.logits.detach().softmax(dim=-1))
+            self.table.write(module, batch.index, out.logits.detach().softmax(dim=-1))
             if log_now:
                 module.log(self.tag("alpha"), self._alpha)
             return out
@@ -158,16 +150,7 @@ class SelfDistill(Trick):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.table is None else {"table": self.table, "seen": self.seen}
+        return self.table.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict:
-            self.table, self.seen = state_dict["table"], state_dict["seen"]
-
-    # ------------------------------------------------------------------ internals
-    def _remember(self, module: pl.LightningModule, index: torch.Tensor, probs: torch.Tensor) -> None:
-        """Write this step's predictions into the table, from every rank under DDP."""
-        if module.trainer.world_size > 1:
-            index, probs = module.all_gather(index).flatten(), module.all_gather(probs).flatten(0, 1)
-        self.table[index] = probs.to(self.table.dtype)
-        self.seen[index] = True
+        self.table.load_state_dict(state_dict)
