@@ -1,6 +1,6 @@
 """lit_tricks: training techniques from recent deep-learning papers as PyTorch Lightning parts."""
 
-from lit_tricks.callbacks import CutMix, EMATeacher, Mixup, SelfDistill
+from lit_tricks.callbacks import ELR, CutMix, EMATeacher, Mixup, SelfDistill
 from lit_tricks.core import StepOutput, Trick, TrickBatch, TrickModule
 from lit_tricks.modules import Classifier
 
@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Classifier",
     "CutMix",
+    "ELR",
     "EMATeacher",
     "Mixup",
     "SelfDistill",

@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lit_tricks import Classifier, EMATeacher, Mixup, SelfDistill
+from lit_tricks import ELR, Classifier, EMATeacher, Mixup, SelfDistill
 from lit_tricks.data import DigitsDataModule
 from lit_tricks.nets import CNN2D, MLP
 
@@ -75,6 +75,12 @@ def _mixup():
     model = Classifier(CNN2D(num_classes=10, width=8), num_classes=10)
     mixing = Mixup(alpha=0.4, cutmix_alpha=1.0, switch_prob=0.5, mode="elem", label_smoothing=0.1, seed=7)
     return model, DigitsDataModule(batch_size=32, as_image=True), [mixing]
+
+
+@case("elr_noisy_labels")
+def _elr():
+    model = Classifier(MLP(64, 10, hidden=(32,)), num_classes=10)
+    return model, DigitsDataModule(batch_size=32, label_noise=0.4), [ELR(beta=0.7, lam=3.0)]
 
 
 def assert_same(a, b, path: str = "") -> None:

@@ -1,6 +1,7 @@
 """Pure math with no Lightning: losses, divergences, schedules, mixing, scores."""
 
 from lit_tricks.functional.distillation import distillation_kl, pskd_alpha, pskd_targets, sigmoid_rampup
+from lit_tricks.functional.elr import elr_penalty, elr_probabilities, elr_targets
 from lit_tricks.functional.ema import ema_decay, ema_update_, half_life_to_decay
 from lit_tricks.functional.losses import soft_target_cross_entropy, to_probabilities, weighted_mean
 from lit_tricks.functional.mixing import (
@@ -13,6 +14,9 @@ from lit_tricks.functional.mixing import (
 )
 
 __all__ = [
+    "elr_penalty",
+    "elr_probabilities",
+    "elr_targets",
     "cutmix_",
     "cutmix_masks",
     "one_hot",

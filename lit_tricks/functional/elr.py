@@ -1,0 +1,24 @@
+"""Early-learning regularisation (Liu et al., NeurIPS 2020) for training with noisy labels."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def elr_probabilities(logits: Tensor) -> Tensor:
+    """The clamped softmax ELR uses: :math:`p = \\mathrm{clamp}(\\sigma(z), 10^{-4}, 1 - 10^{-4})`."""
+    return logits.float().softmax(dim=-1).clamp(1e-4, 1.0 - 1e-4)
+
+
+def elr_targets(previous: Tensor, probs: Tensor, beta: float) -> Tensor:
+    r"""The running targets :math:`t \leftarrow \beta t + (1 - \beta)\,\hat p`, with :math:`\hat p` the
+    clamped probabilities renormalised to sum to 1 (no gradient)."""
+    p = probs.detach()
+    return beta * previous + (1.0 - beta) * p / p.sum(dim=-1, keepdim=True)
+
+
+def elr_penalty(probs: Tensor, targets: Tensor) -> Tensor:
+    r"""Per-sample :math:`\log(1 - \langle t_i, p_i \rangle)`; its gradient flows through :math:`p` only.
+    Minimising it pulls :math:`p` towards the targets the model predicted early in training."""
+    return torch.log(1.0 - (targets.detach() * probs).sum(dim=-1))
