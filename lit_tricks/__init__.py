@@ -1,6 +1,6 @@
 """lit_tricks: training techniques from recent deep-learning papers as PyTorch Lightning parts."""
 
-from lit_tricks.callbacks import ELR, CutMix, EMATeacher, Mixup, SelfDistill
+from lit_tricks.callbacks import ELR, CutMix, EMATeacher, Mixup, SampleReweighting, SelfDistill
 from lit_tricks.core import StepOutput, Trick, TrickBatch, TrickModule
 from lit_tricks.modules import Classifier
 
@@ -12,6 +12,7 @@ __all__ = [
     "ELR",
     "EMATeacher",
     "Mixup",
+    "SampleReweighting",
     "SelfDistill",
     "StepOutput",
     "Trick",

@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lit_tricks import ELR, Classifier, EMATeacher, Mixup, SelfDistill
+from lit_tricks import ELR, Classifier, EMATeacher, Mixup, SampleReweighting, SelfDistill
 from lit_tricks.data import DigitsDataModule
 from lit_tricks.nets import CNN2D, MLP
 
@@ -81,6 +81,13 @@ def _mixup():
 def _elr():
     model = Classifier(MLP(64, 10, hidden=(32,)), num_classes=10)
     return model, DigitsDataModule(batch_size=32, label_noise=0.4), [ELR(beta=0.7, lam=3.0)]
+
+
+@case("sample_reweighting")
+def _reweighting():
+    # under DDP the weights come from the all-gathered global batch
+    model = Classifier(MLP(64, 10, hidden=(32,)), num_classes=10)
+    return model, DigitsDataModule(batch_size=32, label_noise=0.2), [SampleReweighting("quadratic", 0.5)]
 
 
 def assert_same(a, b, path: str = "") -> None:

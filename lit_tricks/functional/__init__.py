@@ -12,8 +12,12 @@ from lit_tricks.functional.mixing import (
     sample_mixing,
     smooth_labels,
 )
+from lit_tricks.functional.reweighting import normalize_losses, reweighting_weights, strategy_scores
 
 __all__ = [
+    "normalize_losses",
+    "reweighting_weights",
+    "strategy_scores",
     "elr_penalty",
     "elr_probabilities",
     "elr_targets",

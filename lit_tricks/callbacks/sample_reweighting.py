@@ -1,0 +1,73 @@
+"""Dynamic loss-based sample reweighting: weight each sample by how its loss compares within the global batch."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+
+from lit_tricks.core.batch import StepOutput, TrickBatch
+from lit_tricks.core.trick import Trick
+from lit_tricks.functional.reweighting import Strategy, reweighting_weights
+
+
+class SampleReweighting(Trick):
+    r"""Loss-based sample reweighting ("Dynamic Loss-Based Sample Reweighting for Improved Large Language Model
+    Pretraining", Sow et al., ICLR 2025).
+
+    The per-sample losses of the **global** batch (all-gathered under DDP) are mapped onto
+    :math:`[-\delta, \delta]`, scored by a strategy :math:`f`, and turned into weights
+
+    .. math:: w_i = N\,\frac{\exp(f_i / r)}{\sum_j \exp(f_j / r)}, \qquad
+              \mathcal L = \frac1N \sum_i w_i\,\ell_i,
+
+    with mean weight 1 (so a uniform :math:`f` gives the plain mean). Strategies: ``linupper``
+    :math:`\min(x + \delta, \delta)` (down-weights the easiest samples), ``quadratic``
+    :math:`1 - x^2/\delta^2` (favours medium losses), ``extremes`` :math:`|x|`. During the first
+    ``warmup_steps`` optimizer steps the weights are uniform. Weights multiply any weights already on the batch.
+
+    Args:
+        strategy: ``"linupper"``, ``"quadratic"`` or ``"extremes"``.
+        temperature: :math:`r`; larger is closer to uniform (the authors' configs use 0.4 and 1.0).
+        delta: :math:`\delta` of the normalisation (1 in the paper).
+        warmup_steps: optimizer steps with uniform weights first (the authors' code: 1000).
+
+    Example::
+
+        >>> import lightning as L
+        >>> from lit_tricks import Classifier, SampleReweighting
+        >>> from lit_tricks.data import DigitsDataModule
+        >>> from lit_tricks.nets import MLP
+        >>> trainer = L.Trainer(max_epochs=1, callbacks=[SampleReweighting("linupper")], logger=False,
+        ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(Classifier(MLP(64, 10), num_classes=10), DigitsDataModule())
+        >>> float(trainer.callback_metrics["tricks/SampleReweighting/weight_max"]) >= 1.0
+        True
+    """
+
+    def __init__(
+        self, strategy: Strategy = "linupper", temperature: float = 1.0, delta: float = 1.0, warmup_steps: int = 0
+    ) -> None:
+        if strategy not in ("linupper", "quadratic", "extremes"):
+            raise ValueError(f"strategy must be 'linupper', 'quadratic' or 'extremes', got {strategy!r}.")
+        if temperature <= 0 or delta <= 0:
+            raise ValueError(f"temperature and delta must be > 0, got {temperature}, {delta}.")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}.")
+        self.strategy, self.temperature, self.delta, self.warmup_steps = strategy, temperature, delta, warmup_steps
+
+    def after_loss(
+        self, trainer: pl.Trainer, module: pl.LightningModule, batch: TrickBatch, out: StepOutput
+    ) -> StepOutput:
+        if trainer.global_step < self.warmup_steps:
+            return out
+        losses = out.per_sample_loss.detach()
+        if trainer.world_size > 1:  # weights over the global batch; keep this rank's slice
+            everything = module.all_gather(losses)  # [world, N]
+            weights = reweighting_weights(everything.flatten(), self.strategy, self.temperature, self.delta)
+            weights = weights.view_as(everything)[trainer.global_rank]
+        else:
+            weights = reweighting_weights(losses, self.strategy, self.temperature, self.delta)
+        batch.weight = weights if batch.weight is None else batch.weight * weights
+        if trainer.global_step % trainer.log_every_n_steps == 0:
+            module.log(self.tag("weight_max"), weights.max())
+            module.log(self.tag("weight_min"), weights.min())
+        return out
