@@ -55,3 +55,10 @@ def test_mixup_speed_benchmark_quick(tmp_path):
     assert out.startswith("Machine: ") and "| CutMix |" in out
     runs = json.loads((tmp_path / "mixup_speed_quick.json").read_text())["runs"]
     assert {r["trick"] for r in runs} == {"Mixup", "CutMix"} and all(r["ours_ms"] > 0 for r in runs)
+
+
+def test_label_noise_benchmark_quick(tmp_path):
+    out = _run([str(ROOT / "benchmarks/label_noise.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
+    assert out.startswith("Machine: ") and "| MNIST-1D / CNN1D | 40% | ELR |" in out
+    runs = json.loads((tmp_path / "label_noise_quick.json").read_text())["runs"]
+    assert len(runs) == 16 and {r["method"] for r in runs} >= {"ERM", "Mixup", "ELR", "reweight extremes"}
