@@ -14,6 +14,10 @@ import lightning
 import lightning.pytorch as pl
 import torch
 
+from lit_tricks import Classifier
+from lit_tricks.data import DigitsDataModule, MNIST1DDataModule
+from lit_tricks.nets import CNN1D, MLP
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -62,3 +66,38 @@ def fit_and_test(model: pl.LightningModule, datamodule: pl.LightningDataModule, 
     trainer.fit(model, datamodule)
     seconds = time.perf_counter() - start
     return trainer.test(model, datamodule, verbose=False)[0], seconds, trainer
+
+
+# The two trick benchmarks' set-ups, with the baselines' networks and budgets:
+# name -> (data module factory(label noise), net factory, Adam lr, epochs)
+SETUPS = {
+    "digits / MLP": (
+        lambda noise: DigitsDataModule(batch_size=64, val_fraction=0.0, label_noise=noise),
+        lambda: MLP(64, 10),
+        1e-3,
+        65,
+    ),
+    "MNIST-1D / CNN1D": (
+        lambda noise: MNIST1DDataModule(batch_size=100, val_fraction=0.0, label_noise=noise),
+        lambda: CNN1D(10),
+        1e-2,
+        150,
+    ),
+}
+
+
+def prepare(setup: str, noise: float, seed: int, quick: bool, quick_epochs: int = 1) -> tuple:
+    """Seed, build and set up one run of a set-up: ``(model, datamodule, epochs, optimizer steps)``.
+    Quick mode: MNIST-1D with 500 signals and ``quick_epochs`` epochs."""
+    make_data, make_net, lr, epochs = SETUPS[setup]
+    pl.seed_everything(seed, verbose=False)
+    datamodule = make_data(noise)
+    datamodule.seed = seed
+    if quick:
+        epochs = quick_epochs
+        if isinstance(datamodule, MNIST1DDataModule):
+            datamodule.num_samples = 500
+    datamodule.setup()
+    steps = epochs * -(-len(datamodule.train_set) // datamodule.batch_size)
+    model = Classifier(make_net(), num_classes=10, optimizer=lambda params: torch.optim.Adam(params, lr=lr))
+    return model, datamodule, epochs, steps

@@ -11,28 +11,10 @@ values); SampleReweighting r 1.0, delta 1, uniform for the first 10% of steps.
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
-import torch
-from common import fit_and_test, machine_line, mean_std, parser, write_json
+from common import SETUPS, fit_and_test, machine_line, mean_std, parser, prepare, write_json
 
-from lit_tricks import ELR, Classifier, Mixup, SampleReweighting
-from lit_tricks.data import DigitsDataModule, MNIST1DDataModule
-from lit_tricks.nets import CNN1D, MLP
+from lit_tricks import ELR, Mixup, SampleReweighting
 
-DATA = {
-    "digits / MLP": (
-        lambda noise: DigitsDataModule(batch_size=64, val_fraction=0.0, label_noise=noise),
-        lambda: MLP(64, 10),
-        1e-3,
-        65,
-    ),
-    "MNIST-1D / CNN1D": (
-        lambda noise: MNIST1DDataModule(batch_size=100, val_fraction=0.0, label_noise=noise),
-        lambda: CNN1D(10),
-        1e-2,
-        150,
-    ),
-}
 METHODS = {
     "ERM": lambda steps: [],
     "Mixup": lambda steps: [Mixup(alpha=1.0)],
@@ -45,16 +27,7 @@ CELLS = [(0.4, method) for method in METHODS] + [(0.0, "ERM"), (0.0, "Mixup")]
 
 
 def run(data: str, noise: float, method: str, seed: int, quick: bool) -> dict:
-    make_data, make_net, lr, epochs = DATA[data]
-    pl.seed_everything(seed, verbose=False)
-    datamodule = make_data(noise)
-    datamodule.seed = seed
-    if quick and isinstance(datamodule, MNIST1DDataModule):
-        datamodule.num_samples = 500
-    epochs = 1 if quick else epochs
-    datamodule.setup()
-    steps = epochs * -(-len(datamodule.train_set) // datamodule.batch_size)
-    model = Classifier(make_net(), num_classes=10, optimizer=lambda params: torch.optim.Adam(params, lr=lr))
+    model, datamodule, epochs, steps = prepare(data, noise, seed, quick)
     test, seconds, _ = fit_and_test(model, datamodule, max_epochs=epochs, callbacks=METHODS[method](steps))
     return {"data": data, "noise": noise, "method": method, "seed": seed, "acc": test["test/acc"],
             "ece": test["test/ece"], "nll": test["test/nll"], "fit_seconds": seconds}  # fmt: skip
@@ -64,12 +37,12 @@ def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     seeds = range(1 if args.quick else args.seeds)
     run("digits / MLP", 0.0, "ERM", 0, quick=True)  # untimed warm-up
-    runs = [run(data, noise, method, seed, args.quick) for data in DATA for noise, method in CELLS for seed in seeds]
+    runs = [run(data, noise, method, seed, args.quick) for data in SETUPS for noise, method in CELLS for seed in seeds]
     print(machine_line())
     print(f"Seeds: {len(seeds)}{' (quick mode: not a measurement)' if args.quick else ''}\n")
     print("| data / net | label noise | method | clean test acc (%) | ECE (%) | NLL | fit time vs ERM |")
     print("|---|---|---|---|---|---|---|")
-    for data in DATA:
+    for data in SETUPS:
         for noise, method in CELLS:
             rows = [r for r in runs if r["data"] == data and r["noise"] == noise and r["method"] == method]
             erm = [r for r in runs if r["data"] == data and r["noise"] == noise and r["method"] == "ERM"]

@@ -12,29 +12,9 @@ over seeds, and the wall-time ratio against the baseline of the same data and no
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
-import torch
-from common import fit_and_test, machine_line, mean_std, parser, write_json
+from common import SETUPS, fit_and_test, machine_line, mean_std, parser, prepare, write_json
 
-from lit_tricks import Classifier, EMATeacher, SelfDistill
-from lit_tricks.data import DigitsDataModule, MNIST1DDataModule
-from lit_tricks.nets import CNN1D, MLP
-
-# name -> (data module factory(noise), net factory, Adam lr, epochs, optimizer steps in that many epochs)
-DATA = {
-    "digits / MLP": (
-        lambda noise: DigitsDataModule(batch_size=64, val_fraction=0.0, label_noise=noise),
-        lambda: MLP(64, 10),
-        1e-3,
-        65,
-    ),
-    "MNIST-1D / CNN1D": (
-        lambda noise: MNIST1DDataModule(batch_size=100, val_fraction=0.0, label_noise=noise),
-        lambda: CNN1D(10),
-        1e-2,
-        150,
-    ),
-}
+from lit_tricks import EMATeacher, SelfDistill
 
 
 def methods(steps: int) -> dict:
@@ -50,17 +30,8 @@ def methods(steps: int) -> dict:
 
 
 def run(data: str, method: str, noise: float, seed: int, quick: bool) -> dict:
-    make_data, make_net, lr, epochs = DATA[data]
-    pl.seed_everything(seed, verbose=False)
-    datamodule = make_data(noise)
-    datamodule.seed = seed
-    if quick and isinstance(datamodule, MNIST1DDataModule):
-        datamodule.num_samples = 500
-    epochs = 2 if quick else epochs
-    datamodule.setup()
-    steps = epochs * -(-len(datamodule.train_set) // datamodule.batch_size)
+    model, datamodule, epochs, steps = prepare(data, noise, seed, quick, quick_epochs=2)
     callbacks = methods(steps)[method]()
-    model = Classifier(make_net(), num_classes=10, optimizer=lambda params: torch.optim.Adam(params, lr=lr))
     test, seconds, trainer = fit_and_test(model, datamodule, max_epochs=epochs, callbacks=callbacks)
     return {
         "data": data, "method": method, "noise": noise, "seed": seed, "steps": trainer.global_step,
@@ -70,7 +41,7 @@ def run(data: str, method: str, noise: float, seed: int, quick: bool) -> dict:
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--data", choices=list(DATA), nargs="+", default=list(DATA), help="data sets to run")
+    p.add_argument("--data", choices=list(SETUPS), nargs="+", default=list(SETUPS), help="data sets to run")
     args = p.parse_args()
     seeds = range(1 if args.quick else args.seeds)
     names = list(methods(1))
@@ -98,7 +69,7 @@ def main() -> None:
                     f"| {mean_std([r['ece'] for r in rows], 100)} | {mean_std([r['nll'] for r in rows], digits=3)} "
                     f"| {ratio:.2f}x |"
                 )
-    suffix = "" if args.data == list(DATA) else "_" + "_".join(d.split(" ")[0].lower() for d in args.data)
+    suffix = "" if args.data == list(SETUPS) else "_" + "_".join(d.split(" ")[0].lower() for d in args.data)
     path = write_json(args.out, "self_distill" + suffix + ("_quick" if args.quick else ""), {"runs": runs})
     print(f"\nRaw numbers: {path}")
 
