@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
 
 from lit_tricks.core.batch import StepOutput, TrickBatch
 from lit_tricks.core.sample_table import SampleTable
@@ -58,9 +57,7 @@ class ELR(Trick):
         self.targets = SampleTable()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        n, c = len(trainer.train_dataloader.dataset), pl_module.num_classes
-        self.targets.allocate(n, c, pl_module.device, owner="ELR")
-        rank_zero_info(f"ELR: target table {n} x {c} float32, {self.targets.megabytes:.1f} MiB")
+        self.targets.allocate(trainer, pl_module, owner="ELR")
 
     def after_loss(
         self, trainer: pl.Trainer, module: pl.LightningModule, batch: TrickBatch, out: StepOutput

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import Tensor
 
+from lit_tricks.core.trick import logging_due
 from lit_tricks.functional.ema import ema_decay, ema_update_, half_life_to_decay
 
 
@@ -166,7 +167,7 @@ class EMATeacher(Callback):
         decay = ema_decay(self.num_updates, self.decay, self.warmup, self.warmup_gamma, self.warmup_power)
         ema_update_(self._ema, self._live, decay)
         self.num_updates += 1
-        if step % trainer.log_every_n_steps == 0:  # self.log costs more than the update itself
+        if logging_due(trainer):
             pl_module.log("tricks/EMATeacher/decay", decay)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

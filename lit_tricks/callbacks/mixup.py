@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lit_tricks.core.batch import TrickBatch
 from lit_tricks.core.module import TrickModule
-from lit_tricks.core.trick import Trick
+from lit_tricks.core.trick import Trick, logging_due
 from lit_tricks.functional.mixing import cutmix_, cutmix_masks, mixup_, one_hot, sample_mixing, smooth_labels
 
 
@@ -164,7 +164,7 @@ class Mixup(Trick):
                 cutmix_(inputs, perm, mask)
             else:
                 mixup_(inputs, perm, lam)
-        if trainer.global_step % trainer.log_every_n_steps == 0:
+        if logging_due(trainer):
             module.log(self.tag("lam"), lam.mean())
             module.log(self.tag("cutmix"), float(use_cutmix))
         return mixup_(probs, perm, lam)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 
 from lit_tricks.core.batch import StepOutput, TrickBatch
-from lit_tricks.core.trick import Trick
+from lit_tricks.core.trick import Trick, logging_due
 from lit_tricks.functional.reweighting import Strategy, reweighting_weights
 
 
@@ -67,7 +67,7 @@ class SampleReweighting(Trick):
         else:
             weights = reweighting_weights(losses, self.strategy, self.temperature, self.delta)
         batch.weight = weights if batch.weight is None else batch.weight * weights
-        if trainer.global_step % trainer.log_every_n_steps == 0:
+        if logging_due(trainer):
             module.log(self.tag("weight_max"), weights.max())
             module.log(self.tag("weight_min"), weights.min())
         return out

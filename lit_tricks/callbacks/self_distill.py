@@ -7,12 +7,11 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
 
 from lit_tricks.callbacks.ema_teacher import EMATeacher
 from lit_tricks.core.batch import StepOutput, TrickBatch
 from lit_tricks.core.sample_table import SampleTable
-from lit_tricks.core.trick import Trick
+from lit_tricks.core.trick import Trick, logging_due
 from lit_tricks.functional.distillation import distillation_kl, pskd_alpha, pskd_targets, sigmoid_rampup
 
 
@@ -115,11 +114,7 @@ class SelfDistill(Trick):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.teacher != "past_predictions":
             return
-        n, c = len(trainer.train_dataloader.dataset), pl_module.num_classes
-        self.table.allocate(n, c, pl_module.device, owner="PS-KD")
-        rank_zero_info(
-            f"SelfDistill (PS-KD): prediction table {n} x {c} {self.table.dtype}, {self.table.megabytes:.1f} MiB"
-        )
+        self.table.allocate(trainer, pl_module, owner="SelfDistill (PS-KD)")
 
     def before_forward(self, trainer: pl.Trainer, module: pl.LightningModule, batch: TrickBatch) -> TrickBatch:
         if self.teacher != "past_predictions":
@@ -135,7 +130,7 @@ class SelfDistill(Trick):
     def after_loss(
         self, trainer: pl.Trainer, module: pl.LightningModule, batch: TrickBatch, out: StepOutput
     ) -> StepOutput:
-        log_now = trainer.global_step % trainer.log_every_n_steps == 0
+        log_now = logging_due(trainer)
         if self.teacher == "past_predictions":
             self.table.write(module, batch.index, out.logits.detach().softmax(dim=-1))
             if log_now:

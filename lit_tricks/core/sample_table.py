@@ -6,6 +6,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 
@@ -21,8 +22,10 @@ class SampleTable:
         self.values: Tensor | None = None
         self.seen: Tensor | None = None
 
-    def allocate(self, num_samples: int, width: int, device: torch.device, owner: str) -> None:
-        """Create zero rows, or move restored ones to ``device`` after checking their shape."""
+    def allocate(self, trainer: pl.Trainer, module: pl.LightningModule, owner: str) -> None:
+        """One row of ``module.num_classes`` per training sample, on the module's device: zero rows, or the
+        restored ones after checking their shape. Logs the table's memory once."""
+        num_samples, width, device = len(trainer.train_dataloader.dataset), module.num_classes, module.device
         if self.values is None:
             self.values = torch.zeros(num_samples, width, dtype=self.dtype, device=device)
             self.seen = torch.zeros(num_samples, dtype=torch.bool, device=device)
@@ -33,10 +36,8 @@ class SampleTable:
             )
         else:
             self.values, self.seen = self.values.to(device), self.seen.to(device)
-
-    @property
-    def megabytes(self) -> float:
-        return self.values.numel() * self.values.element_size() / 2**20
+        megabytes = self.values.numel() * self.values.element_size() / 2**20
+        rank_zero_info(f"{owner}: per-sample table {num_samples} x {width} {self.dtype}, {megabytes:.1f} MiB")
 
     def write(self, module: pl.LightningModule, index: Tensor, rows: Tensor) -> None:
         """Store ``rows`` at ``index``, from every rank under DDP."""

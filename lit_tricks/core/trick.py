@@ -13,6 +13,12 @@ if TYPE_CHECKING:
     from lit_tricks.core.module import TrickModule
 
 
+def logging_due(trainer: pl.Trainer) -> bool:
+    """Whether this optimizer step is a logging step. Tricks log only then: ``self.log`` costs more per call
+    than most tricks' own work."""
+    return trainer.global_step % trainer.log_every_n_steps == 0
+
+
 class Trick(Callback):
     """A :class:`~lightning.pytorch.callbacks.Callback` that may also change the training step.
 
