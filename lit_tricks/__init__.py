@@ -1,6 +1,15 @@
 """lit_tricks: training techniques from recent deep-learning papers as PyTorch Lightning parts."""
 
-from lit_tricks.callbacks import ELR, CutMix, EMATeacher, Mixup, SampleReweighting, SelfDistill
+from lit_tricks.callbacks import (
+    ELR,
+    CutMix,
+    DataDietScores,
+    EMATeacher,
+    Mixup,
+    SampleReweighting,
+    SelectiveBackprop,
+    SelfDistill,
+)
 from lit_tricks.core import StepOutput, Trick, TrickBatch, TrickModule
 from lit_tricks.modules import Classifier
 
@@ -9,10 +18,12 @@ __version__ = "0.1.0"
 __all__ = [
     "Classifier",
     "CutMix",
+    "DataDietScores",
     "ELR",
     "EMATeacher",
     "Mixup",
     "SampleReweighting",
+    "SelectiveBackprop",
     "SelfDistill",
     "StepOutput",
     "Trick",

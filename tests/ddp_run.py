@@ -35,6 +35,7 @@ def main(name: str, out: Path) -> None:
         "initial": initial,
         "params": {k: v.detach().clone() for k, v in model.named_parameters()},
         "callbacks": [cb.state_dict() for cb in callbacks],
+        "records": [cb.records for cb in callbacks if hasattr(cb, "records")],
         "metrics": {k: v.clone() for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
         "world_size": trainer.world_size,
     }

@@ -13,7 +13,17 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lit_tricks import ELR, Classifier, EMATeacher, Mixup, SampleReweighting, SelfDistill
+from lit_tricks import (
+    ELR,
+    Classifier,
+    DataDietScores,
+    EMATeacher,
+    Mixup,
+    SampleReweighting,
+    SelectiveBackprop,
+    SelfDistill,
+    Trick,
+)
 from lit_tricks.data import DigitsDataModule
 from lit_tricks.nets import CNN2D, MLP
 
@@ -83,11 +93,41 @@ def _elr():
     return model, DigitsDataModule(batch_size=32, label_noise=0.4), [ELR(beta=0.7, lam=3.0)]
 
 
+class RecordWeights(Trick):
+    """Keeps each step's per-sample losses and final weights on this rank (in ``records``, not in the state)."""
+
+    order = 100
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, torch.Tensor]] = []
+
+    def after_loss(self, trainer, module, batch, out):
+        self.records.append({"loss": out.per_sample_loss.detach().clone(), "weight": batch.weight.clone()})
+        return out
+
+
 @case("sample_reweighting")
 def _reweighting():
     # under DDP the weights come from the all-gathered global batch
     model = Classifier(MLP(64, 10, hidden=(32,)), num_classes=10)
-    return model, DigitsDataModule(batch_size=32, label_noise=0.2), [SampleReweighting("quadratic", 0.5)]
+    tricks = [SampleReweighting("quadratic", 0.5), RecordWeights()]
+    return model, DigitsDataModule(batch_size=32, label_noise=0.2), tricks
+
+
+@case("selective_backprop_rs2")
+def _selective_backprop_rs2():
+    # the draw generator and the RS2 subsets (a function of the epoch) must continue exactly; batch norm's
+    # running statistics must see only the training forward passes
+    model = Classifier(CNN2D(num_classes=10, width=8), num_classes=10)
+    datamodule = DigitsDataModule(batch_size=32, as_image=True, rs2_fraction=0.5)
+    return model, datamodule, [SelectiveBackprop(keep=0.5, start=0.0, end=1.0, interrupt=3, seed=3)]
+
+
+@case("data_diet_scores")
+def _data_diet():
+    # the scores are taken after epoch 1, so the resumed run has them only from the checkpoint
+    model = Classifier(MLP(64, 10, hidden=(32,), dropout=0.2), num_classes=10)
+    return model, DigitsDataModule(batch_size=32), [DataDietScores("el2n", epoch=1)]
 
 
 def assert_same(a, b, path: str = "") -> None:

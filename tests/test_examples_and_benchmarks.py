@@ -62,3 +62,11 @@ def test_label_noise_benchmark_quick(tmp_path):
     assert out.startswith("Machine: ") and "| MNIST-1D / CNN1D | 40% | ELR |" in out
     runs = json.loads((tmp_path / "label_noise_quick.json").read_text())["runs"]
     assert len(runs) == 16 and {r["method"] for r in runs} >= {"ERM", "Mixup", "ELR", "reweight extremes"}
+
+
+def test_data_selection_benchmark_quick(tmp_path):
+    out = _run([str(ROOT / "benchmarks/data_selection.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
+    assert out.startswith("Machine: ") and "| RS2 r=0.25 |" in out
+    runs = json.loads((tmp_path / "data_selection_quick.json").read_text())["runs"]
+    assert len(runs) == 6 and all(r["curve"] and r["train_seconds"] > 0 for r in runs)
+    assert {r["steps"] for r in runs if r["method"].startswith("RS2")} < {r["steps"] for r in runs}

@@ -28,3 +28,21 @@ def test_ddp_ranks_agree(name, tmp_path):
     assert ranks[0]["metrics"], "validation metrics were logged"
     changed = [not torch.equal(ranks[0]["initial"][k], v) for k, v in ranks[0]["params"].items()]
     assert all(changed), "training changed every parameter"
+
+
+def test_ddp_reweighting_equals_single_process_global_batch(tmp_path):
+    """Under DDP each rank's weights are its slice of the weights of the global batch (rank 0's samples
+    first), exactly what one process computes from all the losses."""
+    from lit_tricks.functional import reweighting_weights
+
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "sample_reweighting", str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["records"][0] for r in (0, 1)]
+    assert len(records[0]) == len(records[1]) == 6
+    for step0, step1 in zip(*records, strict=True):
+        global_losses = torch.cat([step0["loss"], step1["loss"]])
+        expected = reweighting_weights(global_losses, "quadratic", 0.5, 1.0)
+        torch.testing.assert_close(torch.cat([step0["weight"], step1["weight"]]), expected)
+        assert not torch.allclose(step0["weight"], reweighting_weights(step0["loss"], "quadratic", 0.5, 1.0))

@@ -57,6 +57,16 @@ class TrickBatch:
     def __len__(self) -> int:
         return self.inputs.shape[0]
 
+    def select(self, rows: Tensor) -> TrickBatch:
+        """The samples at ``rows`` (indices into the batch): every per-sample field and extra is sliced."""
+        n = len(self)
+
+        def take(value: Any) -> Any:
+            return value[rows] if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == n else value
+
+        extras = {key: take(value) for key, value in self.extras.items()}
+        return TrickBatch(take(self.inputs), take(self.targets), take(self.index), take(self.weight), extras)
+
     @property
     def hard_targets(self) -> Tensor:
         """Class ids ``[N]``: the targets themselves, or the argmax of probability targets."""

@@ -5,6 +5,7 @@ from lit_tricks.data.digits import DigitsDataModule
 from lit_tricks.data.indexed import ArrayDataset, IndexedDataset
 from lit_tricks.data.label_noise import LabelNoise, flip_labels
 from lit_tricks.data.mnist1d import MNIST1DDataModule, generate_mnist1d
+from lit_tricks.data.rs2 import RS2Sampler, rs2_indices
 from lit_tricks.data.sampler import EpochRandomSampler
 
 __all__ = [
@@ -15,6 +16,8 @@ __all__ = [
     "IndexedDataset",
     "LabelNoise",
     "MNIST1DDataModule",
+    "RS2Sampler",
     "flip_labels",
     "generate_mnist1d",
+    "rs2_indices",
 ]

@@ -9,7 +9,9 @@ from torch.utils.data import DataLoader
 
 from lit_tricks.data.indexed import ArrayDataset
 from lit_tricks.data.label_noise import NoiseKind, flip_labels
+from lit_tricks.data.rs2 import RS2Sampler
 from lit_tricks.data.sampler import EpochRandomSampler
+from lit_tricks.functional.data_diet import keep_by_scores, load_scores
 
 
 class ArrayDataModule(pl.LightningDataModule):
@@ -28,6 +30,12 @@ class ArrayDataModule(pl.LightningDataModule):
         seed: seed of the splits, the label noise and the shuffling.
         num_workers: DataLoader workers (0 is fastest for these small in-memory sets).
         eval_batch_size: batch size of validation, test and predict loaders.
+        rs2_fraction: train each epoch on a fresh random fraction of the training split, without replacement
+            across epochs (RS2, :class:`~lit_tricks.data.RS2Sampler`); ``None`` trains on all of it.
+        prune_scores: one or more files saved by :class:`~lit_tricks.DataDietScores` (one per run; they are
+            averaged) to prune the training split with, or ``None``.
+        prune_keep: the fraction of the training split kept: the highest scores.
+        prune_offset: skip this many of the highest scores first (useful under label noise).
     """
 
     num_classes: int
@@ -41,6 +49,10 @@ class ArrayDataModule(pl.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         eval_batch_size: int = 512,
+        rs2_fraction: float | None = None,
+        prune_scores: str | list[str] | None = None,
+        prune_keep: float = 1.0,
+        prune_offset: int = 0,
     ) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
@@ -53,9 +65,17 @@ class ArrayDataModule(pl.LightningDataModule):
             raise ValueError(f"noise_kind must be 'symmetric' or 'asymmetric', got {noise_kind!r}.")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
+        if rs2_fraction is not None and not 0.0 < rs2_fraction <= 1.0:
+            raise ValueError(f"rs2_fraction must be in (0, 1] (or None for all data), got {rs2_fraction}.")
+        if not 0.0 < prune_keep <= 1.0:
+            raise ValueError(f"prune_keep must be in (0, 1], got {prune_keep}.")
+        if prune_scores is None and (prune_keep != 1.0 or prune_offset != 0):
+            raise ValueError("prune_keep and prune_offset need prune_scores: the score files to prune with.")
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_fraction, self.label_noise, self.noise_kind = val_fraction, label_noise, noise_kind
         self.seed, self.num_workers = seed, num_workers
+        self.rs2_fraction = rs2_fraction
+        self.prune_scores, self.prune_keep, self.prune_offset = prune_scores, prune_keep, prune_offset
         self.train_set: ArrayDataset | None = None
         self.val_set: ArrayDataset | None = None
         self.test_set: ArrayDataset | None = None
@@ -74,11 +94,22 @@ class ArrayDataModule(pl.LightningDataModule):
         y_train = y[train_idx]
         noisy = flip_labels(y_train, self.label_noise, self.num_classes, self.noise_kind, seed=self.seed)
         self.train_set = ArrayDataset(x[train_idx], noisy, clean_targets=y_train)
+        if self.prune_scores is not None:
+            scores = load_scores(self.prune_scores)
+            if scores.numel() != len(self.train_set):
+                raise ValueError(
+                    f"prune_scores hold {scores.numel()} scores but the training split has {len(self.train_set)} "
+                    "samples: score with the same data set, seed and val_fraction."
+                )
+            self.train_set = self.train_set.subset(keep_by_scores(scores, self.prune_keep, self.prune_offset))
         self.val_set = ArrayDataset(x[val_idx], y[val_idx]) if n_val else None
         self.test_set = ArrayDataset(x_test, y_test)
 
     def train_dataloader(self) -> DataLoader:
-        sampler = EpochRandomSampler(self.train_set, seed=self.seed)
+        if self.rs2_fraction is None:
+            sampler = EpochRandomSampler(self.train_set, seed=self.seed)
+        else:
+            sampler = RS2Sampler(self.train_set, self.rs2_fraction, seed=self.seed)
         return self._loader(self.train_set, self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -28,6 +28,11 @@ class ArrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.inputs)
 
+    def subset(self, rows: Tensor) -> ArrayDataset:
+        """A new data set of the samples at ``rows``; its indices count from 0 again."""
+        extras = {name: tensor[rows] for name, tensor in self.extras.items()}
+        return ArrayDataset(self.inputs[rows], self.targets[rows], **extras)
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = {"inputs": self.inputs[i], "targets": self.targets[i], "index": i}
         item.update({name: tensor[i] for name, tensor in self.extras.items()})

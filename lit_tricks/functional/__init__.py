@@ -1,5 +1,6 @@
 """Pure math with no Lightning: losses, divergences, schedules, mixing, scores."""
 
+from lit_tricks.functional.data_diet import el2n_scores, grand_scores, keep_by_scores, load_scores
 from lit_tricks.functional.distillation import distillation_kl, pskd_alpha, pskd_targets, sigmoid_rampup
 from lit_tricks.functional.elr import elr_penalty, elr_probabilities, elr_targets
 from lit_tricks.functional.ema import ema_decay, ema_update_, half_life_to_decay
@@ -13,8 +14,15 @@ from lit_tricks.functional.mixing import (
     smooth_labels,
 )
 from lit_tricks.functional.reweighting import normalize_losses, reweighting_weights, strategy_scores
+from lit_tricks.functional.selective_backprop import select_by_loss, selection_probabilities
 
 __all__ = [
+    "el2n_scores",
+    "grand_scores",
+    "keep_by_scores",
+    "load_scores",
+    "select_by_loss",
+    "selection_probabilities",
     "normalize_losses",
     "reweighting_weights",
     "strategy_scores",

@@ -1,0 +1,128 @@
+"""Time to accuracy with less data per step: RS2 and selective backprop vs full-data training on MNIST-1D.
+
+    python benchmarks/data_selection.py --seeds 3
+    python benchmarks/data_selection.py --quick
+
+MNIST-1D with 70,000 signals (56,000 training, 14,000 test), the CNN1D, Adam (lr 1e-2) with a cosine schedule
+over each run's own optimizer steps, batch 128, 10 epochs (RS2: 10 rounds of a fraction r of the data, the
+paper's reduced budget). Every ~1/8 of a full-data epoch (and at the end) the model is evaluated on 5,000 test
+signals; the clock stops during evaluation. The target is the full-data run's final accuracy minus one point
+(per seed); "time to target" is the training time until an evaluation first reaches it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import lightning.pytorch as pl
+import torch
+from common import machine_line, mean_std, parser, write_json
+from lightning.pytorch.callbacks import Callback
+
+from lit_tricks import Classifier, SelectiveBackprop
+from lit_tricks.core.eval_mode import eval_mode
+from lit_tricks.data import MNIST1DDataModule
+from lit_tricks.nets import CNN1D
+
+EPOCHS, BATCH, EVAL_SAMPLES, EVALS_PER_EPOCH = 10, 128, 5000, 8
+METHODS = {
+    "full data": ({}, []),
+    "RS2 r=0.5": ({"rs2_fraction": 0.5}, []),
+    "RS2 r=0.25": ({"rs2_fraction": 0.25}, []),
+    "RS2 r=0.1": ({"rs2_fraction": 0.1}, []),
+    "SelectiveBackprop (Composer defaults)": ({}, [lambda: SelectiveBackprop(keep=0.5, start=0.5, end=0.9)]),
+    "SelectiveBackprop keep=0.3, whole run": ({}, [lambda: SelectiveBackprop(0.3, start=0.0, end=1.0, interrupt=0)]),
+}
+
+
+class AccuracyClock(Callback):
+    """Evaluates every ``every`` optimizer steps (and at the end) on fixed tensors; records
+    ``(training seconds, accuracy)`` with the clock paused during evaluation."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, every: int) -> None:
+        self.inputs, self.targets, self.every = inputs, targets, every
+        self.curve: list[tuple[float, float]] = []
+
+    def on_train_start(self, trainer, pl_module):
+        self.seconds, self.started = 0.0, time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step % self.every == 0:
+            self._evaluate(pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if not self.curve or trainer.global_step % self.every:
+            self._evaluate(pl_module)
+
+    def _evaluate(self, module):
+        self.seconds += time.perf_counter() - self.started
+        with torch.no_grad(), eval_mode(module):
+            acc = (module(self.inputs).argmax(dim=-1) == self.targets).float().mean().item()
+        self.curve.append((self.seconds, acc))
+        self.started = time.perf_counter()
+
+
+def run(base: MNIST1DDataModule, method: str, seed: int, epochs: int) -> dict:
+    data_kwargs, tricks = METHODS[method]
+    pl.seed_everything(seed, verbose=False)
+    datamodule = MNIST1DDataModule(batch_size=BATCH, val_fraction=0.0, seed=seed, **data_kwargs)
+    datamodule.train_set, datamodule.test_set = base.train_set, base.test_set  # generated once
+    fraction = data_kwargs.get("rs2_fraction", 1.0)
+    steps = epochs * -(-round(fraction * len(base.train_set)) // BATCH)
+    model = Classifier(
+        CNN1D(10),
+        num_classes=10,
+        optimizer=lambda params: torch.optim.Adam(params, lr=1e-2),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps),
+        scheduler_interval="step",
+    )
+    every = max(1, len(base.train_set) // BATCH // EVALS_PER_EPOCH)
+    clock = AccuracyClock(base.test_set.inputs[:EVAL_SAMPLES], base.test_set.targets[:EVAL_SAMPLES], every)
+    trainer = pl.Trainer(
+        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[*(make() for make in tricks), clock],
+    )  # fmt: skip
+    trainer.fit(model, datamodule)
+    return {"method": method, "seed": seed, "steps": trainer.global_step, "curve": clock.curve,
+            "final_acc": clock.curve[-1][1], "train_seconds": clock.curve[-1][0]}  # fmt: skip
+
+
+def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
+    return next((seconds for seconds, acc in curve if acc >= target), None)
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    seeds = range(1 if args.quick else args.seeds)
+    epochs = 1 if args.quick else EPOCHS
+    base = MNIST1DDataModule(num_samples=2000 if args.quick else 70_000, val_fraction=0.0)
+    base.setup()
+    run(base, "full data", 0, 1)  # untimed warm-up
+    runs = [run(base, method, seed, epochs) for seed in seeds for method in METHODS]
+    for r in runs:
+        baseline = next(b for b in runs if b["seed"] == r["seed"] and b["method"] == "full data")
+        r["target"] = baseline["final_acc"] - 0.01
+        r["time_to_target"] = time_to(r["curve"], r["target"])
+        baseline_time = time_to(baseline["curve"], r["target"])
+        r["ratio"] = None if r["time_to_target"] is None else r["time_to_target"] / baseline_time
+
+    print(machine_line())
+    print(f"Seeds: {len(seeds)}{' (quick mode: not a measurement)' if args.quick else ''}\n")
+    print("| method | optimizer steps | final acc (%) | training time (s) | reached target | time to target (s) "
+          "| time to target vs full data |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for method in METHODS:
+        rows = [r for r in runs if r["method"] == method]
+        reached = [r for r in rows if r["ratio"] is not None]
+        to_target = mean_std([r["time_to_target"] for r in reached]) if reached else "-"
+        ratio = mean_std([r["ratio"] for r in reached], digits=2) + "x" if reached else "-"
+        print(
+            f"| {method} | {rows[0]['steps']} | {mean_std([r['final_acc'] for r in rows], 100)} "
+            f"| {mean_std([r['train_seconds'] for r in rows])} | {len(reached)}/{len(rows)} | {to_target} | {ratio} |"
+        )
+    path = write_json(args.out, "data_selection" + ("_quick" if args.quick else ""), {"runs": runs})
+    print(f"\nRaw numbers: {path}")
+
+
+if __name__ == "__main__":
+    main()
