@@ -2,9 +2,11 @@
 
 from lit_tricks.callbacks import (
     ELR,
+    ContinualEvaluation,
     CutMix,
     DataDietScores,
     EMATeacher,
+    ExperienceReplay,
     Mixup,
     SampleReweighting,
     SelectiveBackprop,
@@ -17,10 +19,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Classifier",
+    "ContinualEvaluation",
     "CutMix",
     "DataDietScores",
     "ELR",
     "EMATeacher",
+    "ExperienceReplay",
     "Mixup",
     "SampleReweighting",
     "SelectiveBackprop",

@@ -1,18 +1,22 @@
 """Callbacks and tricks: one file per technique."""
 
+from lit_tricks.callbacks.continual_evaluation import ContinualEvaluation
 from lit_tricks.callbacks.data_diet import DataDietScores
 from lit_tricks.callbacks.elr import ELR
 from lit_tricks.callbacks.ema_teacher import EMATeacher
+from lit_tricks.callbacks.experience_replay import ExperienceReplay
 from lit_tricks.callbacks.mixup import CutMix, Mixup
 from lit_tricks.callbacks.sample_reweighting import SampleReweighting
 from lit_tricks.callbacks.selective_backprop import SelectiveBackprop
 from lit_tricks.callbacks.self_distill import SelfDistill
 
 __all__ = [
+    "ContinualEvaluation",
     "CutMix",
     "DataDietScores",
     "ELR",
     "EMATeacher",
+    "ExperienceReplay",
     "Mixup",
     "SampleReweighting",
     "SelectiveBackprop",

@@ -1,6 +1,7 @@
 """Offline, seeded LightningDataModules and dataset wrappers."""
 
 from lit_tricks.data.array_datamodule import ArrayDataModule
+from lit_tricks.data.continual import ContinualDataModule, split_classes, task_stream
 from lit_tricks.data.digits import DigitsDataModule
 from lit_tricks.data.indexed import ArrayDataset, IndexedDataset
 from lit_tricks.data.label_noise import LabelNoise, flip_labels
@@ -11,6 +12,7 @@ from lit_tricks.data.sampler import EpochRandomSampler
 __all__ = [
     "ArrayDataModule",
     "ArrayDataset",
+    "ContinualDataModule",
     "DigitsDataModule",
     "EpochRandomSampler",
     "IndexedDataset",
@@ -20,4 +22,6 @@ __all__ = [
     "flip_labels",
     "generate_mnist1d",
     "rs2_indices",
+    "split_classes",
+    "task_stream",
 ]

@@ -1,0 +1,117 @@
+"""The stability gap (fine-tuning vs experience replay) and the cost of per-step continual evaluation.
+
+    python benchmarks/continual.py --seeds 5
+    python benchmarks/continual.py --quick
+
+Class-incremental, 5 tasks of 2 classes, one fit over the whole stream:
+- Split-Digits: MLP 64-200-200-10, SGD lr 0.05, batch 32, 20 epochs per task; ER memory 200, w = 0.5.
+- Split-MNIST-1D: 25,000 signals (4,000 training and 1,000 test per task), CNN1D, Adam lr 3e-3, batch 64,
+  2 epochs per task; ER memory 2000, w = 0.5.
+ContinualEvaluation every step on (up to) 1000 test samples per seen task. The same metrics from the
+task-end evaluations only ("coarse") show what the usual evaluation reports. Cost: wall time of the
+Split-MNIST-1D fine-tuning fit with the callback at every_n_steps = 1 and 10, against the same fit without it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import lightning.pytorch as pl
+import torch
+from common import machine_line, mean_std, parser, write_json
+
+from lit_tricks import Classifier, ContinualEvaluation, ExperienceReplay
+from lit_tricks.data import ContinualDataModule, DigitsDataModule, MNIST1DDataModule
+from lit_tricks.nets import CNN1D, MLP
+
+SETUPS = {
+    "Split-Digits": dict(
+        data=lambda quick: DigitsDataModule(batch_size=32, val_fraction=0.0),
+        net=lambda: MLP(64, 10, hidden=(200, 200)),
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.05),
+        epochs_per_task=20,
+        memory=200,
+    ),
+    "Split-MNIST-1D": dict(
+        data=lambda quick: MNIST1DDataModule(num_samples=2500 if quick else 25_000, batch_size=64, val_fraction=0.0),
+        net=lambda: CNN1D(10),
+        optimizer=lambda params: torch.optim.Adam(params, lr=3e-3),
+        epochs_per_task=2,
+        memory=2000,
+    ),
+}
+METRICS = ("acc", "min_acc", "wc_acc", "wf10")
+
+
+def fit(setup: str, seed: int, replay: bool, evaluation: ContinualEvaluation | None, quick: bool, cache: dict):
+    spec = SETUPS[setup]
+    pl.seed_everything(seed, verbose=False)
+    if setup not in cache:
+        cache[setup] = spec["data"](quick)
+        cache[setup].setup()
+    epochs_per_task = 1 if quick else spec["epochs_per_task"]
+    stream = ContinualDataModule(cache[setup], num_tasks=5, epochs_per_task=epochs_per_task, seed=seed)
+    callbacks = [ExperienceReplay(memory_size=spec["memory"], seed=seed)] if replay else []
+    callbacks += [evaluation] if evaluation is not None else []
+    model = Classifier(spec["net"](), num_classes=10, optimizer=spec["optimizer"])
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+    )  # fmt: skip
+    start = time.perf_counter()
+    trainer.fit(model, stream)
+    return time.perf_counter() - start, trainer.global_step
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    seeds = range(1 if args.quick else args.seeds)
+    cache: dict = {}
+    fit("Split-Digits", 0, False, None, True, {})  # untimed warm-up
+    runs = []
+    for setup in SETUPS:
+        for seed in seeds:
+            for method in ("fine-tuning", "replay"):
+                evaluation = ContinualEvaluation(every_n_steps=1)
+                seconds, steps = fit(setup, seed, method == "replay", evaluation, args.quick, cache)
+                _, _, acc = evaluation.history()
+                runs.append({"setup": setup, "method": method, "seed": seed, "steps": steps, "seconds": seconds,
+                             "per_step": evaluation.summary(), "coarse": evaluation.summary(end_of_task_only=True),
+                             "first_task_curve": acc[:, 0].tolist(), "eval_steps": evaluation.steps})  # fmt: skip
+    costs = []
+    for seed in seeds:
+        for every in (None, 10, 1):
+            evaluation = (
+                None
+                if every is None
+                else ContinualEvaluation(every_n_steps=every, subset_size=1000 if not args.quick else None)
+            )
+            seconds, _ = fit("Split-MNIST-1D", seed, False, evaluation, args.quick, cache)
+            costs.append({"seed": seed, "every_n_steps": every, "seconds": seconds})
+
+    print(machine_line())
+    print(f"Seeds: {len(seeds)}{' (quick mode: not a measurement)' if args.quick else ''}\n")
+    print("| stream | method | evaluation | ACC (%) | min-ACC (%) | WC-ACC (%) | WF10 (%) |")
+    print("|---|---|---|---|---|---|---|")
+    for setup in SETUPS:
+        for method in ("fine-tuning", "replay"):
+            rows = [r for r in runs if r["setup"] == setup and r["method"] == method]
+            for kind, label in (("per_step", "every step"), ("coarse", "task ends only")):
+                cells = " | ".join(mean_std([r[kind][m] for r in rows], 100) for m in METRICS)
+                print(f"| {setup} | {method} | {label} | {cells} |")
+    print("\n| Split-MNIST-1D fine-tuning | fit time (s) | vs without |")
+    print("|---|---|---|")
+    for every in (None, 10, 1):
+        rows = [c for c in costs if c["every_n_steps"] == every]
+        ratios = [
+            c["seconds"] / next(b["seconds"] for b in costs if b["seed"] == c["seed"] and b["every_n_steps"] is None)
+            for c in rows
+        ]
+        label = "without ContinualEvaluation" if every is None else f"every_n_steps={every}"
+        print(f"| {label} | {mean_std([c['seconds'] for c in rows])} | {mean_std(ratios, digits=2)}x |")
+    path = write_json(args.out, "continual" + ("_quick" if args.quick else ""), {"runs": runs, "costs": costs})
+    print(f"\nRaw numbers: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Continual-learning streams: any of our labelled data modules as a sequence of tasks, trained in one ``fit``."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lit_tricks.data.array_datamodule import ArrayDataModule
+from lit_tricks.data.indexed import ArrayDataset
+
+Scenario = Literal["class", "task", "domain"]
+
+
+def split_classes(num_classes: int, num_tasks: int, class_order: list[int] | None = None) -> Tensor:
+    """``[C]`` task of each class: ``num_tasks`` consecutive groups of ``class_order`` (default 0, 1, ...)."""
+    if num_tasks < 1 or num_classes % num_tasks:
+        raise ValueError(f"num_tasks must divide the {num_classes} classes into equal groups, got {num_tasks}.")
+    order = torch.arange(num_classes) if class_order is None else torch.as_tensor(class_order)
+    if sorted(order.tolist()) != list(range(num_classes)):
+        raise ValueError(f"class_order must be a permutation of 0..{num_classes - 1}, got {order.tolist()}.")
+    task_of_class = torch.empty(num_classes, dtype=torch.long)
+    task_of_class[order] = torch.arange(num_classes) // (num_classes // num_tasks)
+    return task_of_class
+
+
+def task_stream(tasks: Tensor, epochs_per_task: int, blur: float, generator: torch.Generator) -> Tensor:
+    r"""The order in which samples are trained on: task by task, each task's samples ``epochs_per_task`` times
+    in fresh random orders. With ``blur`` :math:`b > 0` each position :math:`j` is jittered by
+    :math:`b L\,(2u - 1)` (:math:`L` the mean task length, :math:`u \sim U(0, 1)`) before sorting, so near
+    each boundary the two tasks mix with a linear ramp over :math:`2bL` samples (fuzzy boundaries)."""
+    per_task = []
+    for k in range(int(tasks.max()) + 1):
+        members = (tasks == k).nonzero().flatten()
+        per_task += [members[torch.randperm(len(members), generator=generator)] for _ in range(epochs_per_task)]
+    stream = torch.cat(per_task)
+    if blur > 0:
+        length = len(stream) / (int(tasks.max()) + 1)
+        jitter = blur * length * (2 * torch.rand(len(stream), generator=generator, dtype=torch.float64) - 1)
+        stream = stream[(torch.arange(len(stream)) + jitter).argsort()]
+    return stream
+
+
+class ContinualDataModule(pl.LightningDataModule):
+    """A task sequence over a labelled data module, trained in a single ``fit`` (one epoch = the whole stream).
+
+    Scenarios (van de Ven et al.'s three): ``"class"``-incremental (task :math:`k` holds a group of classes,
+    labels unchanged, e.g. Split-Digits 5x2), ``"task"``-incremental (the same split; batches carry ``task``
+    so a multi-head model or :class:`~lit_tricks.ContinualEvaluation` can restrict predictions to the task's
+    classes, see :meth:`task_classes`), and ``"domain"``-incremental (the same split with labels taken within
+    the group, ``y mod C/T``, so every task shares one output space). Boundaries are sharp, or fuzzy with
+    ``blur``. Every batch carries ``task`` (``[N]``, per sample); :meth:`task_eval_sets` gives each task's
+    evaluation set for :class:`~lit_tricks.ContinualEvaluation`.
+
+    Args:
+        dataset: the labelled data module to split (e.g. ``DigitsDataModule(val_fraction=0)``).
+        scenario: ``"class"``, ``"task"`` or ``"domain"``.
+        num_tasks: number of tasks; must divide the number of classes.
+        epochs_per_task: passes over each task's training samples before the next task starts.
+        blur: 0 for sharp boundaries; ``b > 0`` mixes neighbouring tasks over ``2b`` of a task's length.
+        class_order: the classes in task order (default ``0, 1, ...``).
+        batch_size: training batch size (``None``: the wrapped data module's).
+        seed: seed of the stream order.
+
+    Example::
+
+        >>> from lit_tricks.data import DigitsDataModule
+        >>> stream = ContinualDataModule(DigitsDataModule(val_fraction=0.0), num_tasks=5)
+        >>> stream.setup()
+        >>> [sorted(set(s.targets.tolist())) for s in stream.task_eval_sets()][:2]
+        [[0, 1], [2, 3]]
+    """
+
+    def __init__(
+        self,
+        dataset: ArrayDataModule,
+        scenario: Scenario = "class",
+        num_tasks: int = 5,
+        epochs_per_task: int = 1,
+        blur: float = 0.0,
+        class_order: list[int] | None = None,
+        batch_size: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if scenario not in ("class", "task", "domain"):
+            raise ValueError(f"scenario must be 'class', 'task' or 'domain', got {scenario!r}.")
+        if epochs_per_task < 1:
+            raise ValueError(f"epochs_per_task must be >= 1, got {epochs_per_task}.")
+        if not 0.0 <= blur <= 1.0:
+            raise ValueError(f"blur must be in [0, 1] (0: sharp boundaries), got {blur}.")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        self.task_of_class = split_classes(dataset.num_classes, num_tasks, class_order)
+        self.dataset, self.scenario, self.num_tasks = dataset, scenario, num_tasks
+        self.epochs_per_task, self.blur, self.seed = epochs_per_task, blur, seed
+        self.batch_size = batch_size or dataset.batch_size
+        group = dataset.num_classes // num_tasks
+        self.num_classes = group if scenario == "domain" else dataset.num_classes
+        self.train_set: ArrayDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        self.dataset.setup(stage)
+        train = self.dataset.train_set
+        tasks = self.task_of_class[train.targets]
+        stream = task_stream(tasks, self.epochs_per_task, self.blur, torch.Generator().manual_seed(self.seed))
+        self.train_set = self._with_tasks(train, stream)
+        self.val_set = None if self.dataset.val_set is None else self._with_tasks(self.dataset.val_set)
+        self.test_set = self._with_tasks(self.dataset.test_set)
+
+    def _with_tasks(self, data: ArrayDataset, rows: Tensor | None = None) -> ArrayDataset:
+        """``data`` (at ``rows``) with a ``task`` per sample and the scenario's labels."""
+        data = data if rows is None else data.subset(rows)
+        tasks = self.task_of_class[data.targets]
+        targets = self._labels(data.targets)
+        extras = {name: self._labels(t) if name == "clean_targets" else t for name, t in data.extras.items()}
+        return ArrayDataset(data.inputs, targets, task=tasks, **extras)
+
+    def _labels(self, targets: Tensor) -> Tensor:
+        if self.scenario != "domain":
+            return targets
+        group = self.dataset.num_classes // self.num_tasks
+        position = torch.empty_like(self.task_of_class)  # rank of each class within its task's group
+        for k in range(self.num_tasks):
+            members = (self.task_of_class == k).nonzero().flatten()
+            position[members] = torch.arange(group)
+        return position[targets]
+
+    def task_classes(self) -> list[list[int]]:
+        """The labels each task's samples carry (for masking the output space in task-incremental learning)."""
+        labels = self._labels(torch.arange(self.dataset.num_classes))
+        return [sorted(set(labels[self.task_of_class == k].tolist())) for k in range(self.num_tasks)]
+
+    def task_eval_sets(self, split: Literal["test", "val"] = "test") -> list[ArrayDataset]:
+        """One evaluation set per task, from the test split (as in the stability-gap paper) or validation."""
+        data = self.test_set if split == "test" else self.val_set
+        if data is None:
+            raise ValueError(f"The data module has no {split} split (val_fraction=0?).")
+        tasks = data.extras["task"]
+        return [data.subset((tasks == k).nonzero().flatten()) for k in range(self.num_tasks)]
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size)  # already in training order: no shuffling
+
+    def val_dataloader(self) -> DataLoader | list:
+        return [] if self.val_set is None else self._loader(self.val_set, self.dataset.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, self.dataset.eval_batch_size)
+
+    def _loader(self, data: ArrayDataset, batch_size: int) -> DataLoader:
+        # a private generator: a loader's base seed must not be drawn from (and advance) the global RNG
+        return DataLoader(data, batch_size=batch_size, generator=torch.Generator().manual_seed(self.seed))
