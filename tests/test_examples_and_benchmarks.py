@@ -70,3 +70,11 @@ def test_data_selection_benchmark_quick(tmp_path):
     runs = json.loads((tmp_path / "data_selection_quick.json").read_text())["runs"]
     assert len(runs) == 6 and all(r["curve"] and r["train_seconds"] > 0 for r in runs)
     assert {r["steps"] for r in runs if r["method"].startswith("RS2")} < {r["steps"] for r in runs}
+
+
+def test_continual_benchmark_quick(tmp_path):
+    out = _run([str(ROOT / "benchmarks/continual.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
+    assert out.startswith("Machine: ") and "| Split-MNIST-1D | replay | task ends only |" in out
+    result = json.loads((tmp_path / "continual_quick.json").read_text())
+    assert len(result["runs"]) == 4 and {c["every_n_steps"] for c in result["costs"]} == {None, 1, 10}
+    assert all(0 <= r["per_step"]["acc"] <= 1 for r in result["runs"])

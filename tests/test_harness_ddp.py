@@ -46,3 +46,27 @@ def test_ddp_reweighting_equals_single_process_global_batch(tmp_path):
         expected = reweighting_weights(global_losses, "quadratic", 0.5, 1.0)
         torch.testing.assert_close(torch.cat([step0["weight"], step1["weight"]]), expected)
         assert not torch.allclose(step0["weight"], reweighting_weights(step0["loss"], "quadratic", 0.5, 1.0))
+
+
+def test_ddp_continual_evaluation_equals_a_single_process_evaluation(tmp_path):
+    """Each rank evaluates a shard of every task's subset; the summed counts must give the accuracy one process
+    measures on the whole subsets with the final weights."""
+    from harness import CASES
+
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "continual_replay", str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    state = result["callbacks"][1]
+    assert state["steps"][-1] == 6 and state["task"] >= 1  # the last evaluation saw the final weights
+    model, stream, (_, evaluation) = CASES["continual_replay"]()
+    model.load_state_dict(result["params"], strict=False)
+    stream.setup()
+    model.eval()
+    expected = []
+    with torch.no_grad():
+        for k, data in enumerate(stream.task_eval_sets()[: state["task"] + 1]):
+            inputs, targets = evaluation._subset(k, data.inputs, data.targets)
+            expected.append((model(inputs).argmax(-1) == targets).float().mean().item())
+    torch.testing.assert_close(torch.tensor(state["accuracy"][-1][: len(expected)]), torch.tensor(expected))
