@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from lit_tricks import Classifier, CutMix, Mixup, Trick
 from lit_tricks.data import DigitsDataModule, MNIST1DDataModule
-from lit_tricks.functional import cutmix_, cutmix_masks, mixup_, one_hot, smooth_labels
+from lit_tricks.functional import cutmix_, cutmix_box, cutmix_masks, mixup_, one_hot, paste_box_, smooth_labels
 from lit_tricks.nets import CNN1D, CNN2D, MLP
 
 
@@ -52,6 +52,19 @@ def test_cutmix_boxes_are_boxes_and_lambda_is_the_kept_area():
     cutmix_(images, torch.tensor([1, 0]), mask[:1])  # one box for the batch, shared by channels
     inside = mask[0].expand(3, 8, 8)
     assert torch.equal(images[0][inside], original[1][inside]) and torch.equal(images[0][~inside], original[0][~inside])
+
+
+@pytest.mark.parametrize("sizes", [(8, 8), (7, 5), (12,)])
+def test_batch_box_by_slicing_equals_the_mask(sizes):
+    for seed, lam in enumerate([0.05, 0.3, 0.5, 0.93, 1.0]):
+        mask, corrected = cutmix_masks(sizes, torch.tensor([lam]), np.random.default_rng(seed))
+        box, box_lam = cutmix_box(sizes, lam, np.random.default_rng(seed))
+        from_box = torch.zeros(sizes, dtype=torch.bool)
+        from_box[box] = True
+        assert torch.equal(from_box, mask[0]) and box_lam == pytest.approx(corrected.item())
+        inputs = torch.randn(5, 3, *sizes)
+        perm = torch.tensor([2, 0, 4, 1, 3])
+        assert torch.equal(paste_box_(inputs.clone(), perm, box), cutmix_(inputs.clone(), perm, mask))
 
 
 # ---------------------------------------------------------------- in a real fit

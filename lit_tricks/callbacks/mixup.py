@@ -13,7 +13,16 @@ from torch import Tensor
 from lit_tricks.core.batch import TrickBatch
 from lit_tricks.core.module import TrickModule
 from lit_tricks.core.trick import Trick, logging_due
-from lit_tricks.functional.mixing import cutmix_, cutmix_masks, mixup_, one_hot, sample_mixing, smooth_labels
+from lit_tricks.functional.mixing import (
+    cutmix_,
+    cutmix_box,
+    cutmix_masks,
+    mixup_,
+    one_hot,
+    paste_box_,
+    sample_mixing,
+    smooth_labels,
+)
 
 
 class Mixup(Trick):
@@ -156,11 +165,16 @@ class Mixup(Trick):
             return probs
         use_cutmix = self.cutmix_alpha > 0 and (self.alpha == 0 or self._rng.random() < self.switch_prob)
         alpha = self.cutmix_alpha if use_cutmix else self.alpha
-        perm, lam = sample_mixing(self._rng, len(inputs), alpha, self.mode == "elem", inputs.device)
+        per_sample = self.mode == "elem"
+        perm, lam = sample_mixing(self._rng, len(inputs), alpha, per_sample, inputs.device)
+        spatial = tuple(inputs.shape[2:] if inputs.ndim == 4 else inputs.shape[-1:])
         with torch.no_grad():
-            if use_cutmix:
-                spatial = inputs.shape[2:] if inputs.ndim == 4 else inputs.shape[-1:]
-                mask, lam = cutmix_masks(tuple(spatial), lam, self._rng)
+            if use_cutmix and not per_sample:  # one box: paste by slicing, on the host's numbers
+                box, corrected = cutmix_box(spatial, float(lam), self._rng)
+                paste_box_(inputs, perm, box)
+                lam = torch.tensor([corrected])
+            elif use_cutmix:
+                mask, lam = cutmix_masks(spatial, lam, self._rng, inputs.device)
                 cutmix_(inputs, perm, mask)
             else:
                 mixup_(inputs, perm, lam)

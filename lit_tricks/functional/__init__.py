@@ -7,9 +7,11 @@ from lit_tricks.functional.ema import ema_decay, ema_update_, half_life_to_decay
 from lit_tricks.functional.losses import soft_target_cross_entropy, to_probabilities, weighted_mean
 from lit_tricks.functional.mixing import (
     cutmix_,
+    cutmix_box,
     cutmix_masks,
     mixup_,
     one_hot,
+    paste_box_,
     sample_mixing,
     smooth_labels,
 )
@@ -30,7 +32,9 @@ __all__ = [
     "elr_probabilities",
     "elr_targets",
     "cutmix_",
+    "cutmix_box",
     "cutmix_masks",
+    "paste_box_",
     "one_hot",
     "mixup_",
     "sample_mixing",

@@ -10,23 +10,26 @@ from torch import Tensor
 def sample_mixing(
     rng: np.random.Generator, n: int, alpha: float, per_sample: bool, device: torch.device
 ) -> tuple[Tensor, Tensor]:
-    r"""Partners and weights of one batch: ``perm`` ``[N]`` (a random permutation, so odd batch sizes work)
-    and :math:`\lambda \sim \mathrm{Beta}(\alpha, \alpha)`, one for the batch (shape ``[1]``) or one per
-    sample (``[N]``). Drawn from ``rng`` on the host; only the small results move to ``device``."""
+    r"""Partners and weights of one batch: ``perm`` ``[N]`` on ``device`` (a random permutation, so odd batch
+    sizes work) and :math:`\lambda \sim \mathrm{Beta}(\alpha, \alpha)`, one for the batch (shape ``[1]``) or
+    one per sample (``[N]``), left on the host (the mixing functions move it; a batch's box is computed from
+    it without a device synchronisation). Drawn from ``rng``."""
     perm = torch.as_tensor(rng.permutation(n), device=device)
-    lam = torch.as_tensor(rng.beta(alpha, alpha, size=n if per_sample else 1), dtype=torch.float32, device=device)
+    lam = torch.as_tensor(rng.beta(alpha, alpha, size=n if per_sample else 1), dtype=torch.float32)
     return perm, lam
 
 
 def mixup_(inputs: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
     r"""In place, :math:`x_i \leftarrow \lambda_i x_i + (1 - \lambda_i) x_{\pi(i)}` (Zhang et al., 2018);
     for inputs and for probability targets ``[N, C]`` alike."""
-    lam = lam.to(inputs.dtype).view(-1, *([1] * (inputs.ndim - 1)))
+    lam = lam.to(device=inputs.device, dtype=inputs.dtype, non_blocking=True).view(-1, *([1] * (inputs.ndim - 1)))
     partners = inputs[perm]  # a gathered copy, so the in-place update reads unmixed partners
     return inputs.mul_(lam).add_(partners.mul_(1.0 - lam))
 
 
-def cutmix_masks(sizes: tuple[int, ...], lam: Tensor, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+def cutmix_masks(
+    sizes: tuple[int, ...], lam: Tensor, rng: np.random.Generator, device: torch.device | None = None
+) -> tuple[Tensor, Tensor]:
     r"""CutMix regions (Yun et al., 2019): per row of ``lam``, a box (or a segment for 1-D signals) with sides
     :math:`\sqrt[d]{1 - \lambda}` of the input's, centred uniformly and clipped to the input.
 
@@ -34,11 +37,13 @@ def cutmix_masks(sizes: tuple[int, ...], lam: Tensor, rng: np.random.Generator) 
         sizes: the spatial sizes, ``(L,)`` for signals or ``(H, W)`` for images.
         lam: ``[B]`` drawn weights (``B`` = 1 for one box per batch).
         rng: the generator of the centres.
+        device: where to build the masks (default: ``lam``'s device).
 
     Returns:
         ``mask`` ``[B, *sizes]`` (True inside the pasted region) and the corrected
         :math:`\lambda = 1 - \text{area}/\text{total}` ``[B]`` of the clipped regions.
     """
+    lam = lam.to(device) if device is not None else lam
     d = len(sizes)
     cut = (1.0 - lam).clamp(0, 1) ** (1.0 / d)  # [B], the side fraction of the region
     mask = torch.ones(len(lam), *sizes, dtype=torch.bool, device=lam.device)
@@ -51,6 +56,28 @@ def cutmix_masks(sizes: tuple[int, ...], lam: Tensor, rng: np.random.Generator) 
         mask &= inside.view(len(lam), *[size if a == axis else 1 for a in range(d)])
     area = mask.flatten(1).float().mean(dim=1)
     return mask, 1.0 - area
+
+
+def cutmix_box(sizes: tuple[int, ...], lam: float, rng: np.random.Generator) -> tuple[tuple[slice, ...], float]:
+    r"""One CutMix region for the whole batch, as slices, computed on the host: the same region and corrected
+    :math:`\lambda` as :func:`cutmix_masks` with one row (and the same draws from ``rng``)."""
+    cut = min(max(1.0 - lam, 0.0), 1.0) ** (1.0 / len(sizes))
+    region, area = [], 1.0
+    for size in sizes:
+        centre = int(rng.integers(0, size, size=1)[0])
+        half = round(cut * size / 2)
+        low, high = min(max(centre - half, 0), size), min(max(centre + half, 0), size)
+        region.append(slice(low, high))
+        area *= (high - low) / size
+    return tuple(region), 1.0 - area
+
+
+def paste_box_(inputs: Tensor, perm: Tensor, box: tuple[slice, ...]) -> Tensor:
+    """In place, paste the partners' ``box`` (slices of the trailing spatial dimensions) into ``inputs``;
+    reads and writes only the box, so it costs a fraction of a full-tensor mix."""
+    region = inputs[(..., *box)]
+    region.copy_(region[perm])  # the gather copies first, so partners are read unmixed
+    return inputs
 
 
 def cutmix_(inputs: Tensor, perm: Tensor, mask: Tensor) -> Tensor:
