@@ -1,6 +1,7 @@
 """The stability gap (fine-tuning vs experience replay) and the cost of per-step continual evaluation.
 
-    python benchmarks/continual.py --seeds 5
+    python benchmarks/continual.py --seeds 5                 # both parts
+    python benchmarks/continual.py --seeds 5 --part cost     # only the cost table
     python benchmarks/continual.py --quick
 
 Class-incremental, 5 tasks of 2 classes, one fit over the whole stream:
@@ -66,12 +67,14 @@ def fit(setup: str, seed: int, replay: bool, evaluation: ContinualEvaluation | N
 
 
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--part", choices=("all", "gap", "cost"), default="all", help="which table(s) to measure")
+    args = p.parse_args()
     seeds = range(1 if args.quick else args.seeds)
     cache: dict = {}
     fit("Split-Digits", 0, False, None, True, {})  # untimed warm-up
-    runs = []
-    for setup in SETUPS:
+    runs, costs = [], []
+    for setup in SETUPS if args.part in ("all", "gap") else ():
         for seed in seeds:
             for method in ("fine-tuning", "replay"):
                 evaluation = ContinualEvaluation(every_n_steps=1)
@@ -81,8 +84,7 @@ def main() -> None:
                 runs.append({"setup": setup, "method": method, "seed": seed, "steps": steps, "seconds": seconds,
                              "per_step": evaluation.summary(), "coarse": evaluation.summary(end_of_task_only=True),
                              "first_task_curve": acc[:, 0].tolist(), "eval_steps": evaluation.steps})  # fmt: skip
-    costs = []
-    for seed in seeds:
+    for seed in seeds if args.part in ("all", "cost") else ():
         for every in (None, 10, 1):
             evaluation = None if every is None else ContinualEvaluation(every_n_steps=every)
             seconds, _ = fit("Split-MNIST-1D", seed, False, evaluation, args.quick, cache)
@@ -90,17 +92,19 @@ def main() -> None:
 
     print(machine_line())
     print(f"Seeds: {len(seeds)}{' (quick mode: not a measurement)' if args.quick else ''}\n")
-    print("| stream | method | evaluation | ACC (%) | min-ACC (%) | WC-ACC (%) | WF10 (%) |")
-    print("|---|---|---|---|---|---|---|")
-    for setup in SETUPS:
+    if runs:
+        print("| stream | method | evaluation | ACC (%) | min-ACC (%) | WC-ACC (%) | WF10 (%) |")
+        print("|---|---|---|---|---|---|---|")
+    for setup in SETUPS if runs else ():
         for method in ("fine-tuning", "replay"):
             rows = [r for r in runs if r["setup"] == setup and r["method"] == method]
             for kind, label in (("per_step", "every step"), ("coarse", "task ends only")):
                 cells = " | ".join(mean_std([r[kind][m] for r in rows], 100) for m in METRICS)
                 print(f"| {setup} | {method} | {label} | {cells} |")
-    print("\n| Split-MNIST-1D fine-tuning | fit time (s) | vs without |")
-    print("|---|---|---|")
-    for every in (None, 10, 1):
+    if costs:
+        print("\n| Split-MNIST-1D fine-tuning | fit time (s) | vs without |")
+        print("|---|---|---|")
+    for every in (None, 10, 1) if costs else ():
         rows = [c for c in costs if c["every_n_steps"] == every]
         ratios = [
             c["seconds"] / next(b["seconds"] for b in costs if b["seed"] == c["seed"] and b["every_n_steps"] is None)
@@ -108,7 +112,8 @@ def main() -> None:
         ]
         label = "without ContinualEvaluation" if every is None else f"every_n_steps={every}"
         print(f"| {label} | {mean_std([c['seconds'] for c in rows])} | {mean_std(ratios, digits=2)}x |")
-    path = write_json(args.out, "continual" + ("_quick" if args.quick else ""), {"runs": runs, "costs": costs})
+    name = "continual" + ("" if args.part == "all" else f"_{args.part}") + ("_quick" if args.quick else "")
+    path = write_json(args.out, name, {"runs": runs, "costs": costs})
     print(f"\nRaw numbers: {path}")
 
 

@@ -13,12 +13,13 @@ from lit_tricks.callbacks import (
     SelfDistill,
 )
 from lit_tricks.core import StepOutput, Trick, TrickBatch, TrickModule
-from lit_tricks.modules import Classifier
+from lit_tricks.modules import Classifier, ConsistencyModel
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Classifier",
+    "ConsistencyModel",
     "ContinualEvaluation",
     "CutMix",
     "DataDietScores",

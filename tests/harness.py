@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from lit_tricks import (
     ELR,
     Classifier,
+    ConsistencyModel,
     ContinualEvaluation,
     DataDietScores,
     EMATeacher,
@@ -27,8 +28,8 @@ from lit_tricks import (
     SelfDistill,
     Trick,
 )
-from lit_tricks.data import ContinualDataModule, DigitsDataModule
-from lit_tricks.nets import CNN2D, MLP
+from lit_tricks.data import ContinualDataModule, DigitsDataModule, Toy2DDataModule
+from lit_tricks.nets import CNN2D, MLP, TimeMLP
 
 Build = Callable[[], tuple[pl.LightningModule, pl.LightningDataModule, list[Callback]]]
 CASES: dict[str, Build] = {}
@@ -140,6 +141,13 @@ def _continual():
     model = Classifier(MLP(64, 10, hidden=(32,), dropout=0.2), num_classes=10)
     stream = ContinualDataModule(DigitsDataModule(batch_size=64), num_tasks=5)
     return model, stream, [ExperienceReplay(memory_size=100, seed=1), ContinualEvaluation(every_n_steps=2)]
+
+
+@case("consistency_moons")
+def _consistency():
+    # the curriculum (from global_step), the noise and dropout draws, the EMA and the samplers' validation
+    model = ConsistencyModel(TimeMLP(dim=2, hidden=32, dropout=0.1), data_shape=[2], s1=40, num_eval_samples=128)
+    return model, Toy2DDataModule(num_samples=1024, batch_size=64, eval_samples=128), []
 
 
 def assert_same(a, b, path: str = "") -> None:

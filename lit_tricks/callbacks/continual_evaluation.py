@@ -43,7 +43,7 @@ class ContinualEvaluation(Callback):
 
     The current task is the highest ``batch["task"]`` seen so far (so fuzzy boundaries work). Subsets are
     drawn once per task from a private generator and cached on the device; evaluation runs in eval mode under
-    ``no_grad`` and restores every layer's train flag, so training is bit-identical with and without this
+    ``inference_mode`` and restores every layer's train flag, so training is bit-identical with and without this
     callback. Under DDP each rank evaluates a strided shard of every subset and the correct counts are summed
     across ranks (one ``all_reduce`` per evaluation). Each point is logged at its own step
     (``tricks/ContinualEvaluation/acc_task<i>``, ``.../avg_acc``), the metrics at each task switch and at the
@@ -89,7 +89,7 @@ class ContinualEvaluation(Callback):
         windows: Sequence[int] = (10, 100),
         eval_sets: Sequence[Dataset] | None = None,
         task_incremental: bool = False,
-        batch_size: int = 1000,
+        batch_size: int = 500,
         seed: int = 0,
     ) -> None:
         if every_n_steps < 1:
@@ -149,10 +149,14 @@ class ContinualEvaluation(Callback):
         return inputs[rows], targets[rows]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # this rank's shard of every subset, cached on the device once
-        rank, world = trainer.global_rank, trainer.world_size
-        self._subsets = [(x[rank::world].to(pl_module.device), y[rank::world].to(pl_module.device))
-                         for x, y in self._subsets]  # fmt: skip
+        # this rank's shard of every subset, cached on the device once, tasks concatenated in order so that
+        # the seen tasks are a prefix evaluated in as few forward passes as possible
+        rank, world, device = trainer.global_rank, trainer.world_size, pl_module.device
+        shards = [(x[rank::world], y[rank::world]) for x, y in self._subsets]
+        self._inputs = torch.cat([x for x, _ in shards]).to(device)
+        self._targets = torch.cat([y for _, y in shards]).to(device)
+        self._task_ids = torch.cat([torch.full((len(y),), k) for k, (_, y) in enumerate(shards)]).to(device)
+        self._ends = torch.tensor([len(y) for _, y in shards]).cumsum(0).tolist()
         if self._class_masks is not None:
             self._class_masks = self._class_masks.to(pl_module.device)
         self._final = None
@@ -197,20 +201,23 @@ class ContinualEvaluation(Callback):
         self._log_figure(trainer)
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: bool = True) -> tuple:
         """Accuracy on every seen task's subset now, logged at this step; appended to the history if ``record``.
         Returns ``(step, current task, accuracies with NaN for unseen tasks)``."""
         seen = self.task + 1
-        correct = torch.zeros(2, seen, device=pl_module.device)  # correct, total
-        with eval_mode(pl_module):
-            for k, (inputs, targets) in enumerate(self._subsets[:seen]):
-                for start in range(0, len(inputs), self.batch_size):
-                    logits = pl_module(inputs[start : start + self.batch_size])
-                    if self._class_masks is not None:
-                        logits = logits.masked_fill(~self._class_masks[k], -math.inf)
-                    correct[0, k] += (logits.argmax(dim=-1) == targets[start : start + self.batch_size]).sum()
-                correct[1, k] += len(inputs)
+        end = self._ends[self.task]
+        with torch.inference_mode(), eval_mode(pl_module):
+            hits = torch.zeros(end, device=pl_module.device)
+            for start in range(0, end, self.batch_size):
+                rows = slice(start, min(start + self.batch_size, end))
+                logits = pl_module(self._inputs[rows])
+                if self._class_masks is not None:
+                    logits = logits.masked_fill(~self._class_masks[self._task_ids[rows]], -math.inf)
+                hits[rows] = (logits.argmax(dim=-1) == self._targets[rows]).float()
+        hits = hits.clone()  # a normal tensor again, for the reduction below
+        correct = torch.zeros(2, seen, device=pl_module.device)  # correct, total per task
+        correct[0].index_add_(0, self._task_ids[:end], hits)
+        correct[1].index_add_(0, self._task_ids[:end], torch.ones_like(hits))
         if trainer.world_size > 1:
             correct = trainer.strategy.reduce(correct, reduce_op="sum")
         accuracy = (correct[0] / correct[1]).tolist()

@@ -10,15 +10,13 @@ import torch
 from torch import Tensor
 
 from lit_tricks.core.batch import StepOutput, TrickBatch
-from lit_tricks.core.rng import collect_rng_states, set_rng_states
+from lit_tricks.core.rng import RestoresRNG
 from lit_tricks.core.trick import Trick
 from lit_tricks.functional.losses import soft_target_cross_entropy, weighted_mean
 from lit_tricks.metrics.classification import classification_metrics
 
-_RNG_KEY = "lit_tricks_rng_states"
 
-
-class TrickModule(pl.LightningModule):
+class TrickModule(RestoresRNG, pl.LightningModule):
     """A classification ``LightningModule`` whose training step runs every :class:`~lit_tricks.Trick`.
 
     ``training_step`` is: batch -> :class:`~lit_tricks.TrickBatch` -> each trick's ``before_forward`` ->
@@ -55,7 +53,6 @@ class TrickModule(pl.LightningModule):
         self.test_metrics = classification_metrics(num_classes, "test/", ece_bins)
         self._tricks: list[Trick] = []
         self._checked_stages: set[str] = set()
-        self._rng_to_restore: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ model interface
     def forward_features(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
@@ -129,18 +126,6 @@ class TrickModule(pl.LightningModule):
         else:
             inputs = batch
         return self(inputs).softmax(dim=-1)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[_RNG_KEY] = collect_rng_states()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Applied when training starts, so loading weights for inference leaves the caller's RNG alone.
-        self._rng_to_restore = checkpoint.get(_RNG_KEY)
-
-    def on_train_start(self) -> None:
-        if self._rng_to_restore is not None:
-            set_rng_states(self._rng_to_restore)
-            self._rng_to_restore = None
 
     # ------------------------------------------------------------------ helpers
     def _evaluate(self, batch: Any, metrics: torch.nn.Module, stage: str) -> None:

@@ -8,6 +8,7 @@ from lit_tricks.data.label_noise import LabelNoise, flip_labels
 from lit_tricks.data.mnist1d import MNIST1DDataModule, generate_mnist1d
 from lit_tricks.data.rs2 import RS2Sampler, rs2_indices
 from lit_tricks.data.sampler import EpochRandomSampler
+from lit_tricks.data.toy2d import Toy2DDataModule, toy_2d
 
 __all__ = [
     "ArrayDataModule",
@@ -19,9 +20,11 @@ __all__ = [
     "LabelNoise",
     "MNIST1DDataModule",
     "RS2Sampler",
+    "Toy2DDataModule",
     "flip_labels",
     "generate_mnist1d",
     "rs2_indices",
     "split_classes",
     "task_stream",
+    "toy_2d",
 ]

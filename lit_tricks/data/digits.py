@@ -18,6 +18,7 @@ class DigitsDataModule(ArrayDataModule):
     Args:
         test_fraction: fraction of all images held out for testing.
         as_image: return ``[1, 8, 8]`` images instead of flat vectors.
+        symmetric: scale pixels to [-1, 1] (as generative models expect) instead of [0, 1].
         **kwargs: see :class:`~lit_tricks.data.ArrayDataModule` (batch size, validation split, label noise,
             seed, workers).
 
@@ -32,11 +33,11 @@ class DigitsDataModule(ArrayDataModule):
 
     num_classes = 10
 
-    def __init__(self, test_fraction: float = 0.2, as_image: bool = False, **kwargs) -> None:
+    def __init__(self, test_fraction: float = 0.2, as_image: bool = False, symmetric: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         if not 0.0 < test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
-        self.test_fraction, self.as_image = test_fraction, as_image
+        self.test_fraction, self.as_image, self.symmetric = test_fraction, as_image, symmetric
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -45,6 +46,8 @@ class DigitsDataModule(ArrayDataModule):
     def load_arrays(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         images, labels = load_digits(return_X_y=True)
         x = torch.as_tensor(images, dtype=torch.float32) / 16.0
+        if self.symmetric:
+            x = 2 * x - 1
         y = torch.as_tensor(labels, dtype=torch.long)
         if self.as_image:
             x = x.view(-1, 1, 8, 8)

@@ -1,5 +1,22 @@
 """torchmetrics ``Metric`` subclasses, correct under DDP by construction."""
 
 from lit_tricks.metrics.classification import NegativeLogLikelihood, classification_metrics
+from lit_tricks.metrics.sample_quality import (
+    EnergyDistance,
+    FrechetDistance,
+    KernelInceptionDistance,
+    MaximumMeanDiscrepancy,
+    SlicedWasserstein,
+    digits_features,
+)
 
-__all__ = ["NegativeLogLikelihood", "classification_metrics"]
+__all__ = [
+    "EnergyDistance",
+    "FrechetDistance",
+    "KernelInceptionDistance",
+    "MaximumMeanDiscrepancy",
+    "NegativeLogLikelihood",
+    "SlicedWasserstein",
+    "classification_metrics",
+    "digits_features",
+]
