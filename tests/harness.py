@@ -146,7 +146,9 @@ def _continual():
 @case("consistency_moons")
 def _consistency():
     # the curriculum (from global_step), the noise and dropout draws, the EMA and the samplers' validation
-    model = ConsistencyModel(TimeMLP(dim=2, hidden=32, dropout=0.1), data_shape=[2], s1=40, num_eval_samples=128)
+    # (total_steps pins the curriculum's K: the 1-epoch "half" run must follow the 2-epoch schedule)
+    net = TimeMLP(dim=2, hidden=32, dropout=0.1)
+    model = ConsistencyModel(net, data_shape=[2], s1=40, total_steps=10, num_eval_samples=128)
     return model, Toy2DDataModule(num_samples=1024, batch_size=64, eval_samples=128), []
 
 

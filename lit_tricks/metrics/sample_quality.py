@@ -141,16 +141,18 @@ def _digits_classifier() -> nn.Module:
     from lit_tricks.core.rng import collect_rng_states, set_rng_states
 
     states = collect_rng_states()
-    torch.manual_seed(0)
-    images, labels = load_digits(return_X_y=True)
-    x = torch.as_tensor(images, dtype=torch.float32) / 8.0 - 1.0  # [-1, 1], as the generative digits
-    y = torch.as_tensor(labels)
-    net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
-    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
-    for _ in range(400):  # full batch, deterministic on the CPU
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(net(x), y).backward()
-        optimizer.step()
+    # it may first be needed inside a validation loop (no_grad / inference_mode): train with gradients anyway
+    with torch.inference_mode(False), torch.enable_grad():
+        torch.manual_seed(0)
+        images, labels = load_digits(return_X_y=True)
+        x = torch.as_tensor(images, dtype=torch.float32) / 8.0 - 1.0  # [-1, 1], as the generative digits
+        y = torch.as_tensor(labels)
+        net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+        optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+        for _ in range(400):  # full batch, deterministic on the CPU
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            optimizer.step()
     set_rng_states(states)
     return net.eval().requires_grad_(False)
 

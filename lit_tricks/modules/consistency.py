@@ -50,6 +50,8 @@ class ConsistencyModel(GenerativeModule):
         sigma_data, sigma_min, sigma_max, rho: :math:`\sigma_d` (standardise the data to this std),
             :math:`\sigma_\min, \sigma_\max, \rho` (iCT: 0.5, 0.002, 80, 7).
         s0, s1: the curriculum's first and last number of intervals (iCT: 10, 1280; small data: 50-160).
+        total_steps: the curriculum's :math:`K`; ``None``: the run's ``max_steps`` (or Lightning's estimate).
+            Pin it to extend or shorten a resumed run without changing the schedule.
         p_mean, p_std: the lognormal index distribution (iCT: -1.1, 2.0).
         loss: ``"pseudo_huber"`` or ``"cauchy"``.
         huber_reduction: ``"vector"`` (iCT: over all dimensions) or ``"elementwise"`` (mean of per-element).
@@ -89,6 +91,7 @@ class ConsistencyModel(GenerativeModule):
         rho: float = 7.0,
         s0: int = 10,
         s1: int = 1280,
+        total_steps: int | None = None,
         p_mean: float = -1.1,
         p_std: float = 2.0,
         loss: Literal["pseudo_huber", "cauchy"] = "pseudo_huber",
@@ -117,6 +120,8 @@ class ConsistencyModel(GenerativeModule):
             raise ValueError(f"sigma_data, rho and p_std must be > 0, got {sigma_data}, {rho}, {p_std}.")
         if not 1 <= s0 <= s1:
             raise ValueError(f"Need 1 <= s0 <= s1, got s0={s0}, s1={s1}.")
+        if total_steps is not None and total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1 (or None for the run's length), got {total_steps}.")
         if loss not in ("pseudo_huber", "cauchy"):
             raise ValueError(f"loss must be 'pseudo_huber' or 'cauchy', got {loss!r}.")
         if huber_reduction not in ("vector", "elementwise"):
@@ -130,6 +135,7 @@ class ConsistencyModel(GenerativeModule):
         self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"])
         self.sigma_data, self.sigma_min, self.sigma_max, self.rho = sigma_data, sigma_min, sigma_max, rho
         self.s0, self.s1, self.p_mean, self.p_std = s0, s1, p_mean, p_std
+        self.curriculum_steps = total_steps
         self.loss_kind, self.huber_reduction, self.c, self.adaptive_c = loss, huber_reduction, c, adaptive_c
         self.diffusion_loss_weight, self.ot_coupling = diffusion_loss_weight, ot_coupling
         self.mid_sigma, self.clamp = mid_sigma, None if clamp is None else tuple(clamp)
@@ -163,7 +169,8 @@ class ConsistencyModel(GenerativeModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = self.inputs(batch)
-        num_levels = ct.discretisation_steps(self.global_step, self.total_steps(), self.s0, self.s1)
+        total = self.curriculum_steps or self.total_steps()
+        num_levels = ct.discretisation_steps(self.global_step, total, self.s0, self.s1)
         sigmas = ct.karras_sigmas(num_levels, self.sigma_min, self.sigma_max, self.rho).to(x.device)
         probs = ct.lognormal_index_probabilities(sigmas, self.p_mean, self.p_std)
         i = torch.multinomial(probs.float(), len(x), replacement=True)

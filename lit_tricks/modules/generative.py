@@ -140,7 +140,10 @@ class GenerativeModule(RestoresRNG, pl.LightningModule):
         real, self._real = torch.cat(self._real), []
         samples = {}
         for k in self.eval_steps:
-            samples[k] = self.sample(len(real), steps=k, use_ema=False)  # the EMA is already swapped in
+            # a private generator: evaluating must not move the global RNG that training draws from;
+            # use_ema=False because the EMA weights are already swapped in for validation
+            generator = torch.Generator().manual_seed(self.global_step)
+            samples[k] = self.sample(len(real), steps=k, generator=generator, use_ema=False)
             for name, metric in self.val_metrics.items():
                 if name.endswith(f"_{k}step"):
                     metric.update(real, samples[k])
