@@ -30,14 +30,19 @@ from lit_tricks.modules import EDMDiffusion
 from lit_tricks.nets import TimeCNN, TimeMLP
 
 SETS = {
-    "moons": dict(data=lambda: Toy2DDataModule("moons", num_samples=20_000, batch_size=256), shape=[2], lr=1e-3),
-    "8 Gaussians": dict(data=lambda: Toy2DDataModule("8gaussians", 20_000, batch_size=256), shape=[2], lr=1e-3),
+    "moons": dict(
+        data=lambda: Toy2DDataModule("moons", num_samples=20_000, batch_size=256),
+        shape=[2], lr=1e-3, steps=3000, timed=10_000,
+    ),
+    "8 Gaussians": dict(
+        data=lambda: Toy2DDataModule("8gaussians", num_samples=20_000, batch_size=256),
+        shape=[2], lr=1e-3, steps=3000, timed=10_000,
+    ),
     "digits": dict(
         data=lambda: DigitsDataModule(as_image=True, symmetric=True, batch_size=128, val_fraction=0.0),
-        shape=[1, 8, 8],
-        lr=5e-4,
-    ),  # fmt: skip
-}
+        shape=[1, 8, 8], lr=5e-4, steps=2000, timed=1000,
+    ),
+}  # fmt: skip
 CM_STEPS, EDM_STEPS = (1, 2), (1, 2, 10, 50)
 ABLATION = {
     "iCT (s1=160)": {},

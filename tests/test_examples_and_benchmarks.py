@@ -78,3 +78,11 @@ def test_continual_benchmark_quick(tmp_path):
     result = json.loads((tmp_path / "continual_quick.json").read_text())
     assert len(result["runs"]) == 4 and {c["every_n_steps"] for c in result["costs"]} == {None, 1, 10}
     assert all(0 <= r["per_step"]["acc"] <= 1 for r in result["runs"])
+
+
+def test_consistency_benchmark_quick(tmp_path):
+    out = _run([str(ROOT / "benchmarks/consistency.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
+    assert out.startswith("Machine: ") and "| digits | EDM | 50 (99) |" in out and "| + minibatch OT |" in out
+    result = json.loads((tmp_path / "consistency_quick.json").read_text())
+    assert len(result["runs"]) == 3 * (2 + 4) and set(result["floors"]) == {"moons", "8 Gaussians", "digits"}
+    assert all(r["sample_seconds"] > 0 and r["energy"] == r["energy"] for r in result["runs"])
