@@ -13,12 +13,20 @@ from lit_tricks.callbacks import (
     SelfDistill,
 )
 from lit_tricks.core import StepOutput, Trick, TrickBatch, TrickModule
-from lit_tricks.modules import Classifier, ConsistencyModel
+from lit_tricks.modules import (
+    Classifier,
+    ConceptBottleneckModel,
+    ConceptEmbeddingModel,
+    ConsistencyModel,
+    PostHocCBM,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Classifier",
+    "ConceptBottleneckModel",
+    "ConceptEmbeddingModel",
     "ConsistencyModel",
     "ContinualEvaluation",
     "CutMix",
@@ -27,6 +35,7 @@ __all__ = [
     "EMATeacher",
     "ExperienceReplay",
     "Mixup",
+    "PostHocCBM",
     "SampleReweighting",
     "SelectiveBackprop",
     "SelfDistill",

@@ -1,6 +1,13 @@
 """Offline, seeded LightningDataModules and dataset wrappers."""
 
 from lit_tricks.data.array_datamodule import ArrayDataModule
+from lit_tricks.data.concepts import (
+    ConceptToyDataModule,
+    DigitsConceptDataModule,
+    ShapesDataModule,
+    concept_toy,
+    render_shapes,
+)
 from lit_tricks.data.continual import ContinualDataModule, split_classes, task_stream
 from lit_tricks.data.digits import DigitsDataModule
 from lit_tricks.data.indexed import ArrayDataset, IndexedDataset
@@ -13,16 +20,21 @@ from lit_tricks.data.toy2d import Toy2DDataModule, toy_2d
 __all__ = [
     "ArrayDataModule",
     "ArrayDataset",
+    "ConceptToyDataModule",
     "ContinualDataModule",
+    "DigitsConceptDataModule",
     "DigitsDataModule",
     "EpochRandomSampler",
     "IndexedDataset",
     "LabelNoise",
     "MNIST1DDataModule",
     "RS2Sampler",
+    "ShapesDataModule",
     "Toy2DDataModule",
     "flip_labels",
     "generate_mnist1d",
+    "concept_toy",
+    "render_shapes",
     "rs2_indices",
     "split_classes",
     "task_stream",

@@ -93,6 +93,7 @@ def gumbel_contrastive_loss(z: Tensor, tau: float = 1.0, generator: torch.Genera
     activations ``z`` ``[B, k]`` over the batch and over the concepts,
     :math:`\mathcal L = \tfrac12[\overline{-\log G_0} + \overline{-\log G_1}]`, averaged over **all** entries (as the
     authors' code does). Soft samples (``hard=False``; hard ones give :math:`\log 0`)."""
+
     def soft_gumbel(dim: int) -> Tensor:
         u = torch.rand(z.shape, generator=generator).to(z.device).clamp(1e-10, 1 - 1e-10)
         return F.softmax((z - torch.log(-torch.log(u))) / tau, dim=dim)
@@ -114,3 +115,20 @@ def concept_matrix_search(
     if rule == "max":
         return t[:, v.argmax(dim=1)].argmax(dim=0)
     raise ValueError(f"rule must be 'similarity' or 'max', got {rule!r}.")
+
+
+def concept_only_accuracy(train_concepts: Tensor, train_targets: Tensor, concepts: Tensor, targets: Tensor) -> float:
+    """The best accuracy any function of the **true** (binary) concepts reaches on ``(concepts, targets)``: each
+    concept vector predicts the majority class it had in training (unseen vectors: the overall majority).
+
+    A model that beats this ceiling with its predicted concepts, but falls to it when every concept is replaced
+    by its true value, leaks task information through its soft concepts (the leakage check)."""
+    weights = 2 ** torch.arange(train_concepts.shape[1], device=train_concepts.device)
+    codes = (train_concepts > 0.5).long() @ weights
+    n_classes = int(max(train_targets.max(), targets.max())) + 1
+    counts = torch.zeros(int(weights.sum()) + 1, n_classes, device=codes.device)
+    counts.index_put_((codes, train_targets), torch.ones_like(codes, dtype=counts.dtype), accumulate=True)
+    fallback = train_targets.bincount(minlength=n_classes).argmax()
+    prediction = torch.where(counts.sum(dim=1) > 0, counts.argmax(dim=1), fallback)
+    test_codes = (concepts > 0.5).long() @ weights
+    return (prediction[test_codes] == targets).float().mean().item()

@@ -1,8 +1,23 @@
 """LightningModules: one file per family."""
 
 from lit_tricks.modules.classifier import Classifier
+from lit_tricks.modules.concept_bottleneck import (
+    ConceptBottleneckModel,
+    ConceptEmbeddingModel,
+    PostHocCBM,
+    SparseCBM,
+)
 from lit_tricks.modules.consistency import ConsistencyModel
 from lit_tricks.modules.edm import EDMDiffusion
 from lit_tricks.modules.generative import GenerativeModule
 
-__all__ = ["Classifier", "ConsistencyModel", "EDMDiffusion", "GenerativeModule"]
+__all__ = [
+    "Classifier",
+    "ConceptBottleneckModel",
+    "ConceptEmbeddingModel",
+    "ConsistencyModel",
+    "EDMDiffusion",
+    "GenerativeModule",
+    "PostHocCBM",
+    "SparseCBM",
+]

@@ -1,0 +1,596 @@
+"""Concept bottleneck models (CBM, hybrid CBM), concept embedding models (CEM), post-hoc CBMs and Sparse-CBM."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MultilabelAccuracy, MultilabelAUROC, MultilabelF1Score
+
+from lit_tricks.core.eval_mode import eval_mode
+from lit_tricks.functional import concepts as cf
+
+Mode = Literal["joint", "sequential", "independent"]
+Bottleneck = Literal["prob", "logit", "hard"]
+
+
+def _adam(params):
+    return torch.optim.Adam(params, lr=1e-2)
+
+
+def _unpack(batch: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x, c, y)`` from a dict ``{"inputs", "concepts", "targets"}`` or a tuple ``(x, c, y)``."""
+    if isinstance(batch, Mapping):
+        missing = [key for key in ("inputs", "concepts", "targets") if key not in batch]
+        if missing:
+            raise ValueError(f"Concept batches need 'inputs', 'concepts' and 'targets'; missing {missing}.")
+        return batch["inputs"], batch["concepts"].float(), batch["targets"]
+    if isinstance(batch, Sequence) and len(batch) == 3:
+        x, c, y = batch
+        return x, c.float(), y
+    raise TypeError("A concept batch is a dict with 'inputs', 'concepts', 'targets' or a tuple (x, c, y).")
+
+
+class _ConceptModule(pl.LightningModule):
+    """Training, evaluation, interventions and logging shared by the concept models. Subclasses implement
+    :meth:`concept_logits` (``x -> (c_logits [N, k], state)``) and :meth:`task_logits`."""
+
+    def __init__(
+        self,
+        n_concepts: int,
+        concept_loss_weight: float,
+        concept_pos_weight: Sequence[float] | None,
+        concept_groups: Sequence[Sequence[int]] | None,
+        optimizer: OptimizerCallable,
+    ) -> None:
+        super().__init__()
+        if n_concepts < 1:
+            raise ValueError(f"n_concepts must be >= 1, got {n_concepts}.")
+        if concept_loss_weight < 0:
+            raise ValueError(f"concept_loss_weight must be >= 0, got {concept_loss_weight}.")
+        if concept_pos_weight is not None and len(concept_pos_weight) != n_concepts:
+            raise ValueError(f"concept_pos_weight needs {n_concepts} values, got {len(concept_pos_weight)}.")
+        self.n_concepts, self.concept_loss_weight, self.optimizer = n_concepts, concept_loss_weight, optimizer
+        self.register_buffer("pos_weight", None if concept_pos_weight is None else torch.tensor(concept_pos_weight))
+        self.register_buffer("groups", cf.group_matrix(n_concepts, concept_groups), persistent=False)
+        metrics = MetricCollection(
+            {
+                "concept_acc": MultilabelAccuracy(n_concepts),
+                "concept_auc": MultilabelAUROC(n_concepts),
+                "concept_f1": MultilabelF1Score(n_concepts),
+            }
+        )
+        self.val_concept_metrics, self.test_concept_metrics = (
+            metrics.clone(prefix="val/"),
+            metrics.clone(prefix="test/"),
+        )
+        self._eval_store: dict[str, list[Tensor]] = {}
+
+    # subclasses ---------------------------------------------------------
+    def concept_logits(self, x: Tensor) -> tuple[Tensor, Any]:
+        raise NotImplementedError
+
+    def task_logits(
+        self, c_logits: Tensor, state: Any, mask: Tensor | None = None, true: Tensor | None = None
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def training_head_inputs(self, c_logits: Tensor, state: Any, c: Tensor) -> Tensor:
+        """Task logits during training (joint by default; CBM overrides for sequential / independent)."""
+        return self.task_logits(c_logits, state)
+
+    # the module ---------------------------------------------------------
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(concept probabilities [N, k], task logits [N, C])``."""
+        c_logits, state = self.concept_logits(x)
+        return c_logits.sigmoid(), self.task_logits(c_logits, state)
+
+    def configure_optimizers(self):
+        return self.optimizer(self.parameters())
+
+    def concept_loss(self, c_logits: Tensor, c: Tensor) -> Tensor:
+        return F.binary_cross_entropy_with_logits(c_logits, c, pos_weight=self.pos_weight)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, c, y = _unpack(batch)
+        c_logits, state = self.concept_logits(x)
+        if c_logits.shape[1] != self.n_concepts:
+            raise ValueError(
+                f"The concept encoder returns {c_logits.shape[1]} concepts but n_concepts={self.n_concepts}."
+            )
+        task_loss = F.cross_entropy(self.training_head_inputs(c_logits, state, c), y)
+        concept_loss = self.concept_loss(c_logits, c)
+        loss = task_loss + self.concept_loss_weight * concept_loss
+        self.log_dict({"train/loss": loss, "train/task_loss": task_loss, "train/concept_loss": concept_loss})
+        return loss
+
+    # evaluation ---------------------------------------------------------
+    def _evaluate(self, batch: Any, stage: str) -> None:
+        x, c, y = _unpack(batch)
+        c_logits, state = self.concept_logits(x)
+        logits = self.task_logits(c_logits, state)
+        everything = torch.ones_like(c, dtype=torch.bool)
+        intervened = self.task_logits(c_logits, state, everything, c)
+        metrics = self.val_concept_metrics if stage == "val" else self.test_concept_metrics
+        metrics.update(c_logits.sigmoid(), c.long())
+        n = len(y)
+        self.log(f"{stage}/acc", (logits.argmax(-1) == y).float().mean(), batch_size=n)
+        self.log(f"{stage}/acc_intervened", (intervened.argmax(-1) == y).float().mean(), batch_size=n)
+        self.log(f"{stage}/concept_loss", self.concept_loss(c_logits, c), batch_size=n)
+        self.log_dict(metrics, batch_size=n)
+        store = self._eval_store
+        for key, value in (("x", x), ("c", c), ("y", y), ("p", c_logits.sigmoid())):
+            store.setdefault(key, []).append(value.detach())
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_figures("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_figures("test")
+
+    def _log_figures(self, stage: str) -> None:
+        store, self._eval_store = self._eval_store, {}
+        if not store or not isinstance(self.logger, TensorBoardLogger) or self.trainer.sanity_checking:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        x, c, y, p = (torch.cat(store[key]) for key in ("x", "c", "y", "p"))
+        experiment = self.logger.experiment
+        per_concept = ((p > 0.5) == c.bool()).float().mean(dim=0)
+        for j in range(self.n_concepts):
+            experiment.add_scalar(f"{stage}/concept_acc_per_concept/{j}", per_concept[j], self.global_step)
+            experiment.add_histogram(f"{stage}/concept_prob/{j}", p[:, j], self.global_step)
+        curve = self.intervention_curve(x, c, y, policy="random", trials=3)
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        groups = list(curve)
+        means = [100 * curve[g][0] for g in groups]
+        stds = [100 * curve[g][1] for g in groups]
+        ax.errorbar(groups, means, yerr=stds, marker="o", capsize=3)
+        ax.set(xlabel="concept groups intervened", ylabel="task accuracy (%)", title="Intervention curve (random)")
+        fig.tight_layout()
+        experiment.add_figure(f"{stage}/intervention_curve", fig, self.global_step)
+        plt.close(fig)
+
+    # interventions ------------------------------------------------------
+    @torch.no_grad()
+    def intervene(
+        self,
+        batch: Any,
+        n_groups: int,
+        policy: cf.Policy = "random",
+        generator: torch.Generator | None = None,
+        order: Sequence[int] | None = None,
+    ) -> Tensor:
+        """Task logits ``[N, C]`` with ``n_groups`` concept groups (concepts if no ``concept_groups``) per
+        sample replaced by their true values, chosen by ``policy`` (see
+        :func:`~lit_tricks.functional.concepts.intervention_mask`)."""
+        x, c, _ = _unpack(batch)
+        with eval_mode(self):
+            c_logits, state = self.concept_logits(x)
+            mask = cf.intervention_mask(c_logits.sigmoid(), n_groups, policy, self.groups, generator, order)
+            return self.task_logits(c_logits, state, mask, c)
+
+    @torch.no_grad()
+    def intervention_curve(
+        self,
+        inputs: Tensor,
+        concepts: Tensor,
+        targets: Tensor,
+        policy: cf.Policy = "random",
+        trials: int = 5,
+        seed: int = 0,
+        order: Sequence[int] | None = None,
+    ) -> dict[int, tuple[float, float]]:
+        """Task accuracy for 0..G intervened groups: ``{n: (mean, std)}`` over ``trials`` random draws (the mean,
+        not the best trial; deterministic policies need one trial)."""
+        generator = torch.Generator().manual_seed(seed)
+        trials = trials if policy == "random" else 1
+        curve = {}
+        for n in range(self.groups.shape[0] + 1):
+            accs = []
+            for _ in range(trials):
+                logits = self.intervene((inputs, concepts, targets), n, policy, generator, order)
+                accs.append((logits.argmax(-1) == targets).float().mean().item())
+            accs_t = torch.tensor(accs)
+            curve[n] = (accs_t.mean().item(), accs_t.std().item() if len(accs) > 1 else 0.0)
+        return curve
+
+
+class ConceptBottleneckModel(_ConceptModule):
+    r"""Concept bottleneck models ("Concept Bottleneck Models", Koh et al., ICML 2020): inputs :math:`x \to`
+    concept logits :math:`g(x) \to` bottleneck :math:`z \to` task logits :math:`f(z)`.
+
+    .. math:: \mathcal L = \mathrm{CE}(f(z), y) + \lambda \textstyle\sum_j \mathrm{BCE}(g_j(x), c_j)
+
+    Modes: ``"joint"`` (both terms train everything), ``"sequential"`` (the head learns from the *predicted*
+    bottleneck, detached, so only the concept loss trains :math:`g`) and ``"independent"`` (the head learns
+    from the *true* concepts; at test it gets :math:`g`'s). Unlike Koh et al., who train the head after
+    :math:`g` has converged, both parts train at once here; the head sees :math:`g`'s final outputs by the end.
+    Bottleneck: ``"prob"`` :math:`\sigma(g(x))`, ``"logit"`` :math:`g(x)`, or ``"hard"`` :math:`\mathbb
+    1[\sigma(g(x)) > .5]` (straight-through gradient). ``extra_dims`` unsupervised outputs of the encoder pass
+    to the head beside the concepts (the hybrid CBM of Mahinpei et al.).
+
+    Interventions (:meth:`intervene`, :meth:`intervention_curve`) replace predicted concepts by true ones: 0/1
+    for probability and hard bottlenecks, the 5th/95th percentile of each concept's *training* logits for a
+    logit bottleneck (computed when training ends, or by :meth:`calibrate_interventions`).
+
+    Args:
+        concept_encoder: ``x -> [N, n_concepts + extra_dims]`` logits.
+        task_head: ``[N, n_concepts + extra_dims] -> [N, n_classes]`` (a linear layer or an MLP).
+        n_concepts: number of supervised concepts.
+        mode: ``"joint"``, ``"sequential"`` or ``"independent"``.
+        concept_loss_weight: :math:`\lambda` (cem's configs: 1; Koh's CUB joint: 0.01).
+        bottleneck: ``"prob"``, ``"logit"`` or ``"hard"``.
+        extra_dims: unsupervised encoder outputs passed to the head (hybrid CBM; 0 for a pure CBM).
+        concept_pos_weight: per-concept positive-class weights of the BCE (Koh: :math:`n/n_\text{pos} - 1`).
+        concept_groups: lists of concept indices intervened together (e.g. CUB's attribute groups).
+        optimizer: default Adam, lr 1e-2 (cem's toy configs).
+
+    Example::
+
+        >>> import lightning as L
+        >>> from torch import nn
+        >>> from lit_tricks import ConceptBottleneckModel
+        >>> from lit_tricks.data import ConceptToyDataModule
+        >>> model = ConceptBottleneckModel(nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 2)),
+        ...                                nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 2)), n_concepts=2)
+        >>> trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        ...                     enable_model_summary=False)
+        >>> trainer.fit(model, ConceptToyDataModule("xor", num_samples=600, batch_size=100))
+        >>> sorted(k for k in trainer.callback_metrics if k.startswith("val/"))[:3]
+        ['val/acc', 'val/acc_intervened', 'val/concept_acc']
+    """
+
+    def __init__(
+        self,
+        concept_encoder: nn.Module,
+        task_head: nn.Module,
+        n_concepts: int,
+        mode: Mode = "joint",
+        concept_loss_weight: float = 1.0,
+        bottleneck: Bottleneck = "prob",
+        extra_dims: int = 0,
+        concept_pos_weight: Sequence[float] | None = None,
+        concept_groups: Sequence[Sequence[int]] | None = None,
+        optimizer: OptimizerCallable = _adam,
+    ) -> None:
+        super().__init__(n_concepts, concept_loss_weight, concept_pos_weight, concept_groups, optimizer)
+        if mode not in ("joint", "sequential", "independent"):
+            raise ValueError(f"mode must be 'joint', 'sequential' or 'independent', got {mode!r}.")
+        if bottleneck not in ("prob", "logit", "hard"):
+            raise ValueError(f"bottleneck must be 'prob', 'logit' or 'hard', got {bottleneck!r}.")
+        if extra_dims < 0:
+            raise ValueError(f"extra_dims must be >= 0, got {extra_dims}.")
+        if mode == "independent" and (bottleneck == "logit" or extra_dims):
+            raise ValueError("mode='independent' trains the head on true concepts: use bottleneck 'prob' or 'hard' "
+                             "and no extra_dims.")  # fmt: skip
+        self.save_hyperparameters(ignore=["concept_encoder", "task_head", "optimizer"])
+        self.concept_encoder, self.task_head = concept_encoder, task_head
+        self.mode, self.bottleneck_kind, self.extra_dims = mode, bottleneck, extra_dims
+        self.register_buffer("logit_low", torch.full((n_concepts,), float("nan")))
+        self.register_buffer("logit_high", torch.full((n_concepts,), float("nan")))
+
+    def concept_logits(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        out = self.concept_encoder(x)
+        if out.shape[1] != self.n_concepts + self.extra_dims:
+            raise ValueError(
+                f"concept_encoder returns {out.shape[1]} values but n_concepts + extra_dims = "
+                f"{self.n_concepts + self.extra_dims}."
+            )
+        return out[:, : self.n_concepts], out[:, self.n_concepts :] if self.extra_dims else None
+
+    def bottleneck(self, c_logits: Tensor) -> Tensor:
+        if self.bottleneck_kind == "logit":
+            return c_logits
+        probs = c_logits.sigmoid()
+        if self.bottleneck_kind == "hard":
+            return (probs > 0.5).to(probs.dtype) + probs - probs.detach()
+        return probs
+
+    def task_logits(
+        self, c_logits: Tensor, state: Any, mask: Tensor | None = None, true: Tensor | None = None
+    ) -> Tensor:
+        z = self.bottleneck(c_logits)
+        if mask is not None:
+            low = high = None
+            if self.bottleneck_kind == "logit":
+                if self.logit_low.isnan().any():
+                    raise ValueError("Logit interventions need the training logits' percentiles: fit first, or call "
+                                     "calibrate_interventions(train_inputs).")  # fmt: skip
+                low, high = self.logit_low, self.logit_high
+            z = cf.intervene(z, true, mask, low, high)
+        if state is not None:
+            z = torch.cat([z, state], dim=1)
+        return self.task_head(z)
+
+    def training_head_inputs(self, c_logits: Tensor, state: Any, c: Tensor) -> Tensor:
+        if self.mode == "joint":
+            return self.task_logits(c_logits, state)
+        if self.mode == "sequential":
+            return self.task_logits(c_logits.detach(), None if state is None else state.detach())
+        return self.task_logits(c_logits.detach(), state, torch.ones_like(c, dtype=torch.bool), c)
+
+    @torch.no_grad()
+    def calibrate_interventions(self, inputs: Tensor) -> None:
+        """Set the logit-intervention values to the 5th / 95th percentiles of the concept logits on ``inputs``."""
+        with eval_mode(self):
+            c_logits, _ = self.concept_logits(inputs.to(self.device))
+        self.logit_low, self.logit_high = cf.logit_percentiles(c_logits)
+
+    def on_train_end(self) -> None:
+        if self.bottleneck_kind == "logit":
+            train = self.trainer.train_dataloader.dataset
+            inputs = (
+                train.inputs
+                if hasattr(train, "inputs")
+                else torch.stack([train[i]["inputs"] for i in range(len(train))])
+            )
+            self.calibrate_interventions(inputs)
+
+
+class ConceptEmbeddingModel(_ConceptModule):
+    r"""Concept embedding models ("Concept Embedding Models", Espinosa Zarlenga et al., NeurIPS 2022).
+
+    Each concept has a positive and a negative embedding from the shared latent :math:`h`:
+    :math:`[c_i^+, c_i^-] = \mathrm{LeakyReLU}(W_i h)`; its probability :math:`p_i = \sigma(w_s \cdot [c_i^+, c_i^-])`
+    (:math:`w_s` shared by all concepts) mixes them, :math:`\hat c_i = p_i c_i^+ + (1 - p_i) c_i^-`, and the head
+    reads the concatenated :math:`\hat c`. An intervention sets :math:`p_i` to the true :math:`c_i`. RandInt: during
+    training each concept is intervened with probability ``training_intervention_prob`` (one mask per batch, as
+    the authors' code), which teaches the head to use corrected concepts.
+
+    Args:
+        concept_encoder: ``x -> h [N, latent_dim]``.
+        n_concepts, n_tasks: numbers of concepts and classes.
+        latent_dim: size of ``h``.
+        emb_size: :math:`m`, each embedding's size (the authors: 16).
+        training_intervention_prob: RandInt probability (the authors: 0.25; 0 disables it).
+        task_head: ``[N, n_concepts * emb_size] -> [N, n_tasks]``; default a linear layer.
+        concept_loss_weight, concept_pos_weight, concept_groups, optimizer: as :class:`ConceptBottleneckModel`.
+    """
+
+    def __init__(
+        self,
+        concept_encoder: nn.Module,
+        n_concepts: int,
+        n_tasks: int,
+        latent_dim: int,
+        emb_size: int = 16,
+        training_intervention_prob: float = 0.25,
+        task_head: nn.Module | None = None,
+        concept_loss_weight: float = 1.0,
+        concept_pos_weight: Sequence[float] | None = None,
+        concept_groups: Sequence[Sequence[int]] | None = None,
+        optimizer: OptimizerCallable = _adam,
+    ) -> None:
+        super().__init__(n_concepts, concept_loss_weight, concept_pos_weight, concept_groups, optimizer)
+        if not 0.0 <= training_intervention_prob <= 1.0:
+            raise ValueError(f"training_intervention_prob must be in [0, 1], got {training_intervention_prob}.")
+        if emb_size < 1 or latent_dim < 1 or n_tasks < 2:
+            raise ValueError(
+                f"Need emb_size, latent_dim >= 1 and n_tasks >= 2, got {emb_size}, {latent_dim}, {n_tasks}."
+            )
+        self.save_hyperparameters(ignore=["concept_encoder", "task_head", "optimizer"])
+        self.concept_encoder, self.emb_size = concept_encoder, emb_size
+        self.training_intervention_prob = training_intervention_prob
+        self.contexts = nn.Linear(latent_dim, n_concepts * 2 * emb_size)
+        self.scorer = nn.Linear(2 * emb_size, 1)  # shared across concepts
+        self.task_head = task_head if task_head is not None else nn.Linear(n_concepts * emb_size, n_tasks)
+
+    def concept_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.concept_encoder(x)
+        context = F.leaky_relu(self.contexts(h)).view(len(h), self.n_concepts, 2 * self.emb_size)
+        return self.scorer(context).squeeze(-1), context
+
+    def task_logits(
+        self, c_logits: Tensor, state: Tensor, mask: Tensor | None = None, true: Tensor | None = None
+    ) -> Tensor:
+        p = c_logits.sigmoid()
+        if mask is not None:
+            p = cf.intervene(p, true, mask)
+        positive, negative = state[..., : self.emb_size], state[..., self.emb_size :]
+        mixed = p.unsqueeze(-1) * positive + (1 - p.unsqueeze(-1)) * negative
+        return self.task_head(mixed.flatten(1))
+
+    def training_head_inputs(self, c_logits: Tensor, state: Tensor, c: Tensor) -> Tensor:
+        if self.training_intervention_prob == 0:
+            return self.task_logits(c_logits, state)
+        draw = torch.rand(self.n_concepts, device=c.device) < self.training_intervention_prob  # one mask per batch
+        return self.task_logits(c_logits, state, draw.expand_as(c), c)
+
+
+class PostHocCBM(pl.LightningModule):
+    r"""Post-hoc concept bottleneck models ("Post-hoc Concept Bottleneck Models", Yuksekgonul et al., ICLR 2023)
+    on precomputed embeddings :math:`e = f(x)` of a frozen model (batches ``{"inputs": e, "targets": y}``).
+
+    A concept bank :math:`V` ``[k, d]`` (with intercepts :math:`b`) comes from concept examples
+    (:meth:`concept_bank_from_examples`: a linear SVM per concept, i.e. CAVs) or from given concept vectors
+    (e.g. text embeddings). The projection is the signed margin :math:`(V e + b) / \lVert v \rVert`
+    (``"margin"``, the authors' code) or :math:`\langle e, v \rangle / \lVert v \rVert^2` (``"paper"``), and a
+    sparse linear head :math:`g` is trained with the elastic net
+    :math:`\mathrm{CE} + \frac{\lambda}{C k}(\alpha \lVert W \rVert_1 + (1 - \alpha)\lVert W \rVert_2^2)`, the
+    :math:`\ell_1` part by a proximal (soft-threshold) step after each SGD step, so weights reach exact zeros
+    (the authors fit scikit-learn's ``SGDClassifier`` with the same penalty). :meth:`hybrid` returns PCBM-h:
+    :math:`g` frozen plus a residual linear layer on :math:`e`, trained
+    with CE + ``residual_l2`` :math:`\cdot \overline{W_r^2}`.
+
+    Args:
+        concept_bank: ``[k, d]`` concept vectors.
+        n_classes: number of classes.
+        intercepts: ``[k]`` (``None``: zeros, as for text embeddings).
+        projection: ``"margin"`` or ``"paper"``.
+        lam: :math:`\lambda` (the authors: 1e-5 .. 2e-4).
+        l1_ratio: :math:`\alpha` (the authors: 0.99).
+        lr: learning rate (SGD for the sparse head; Adam for PCBM-h's residual, the authors: 0.01).
+        residual_l2: PCBM-h's penalty on the residual weights (the authors: 1e-3).
+    """
+
+    def __init__(
+        self,
+        concept_bank: Tensor,
+        n_classes: int,
+        intercepts: Tensor | None = None,
+        projection: Literal["margin", "paper"] = "margin",
+        lam: float = 1e-4,
+        l1_ratio: float = 0.99,
+        lr: float = 0.1,
+        residual_l2: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        if concept_bank.ndim != 2:
+            raise ValueError(f"concept_bank must be [k, d], got shape {tuple(concept_bank.shape)}.")
+        if projection not in ("margin", "paper"):
+            raise ValueError(f"projection must be 'margin' or 'paper', got {projection!r}.")
+        if lam < 0 or not 0.0 <= l1_ratio <= 1.0:
+            raise ValueError(f"Need lam >= 0 and l1_ratio in [0, 1], got {lam}, {l1_ratio}.")
+        k = concept_bank.shape[0]
+        self.register_buffer("bank", concept_bank.float())
+        self.register_buffer("intercepts", torch.zeros(k) if intercepts is None else intercepts.float().view(k))
+        self.projection, self.lam, self.l1_ratio, self.lr, self.residual_l2 = projection, lam, l1_ratio, lr, residual_l2
+        self.head = nn.Linear(k, n_classes)
+        self.residual: nn.Linear | None = None
+
+    @staticmethod
+    def concept_bank_from_examples(
+        positives: Sequence[Tensor], negatives: Sequence[Tensor], C: float = 0.1
+    ) -> tuple[Tensor, Tensor]:
+        """CAVs: for each concept a linear SVM (scikit-learn ``LinearSVC``) separating its positive from its negative
+        example embeddings; returns ``(vectors [k, d], intercepts [k])``."""
+        from sklearn.svm import LinearSVC
+
+        vectors, intercepts = [], []
+        for pos, neg in zip(positives, negatives, strict=True):
+            x = torch.cat([pos, neg]).double().numpy()
+            y = [1] * len(pos) + [0] * len(neg)
+            svm = LinearSVC(C=C, max_iter=10_000, random_state=0).fit(x, y)
+            vectors.append(torch.as_tensor(svm.coef_[0]))
+            intercepts.append(float(svm.intercept_[0]))
+        return torch.stack(vectors).float(), torch.tensor(intercepts)
+
+    def project(self, embeddings: Tensor) -> Tensor:
+        """Concept activations ``[N, k]``."""
+        norms = self.bank.norm(dim=1)
+        if self.projection == "paper":
+            return embeddings @ self.bank.T / norms**2
+        return (embeddings @ self.bank.T + self.intercepts) / norms
+
+    def forward(self, embeddings: Tensor) -> Tensor:
+        out = self.head(self.project(embeddings))
+        return out if self.residual is None else out + self.residual(embeddings)
+
+    def hybrid(self) -> PostHocCBM:
+        """PCBM-h: this model with its head frozen and a residual linear layer on the embeddings to train."""
+        import copy
+
+        model = copy.deepcopy(self)
+        model.head.requires_grad_(False)
+        model.residual = nn.Linear(self.bank.shape[1], self.head.out_features)
+        nn.init.zeros_(model.residual.weight)
+        nn.init.zeros_(model.residual.bias)
+        return model
+
+    def configure_optimizers(self):
+        if self.residual is None:  # plain SGD: the proximal l1 step is exact for it
+            return torch.optim.SGD(self.head.parameters(), lr=self.lr)
+        return torch.optim.Adam(self.residual.parameters(), lr=self.lr)
+
+    def _penalty_scale(self) -> float:
+        return self.lam / (self.head.out_features * self.bank.shape[0])
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        e, y = batch["inputs"], batch["targets"]
+        loss = F.cross_entropy(self(e), y)
+        if self.residual is None:
+            loss = loss + self._penalty_scale() * (1 - self.l1_ratio) * self.head.weight.pow(2).sum()
+        else:
+            loss = loss + self.residual_l2 * self.residual.weight.pow(2).mean()
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.residual is None and self.l1_ratio > 0:  # proximal step of the l1 part
+            threshold = self.lr * self._penalty_scale() * self.l1_ratio
+            with torch.no_grad():
+                w = self.head.weight
+                w.copy_(w.sign() * (w.abs() - threshold).clamp(min=0))
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._log_accuracy(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._log_accuracy(batch, "test")
+
+    def _log_accuracy(self, batch: Any, stage: str) -> None:
+        e, y = batch["inputs"], batch["targets"]
+        self.log(f"{stage}/acc", (self(e).argmax(-1) == y).float().mean(), batch_size=len(y))
+        self.log(f"{stage}/sparsity", (self.head.weight == 0).float().mean())
+
+
+class SparseCBM(pl.LightningModule):
+    r"""The Sparse-CBM concept layer (Semenov et al., "Sparse Concept Bottleneck Models", 2024) on precomputed
+    image-concept similarities :math:`s` ``[N, k]`` (batches ``{"inputs": s, "targets": y}``): a concept layer
+    :math:`Z = W_\text{cbl} s` (``Linear(k, k)``, no bias) and a head ``Linear(k, C)``, trained with
+
+    .. math:: \mathrm{CE}(\text{head}(Z), y) + \mathcal L_\text{Gumbel}(Z)
+              + \frac{\lambda_1}{k}\lVert W_\text{cbl}\rVert_1
+
+    (:func:`~lit_tricks.functional.concepts.gumbel_contrastive_loss`; ``concept_loss="l1"`` keeps only the
+    :math:`\ell_1` term). For training-free prediction see
+    :func:`~lit_tricks.functional.concepts.concept_matrix_search`.
+
+    Args:
+        n_concepts, n_classes: sizes.
+        concept_loss: ``"gumbel"`` (Sparse-CBM) or ``"l1"`` (the l1-CBM baseline).
+        tau: Gumbel-softmax temperature (the authors: 1.0).
+        l1_lambda: :math:`\lambda_1` (the authors: 1e-3).
+        lr: learning rate of Adam.
+    """
+
+    def __init__(
+        self, n_concepts: int, n_classes: int, concept_loss: Literal["gumbel", "l1"] = "gumbel", tau: float = 1.0,
+        l1_lambda: float = 1e-3, lr: float = 1e-3,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        if concept_loss not in ("gumbel", "l1"):
+            raise ValueError(f"concept_loss must be 'gumbel' or 'l1', got {concept_loss!r}.")
+        if tau <= 0 or l1_lambda < 0:
+            raise ValueError(f"Need tau > 0 and l1_lambda >= 0, got {tau}, {l1_lambda}.")
+        self.save_hyperparameters()
+        self.cbl = nn.Linear(n_concepts, n_concepts, bias=False)
+        self.head = nn.Linear(n_concepts, n_classes, bias=False)
+
+    def forward(self, similarities: Tensor) -> tuple[Tensor, Tensor]:
+        """``(concept activations Z, class logits)``."""
+        z = self.cbl(similarities)
+        return z, self.head(z)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        z, logits = self(batch["inputs"])
+        task = F.cross_entropy(logits, batch["targets"])
+        sparsity = self.hparams.l1_lambda * self.cbl.weight.abs().sum() / self.hparams.n_concepts
+        concept = cf.gumbel_contrastive_loss(z, self.hparams.tau) if self.hparams.concept_loss == "gumbel" else 0.0
+        loss = task + concept + sparsity
+        self.log_dict({"train/loss": loss, "train/task_loss": task, "train/l1": sparsity})
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        _, logits = self(batch["inputs"])
+        self.log("val/acc", (logits.argmax(-1) == batch["targets"]).float().mean(), batch_size=len(logits))
