@@ -17,6 +17,8 @@ from lightning.pytorch.callbacks import Callback
 from lit_tricks import (
     ELR,
     Classifier,
+    ConceptBottleneckModel,
+    ConceptEmbeddingModel,
     ConsistencyModel,
     ContinualEvaluation,
     DataDietScores,
@@ -28,7 +30,13 @@ from lit_tricks import (
     SelfDistill,
     Trick,
 )
-from lit_tricks.data import ContinualDataModule, DigitsDataModule, Toy2DDataModule
+from lit_tricks.data import (
+    ConceptToyDataModule,
+    ContinualDataModule,
+    DigitsDataModule,
+    ShapesDataModule,
+    Toy2DDataModule,
+)
 from lit_tricks.nets import CNN2D, MLP, TimeMLP
 
 Build = Callable[[], tuple[pl.LightningModule, pl.LightningDataModule, list[Callback]]]
@@ -150,6 +158,25 @@ def _consistency():
     net = TimeMLP(dim=2, hidden=32, dropout=0.1)
     model = ConsistencyModel(net, data_shape=[2], s1=40, total_steps=10, num_eval_samples=128)
     return model, Toy2DDataModule(num_samples=1024, batch_size=64, eval_samples=128), []
+
+
+@case("concept_bottleneck_logit")
+def _cbm():
+    # a logit bottleneck computes its intervention percentiles when training ends; dropout draws the global RNG
+    encoder = torch.nn.Sequential(
+        torch.nn.Linear(7, 32), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(32, 3)
+    )
+    model = ConceptBottleneckModel(encoder, torch.nn.Linear(3, 2), n_concepts=3, bottleneck="logit")
+    return model, ConceptToyDataModule("trig", num_samples=800, batch_size=64), []
+
+
+@case("concept_embedding_shapes")
+def _cem():
+    # RandInt draws one intervention mask per batch from the global RNG; concept groups; validation metrics
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 32), torch.nn.ReLU())
+    model = ConceptEmbeddingModel(encoder, n_concepts=12, n_tasks=9, latent_dim=32, emb_size=4,
+                                  concept_groups=ShapesDataModule.concept_groups)  # fmt: skip
+    return model, ShapesDataModule(num_samples=600, batch_size=64), []
 
 
 def assert_same(a, b, path: str = "") -> None:

@@ -86,3 +86,11 @@ def test_consistency_benchmark_quick(tmp_path):
     result = json.loads((tmp_path / "consistency_quick.json").read_text())
     assert len(result["runs"]) == 3 * (2 + 4) and set(result["floors"]) == {"moons", "8 Gaussians", "digits"}
     assert all(r["sample_seconds"] > 0 and r["energy"] == r["energy"] for r in result["runs"])
+
+
+def test_concept_bottleneck_benchmark_quick(tmp_path):
+    out = _run([str(ROOT / "benchmarks/concept_bottleneck.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
+    assert out.startswith("Machine: ") and "| CEM |" in out and "| PCBM-h |" in out
+    result = json.loads((tmp_path / "concept_bottleneck_quick.json").read_text())
+    assert len(result["runs"]) == 4 * 8 and set(result["ceilings"]) == {"XOR", "TRIG", "DOT", "shapes"}
+    assert all(0 <= r["intervened"] <= 1 for r in result["runs"])

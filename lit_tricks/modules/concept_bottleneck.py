@@ -121,9 +121,9 @@ class _ConceptModule(pl.LightningModule):
         metrics = self.val_concept_metrics if stage == "val" else self.test_concept_metrics
         metrics.update(c_logits.sigmoid(), c.long())
         n = len(y)
-        self.log(f"{stage}/acc", (logits.argmax(-1) == y).float().mean(), batch_size=n)
-        self.log(f"{stage}/acc_intervened", (intervened.argmax(-1) == y).float().mean(), batch_size=n)
-        self.log(f"{stage}/concept_loss", self.concept_loss(c_logits, c), batch_size=n)
+        self.log(f"{stage}/acc", (logits.argmax(-1) == y).float().mean(), batch_size=n, sync_dist=True)
+        self.log(f"{stage}/acc_intervened", (intervened.argmax(-1) == y).float().mean(), batch_size=n, sync_dist=True)
+        self.log(f"{stage}/concept_loss", self.concept_loss(c_logits, c), batch_size=n, sync_dist=True)
         self.log_dict(metrics, batch_size=n)
         store = self._eval_store
         for key, value in (("x", x), ("c", c), ("y", y), ("p", c_logits.sigmoid())):
@@ -537,7 +537,7 @@ class PostHocCBM(pl.LightningModule):
 
     def _log_accuracy(self, batch: Any, stage: str) -> None:
         e, y = batch["inputs"], batch["targets"]
-        self.log(f"{stage}/acc", (self(e).argmax(-1) == y).float().mean(), batch_size=len(y))
+        self.log(f"{stage}/acc", (self(e).argmax(-1) == y).float().mean(), batch_size=len(y), sync_dist=True)
         self.log(f"{stage}/sparsity", (self.head.weight == 0).float().mean())
 
 
@@ -593,4 +593,5 @@ class SparseCBM(pl.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         _, logits = self(batch["inputs"])
-        self.log("val/acc", (logits.argmax(-1) == batch["targets"]).float().mean(), batch_size=len(logits))
+        acc = (logits.argmax(-1) == batch["targets"]).float().mean()
+        self.log("val/acc", acc, batch_size=len(logits), sync_dist=True)
