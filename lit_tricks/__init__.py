@@ -20,10 +20,13 @@ from lit_tricks.modules import (
     ConsistencyModel,
     PostHocCBM,
 )
+from lit_tricks.modules.tta import AdaNPC, BNAdapt, Tent
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaNPC",
+    "BNAdapt",
     "Classifier",
     "ConceptBottleneckModel",
     "ConceptEmbeddingModel",
@@ -40,6 +43,7 @@ __all__ = [
     "SelectiveBackprop",
     "SelfDistill",
     "StepOutput",
+    "Tent",
     "Trick",
     "TrickBatch",
     "TrickModule",

@@ -9,6 +9,8 @@ from lit_tricks.data.concepts import (
     render_shapes,
 )
 from lit_tricks.data.continual import ContinualDataModule, split_classes, task_stream
+from lit_tricks.data.corruption_stream import CorruptionStreamDataModule
+from lit_tricks.data.corruptions import CORRUPTIONS, corrupt, corrupt_signals
 from lit_tricks.data.digits import DigitsDataModule
 from lit_tricks.data.indexed import ArrayDataset, IndexedDataset
 from lit_tricks.data.label_noise import LabelNoise, flip_labels
@@ -21,7 +23,9 @@ __all__ = [
     "ArrayDataModule",
     "ArrayDataset",
     "ConceptToyDataModule",
+    "CORRUPTIONS",
     "ContinualDataModule",
+    "CorruptionStreamDataModule",
     "DigitsConceptDataModule",
     "DigitsDataModule",
     "EpochRandomSampler",
@@ -34,6 +38,8 @@ __all__ = [
     "flip_labels",
     "generate_mnist1d",
     "concept_toy",
+    "corrupt",
+    "corrupt_signals",
     "render_shapes",
     "rs2_indices",
     "split_classes",

@@ -10,6 +10,7 @@ from lit_tricks.modules.concept_bottleneck import (
 from lit_tricks.modules.consistency import ConsistencyModel
 from lit_tricks.modules.edm import EDMDiffusion
 from lit_tricks.modules.generative import GenerativeModule
+from lit_tricks.modules.tta import AdaNPC, BNAdapt, Tent, TTAModule
 
 __all__ = [
     "Classifier",
@@ -20,4 +21,8 @@ __all__ = [
     "GenerativeModule",
     "PostHocCBM",
     "SparseCBM",
+    "TTAModule",
+    "AdaNPC",
+    "BNAdapt",
+    "Tent",
 ]

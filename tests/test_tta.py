@@ -1,0 +1,182 @@
+"""Test-time adaptation: corruptions by hand, the stream protocols, BNAdapt / Tent / AdaNPC semantics."""
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from lit_tricks import AdaNPC, BNAdapt, Classifier, Tent
+from lit_tricks.data import CORRUPTIONS, CorruptionStreamDataModule, DigitsDataModule, MNIST1DDataModule, corrupt
+from lit_tricks.data.corruptions import PARAMS, _disk_kernel
+from lit_tricks.modules.tta import softmax_entropy
+from lit_tricks.nets import CNN1D, CNN2D
+
+
+# ---------------------------------------------------------------- corruptions
+def test_closed_form_corruptions_by_hand():
+    x = torch.tensor([[[[0.2, 0.6], [0.4, 0.8]]]])  # one 2x2 grey image, mean 0.5
+    torch.testing.assert_close(corrupt(x, "contrast", 5), (x - 0.5) * 0.15 + 0.5)
+    torch.testing.assert_close(corrupt(x, "brightness", 2), (x + 0.1).clamp(0, 1))
+    rgb = torch.tensor([0.2, 0.4, 0.5]).view(1, 3, 1, 1)  # HSV value 0.5 -> 0.8: every channel scaled by 1.6
+    torch.testing.assert_close(corrupt(rgb, "brightness", 5), rgb * 1.6)
+    big = torch.full((1, 1, 64, 64), 0.5)
+    noisy = corrupt(big, "gaussian_noise", 5, torch.Generator().manual_seed(0))
+    assert abs((noisy - 0.5).std().item() - 0.10) < 0.01
+    impulse = corrupt(big, "impulse_noise", 5, torch.Generator().manual_seed(0))
+    flipped = (impulse != 0.5).float().mean().item()
+    assert abs(flipped - 0.07) < 0.015 and set(impulse[impulse != 0.5].unique().tolist()) <= {0.0, 1.0}
+    shot = corrupt(big, "shot_noise", 5, torch.Generator().manual_seed(0))
+    assert abs((shot - 0.5).var().item() - 0.5 / 50) < 0.002  # Poisson(x c)/c has variance x / c
+
+
+def test_blur_kernels_follow_the_reference():
+    # defocus radius <= 0.5: the disk is the centre pixel (then smoothed); radius 1: the 5-pixel plus
+    assert _disk_kernel(0.3, 0.4).shape == (3, 3) and _disk_kernel(1.0, 0.2).shape == (5, 5)
+    assert _disk_kernel(1.0, 0.2).sum().item() == pytest.approx(1.0)
+    flat = torch.full((1, 1, 8, 8), 0.3)
+    for name in ("gaussian_blur", "defocus_blur", "pixelate"):
+        torch.testing.assert_close(corrupt(flat, name, 5), flat)  # blurs preserve constants
+
+
+def test_every_corruption_for_images_and_signals():
+    images, signals = torch.rand(3, 1, 8, 8), torch.rand(3, 40)
+    for name in CORRUPTIONS:
+        assert len(PARAMS[name]) == 5
+        for x in (images, signals):
+            out = corrupt(x, name, 5)
+            assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1 and not torch.equal(out, x), name
+    with pytest.raises(ValueError, match="Unknown corruption"):
+        corrupt(images, "snow", 3)
+    with pytest.raises(ValueError, match="severity"):
+        corrupt(images, "fog", 6)
+
+
+def test_stream_protocols():
+    digits = DigitsDataModule(as_image=True, val_fraction=0.0)
+    stream = CorruptionStreamDataModule(digits, ["contrast", "fog"], severity=4, protocol="reset", batch_size=50)
+    stream.setup()
+    n = len(digits.test_set)
+    assert len(stream.stream) == 2 * n and stream.domain_names == ["contrast_4", "fog_4"]
+    domain, reset = stream.stream.extras["domain"], stream.stream.extras["reset"]
+    assert domain[:n].eq(0).all() and domain[n:].eq(1).all() and reset.nonzero().flatten().tolist() == [0, n]
+    gradual = CorruptionStreamDataModule(digits, ["fog"], protocol="gradual")
+    assert [s for _, s in gradual.domains] == [1, 2, 3, 4, 5, 4, 3, 2, 1]
+    mixed = CorruptionStreamDataModule(digits, ["contrast", "fog"], protocol="mixed")
+    mixed.setup()
+    first = mixed.stream.extras["domain"][:100]
+    assert 0 < first.float().mean() < 1  # domains interleaved
+    signals = CorruptionStreamDataModule(MNIST1DDataModule(num_samples=500), ["gaussian_noise"])
+    signals.setup()
+    assert signals.stream.inputs.shape[1:] == (40,)
+    with pytest.raises(ValueError, match="Unknown or no corruptions"):
+        CorruptionStreamDataModule(digits, ["snow"])
+    with pytest.raises(ValueError, match="protocol"):
+        CorruptionStreamDataModule(digits, protocol="online")
+
+
+# ---------------------------------------------------------------- methods
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3))
+
+
+def test_entropy_by_hand():
+    uniform = torch.zeros(1, 4)
+    assert softmax_entropy(uniform).item() == pytest.approx(torch.log(torch.tensor(4.0)).item())
+    assert softmax_entropy(torch.tensor([[100.0, 0.0]])).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_tent_adapts_only_normalisation_affine_parameters_and_resets_exactly():
+    tent = Tent(_net(), lr=1e-2)
+    trainable = sorted(name for name, p in tent.named_parameters() if p.requires_grad)
+    assert trainable == ["model.1.bias", "model.1.weight"]
+    before = copy.deepcopy(tent.state_dict())
+    x = torch.randn(16, 4) * 3 + 1
+    first = tent.adapt({"inputs": x})
+    after_one = copy.deepcopy(tent.state_dict())
+    assert not torch.equal(after_one["model.1.weight"], before["model.1.weight"])
+    assert torch.equal(after_one["model.0.weight"], before["model.0.weight"])  # the rest is frozen
+    tent.adapt({"inputs": x})
+    tent.reset()
+    assert all(torch.equal(tent.state_dict()[k], before[k]) for k in before)
+    assert torch.equal(tent.adapt({"inputs": x}), first)  # the optimizer state was reset too
+    episodic = Tent(_net(), lr=1e-2, episodic=True)
+    out1, out2 = episodic.adapt({"inputs": x}), episodic.adapt({"inputs": x})
+    assert torch.equal(out1, out2)  # reset before every batch
+
+
+def test_batch_statistics_survive_eval_mode():
+    adapt = BNAdapt(_net()).eval()
+    x = torch.randn(32, 4) * 5 + 3
+    h = adapt.model[0](x)
+    normalised = adapt.model[1](h)
+    torch.testing.assert_close(normalised.mean(dim=0), adapt.model[1].bias.detach().expand(8), atol=1e-5, rtol=0)
+
+
+def test_a_reset_flag_in_the_batch_resets():
+    tent = Tent(_net(), lr=1e-1)
+    x = torch.randn(16, 4)
+    fresh = tent.adapt({"inputs": x})
+    tent.adapt({"inputs": x})
+    assert torch.equal(tent.adapt({"inputs": x, "reset": torch.tensor([True] + [False] * 15)}), fresh)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="normalisation layers"):
+        Tent(nn.Linear(4, 3))
+    with pytest.raises(TypeError, match="source nn.Module"):
+        Tent("resnet")
+    with pytest.raises(ValueError, match="features="):
+        AdaNPC(nn.Linear(4, 3), torch.randn(5, 4), torch.zeros(5).long())
+
+
+def test_adanpc_memory_grows_with_confident_samples_and_resets():
+    torch.manual_seed(0)
+    source = torch.cat([torch.randn(50, 2) + 4, torch.randn(50, 2) - 4])
+    labels = torch.cat([torch.zeros(50), torch.ones(50)]).long()
+    identity = nn.Identity()
+    npc = AdaNPC(nn.Linear(2, 2), source, labels, features=identity, k=10, beta=0.9)
+    probs = npc.adapt({"inputs": torch.tensor([[4.0, 4.0], [-4.0, -4.0], [4.0, -4.0]])}).exp()
+    assert probs[0, 0] > 0.99 and probs[1, 1] > 0.99
+    assert len(npc.memory) == 102  # the two confident samples joined, the ambiguous one did not
+    npc.reset()
+    assert len(npc.memory) == 100
+
+
+def _source(quiet):
+    pl.seed_everything(0, verbose=False)
+    data = DigitsDataModule(as_image=True, batch_size=64, val_fraction=0.0)
+    classifier = Classifier(CNN2D(num_classes=10, width=16), num_classes=10)
+    pl.Trainer(max_epochs=10, **quiet).fit(classifier, data)
+    return classifier.backbone.eval(), data
+
+
+def test_adaptation_beats_the_source_model_on_a_corrupted_stream(quiet_trainer_kwargs):
+    source, data = _source(quiet_trainer_kwargs)
+    stream = CorruptionStreamDataModule(data, ["contrast", "fog", "pixelate"], severity=5)
+    stream.setup()
+    with torch.no_grad():
+        source_acc = (source(stream.stream.inputs).argmax(-1) == stream.stream.targets).float().mean().item()
+    results = {}
+    for method in (BNAdapt, lambda m: Tent(m, lr=1e-3)):
+        module = method(copy.deepcopy(source))
+        trainer = pl.Trainer(inference_mode=False, **quiet_trainer_kwargs)
+        results[type(module).__name__] = trainer.test(module, datamodule=stream, verbose=False)[0]
+    assert results["BNAdapt"]["test/acc"] > source_acc + 0.15
+    assert results["Tent"]["test/acc"] > source_acc + 0.15
+    assert {"test/error/contrast_5", "test/error/fog_5", "test/error/pixelate_5"} <= set(results["Tent"])
+    with pytest.raises(RuntimeError, match="inference_mode=False"):
+        pl.Trainer(**quiet_trainer_kwargs).test(Tent(copy.deepcopy(source)), datamodule=stream, verbose=False)
+
+
+def test_tta_on_signals(quiet_trainer_kwargs):
+    pl.seed_everything(0, verbose=False)
+    data = MNIST1DDataModule(num_samples=1000, batch_size=64, val_fraction=0.0)
+    classifier = Classifier(CNN1D(num_classes=10, channels=16), num_classes=10)
+    pl.Trainer(max_epochs=3, **quiet_trainer_kwargs).fit(classifier, data)
+    stream = CorruptionStreamDataModule(data, ["contrast"], severity=5, batch_size=100)
+    tent = Tent(copy.deepcopy(classifier.backbone), lr=1e-3)
+    result = pl.Trainer(inference_mode=False, **quiet_trainer_kwargs).test(tent, datamodule=stream, verbose=False)
+    assert 0 <= result[0]["test/acc"] <= 1
