@@ -20,7 +20,7 @@ from lit_tricks.modules import (
     ConsistencyModel,
     PostHocCBM,
 )
-from lit_tricks.modules.tta import AdaNPC, BNAdapt, Tent
+from lit_tricks.modules.tta import RMT, AdaNPC, BNAdapt, Tent
 
 __version__ = "0.1.0"
 
@@ -39,6 +39,7 @@ __all__ = [
     "ExperienceReplay",
     "Mixup",
     "PostHocCBM",
+    "RMT",
     "SampleReweighting",
     "SelectiveBackprop",
     "SelfDistill",

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from lit_tricks import AdaNPC, BNAdapt, Classifier, Tent
+from lit_tricks import RMT, AdaNPC, BNAdapt, Classifier, Tent
 from lit_tricks.data import CORRUPTIONS, CorruptionStreamDataModule, DigitsDataModule, MNIST1DDataModule, corrupt
 from lit_tricks.data.corruptions import PARAMS, _disk_kernel
-from lit_tricks.modules.tta import softmax_entropy
+from lit_tricks.modules.tta import default_augment, softmax_entropy, symmetric_cross_entropy
 from lit_tricks.nets import CNN1D, CNN2D
 
 
@@ -160,12 +160,13 @@ def test_adaptation_beats_the_source_model_on_a_corrupted_stream(quiet_trainer_k
     with torch.no_grad():
         source_acc = (source(stream.stream.inputs).argmax(-1) == stream.stream.targets).float().mean().item()
     results = {}
-    for method in (BNAdapt, lambda m: Tent(m, lr=1e-3)):
+    for method in (BNAdapt, lambda m: Tent(m, lr=1e-3), lambda m: RMT(m, lr=1e-3)):
         module = method(copy.deepcopy(source))
         trainer = pl.Trainer(inference_mode=False, **quiet_trainer_kwargs)
         results[type(module).__name__] = trainer.test(module, datamodule=stream, verbose=False)[0]
     assert results["BNAdapt"]["test/acc"] > source_acc + 0.15
     assert results["Tent"]["test/acc"] > source_acc + 0.15
+    assert results["RMT"]["test/acc"] > source_acc + 0.15
     assert {"test/error/contrast_5", "test/error/fog_5", "test/error/pixelate_5"} <= set(results["Tent"])
     with pytest.raises(RuntimeError, match="inference_mode=False"):
         pl.Trainer(**quiet_trainer_kwargs).test(Tent(copy.deepcopy(source)), datamodule=stream, verbose=False)
@@ -180,3 +181,33 @@ def test_tta_on_signals(quiet_trainer_kwargs):
     tent = Tent(copy.deepcopy(classifier.backbone), lr=1e-3)
     result = pl.Trainer(inference_mode=False, **quiet_trainer_kwargs).test(tent, datamodule=stream, verbose=False)
     assert 0 <= result[0]["test/acc"] <= 1
+
+
+def test_symmetric_cross_entropy_by_hand():
+    student, teacher = torch.tensor([[0.0, 0.0]]), torch.tensor([[100.0, 0.0]])  # p = (.5, .5), q = (1, 0)
+    # alpha = 0 leaves the forward term: -log 0.5
+    assert symmetric_cross_entropy(student, teacher, alpha=0.0).item() == pytest.approx(
+        torch.log(torch.tensor(2.0)).item()
+    )
+    s, t = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    p, q = s.softmax(-1), t.softmax(-1)
+    expected = -0.5 * (q * p.log()).sum() - 0.5 * (p * q.log()).sum()
+    assert symmetric_cross_entropy(s, t).item() == pytest.approx(expected.item())
+
+
+def test_rmt_teacher_is_an_ema_and_reset_restores_every_network():
+    torch.manual_seed(0)
+    net = CNN2D(num_classes=10, width=8)
+    rmt = RMT(copy.deepcopy(net), momentum=0.9, prototypes=torch.randn(10, 16))
+    assert {"model", "teacher", "projector"} <= {name for name, _ in rmt.named_children()}
+    teacher_before = [p.clone() for p in rmt.teacher.parameters()]
+    x = torch.rand(8, 1, 8, 8)
+    rmt.adapt({"inputs": x})
+    for t0, t1, s in zip(teacher_before, rmt.teacher.parameters(), rmt.model.parameters(), strict=True):
+        torch.testing.assert_close(t1, 0.9 * t0 + 0.1 * s)  # theta_t = m theta_t + (1 - m) theta_s
+    rmt.reset()
+    for a, b in zip(rmt.state_dict().values(), rmt._source_state.values(), strict=True):
+        assert torch.equal(a, b)
+    assert default_augment(x).shape == x.shape and default_augment(torch.rand(4, 40)).shape == (4, 40)
+    with pytest.raises(ValueError, match="forward_features"):
+        RMT(nn.Sequential(nn.Linear(4, 2), nn.BatchNorm1d(2)), prototypes=torch.randn(2, 2))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -10,6 +11,8 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lit_tricks.functional.ema import ema_update_
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -68,6 +71,7 @@ class TTAModule(pl.LightningModule):
             raise ValueError(f"Need steps >= 1 and lr > 0, got steps={steps}, lr={lr}.")
         self.model, self.lr, self.steps, self.episodic = model, lr, steps, episodic
         self.domain_names = list(domain_names) if domain_names is not None else None
+        self.build_models()
         self.configure_model()
         self.tta_optimizer = self.build_optimizer()
         self._source_state = copy.deepcopy(self.state_dict())
@@ -75,6 +79,9 @@ class TTAModule(pl.LightningModule):
         self._domain_hits: dict[int, list[float]] = {}
 
     # ---------------------------------------------------------------- what a method defines
+    def build_models(self) -> None:
+        """Create the method's extra networks (teacher, projector, ...) from ``self.model``; default: none."""
+
     def configure_model(self) -> None:
         """Set train/eval modes, ``requires_grad`` and normalisation behaviour; default: eval mode (no dropout),
         batch-norm statistics of the test batch, everything frozen."""
@@ -266,3 +273,122 @@ class AdaNPC(TTAModule):
         source = len(self._source_state["memory"])
         self.memory, self.memory_labels = self.memory[:source].clone(), self.memory_labels[:source].clone()
         self.load_state_dict(self._source_state)
+
+
+def symmetric_cross_entropy(student: Tensor, teacher: Tensor, alpha: float = 0.5) -> Tensor:
+    r"""Per-sample :math:`-(1-\alpha)\sum_c q_c \log p_c - \alpha \sum_c p_c \log q_c` with :math:`p`, :math:`q`
+    the softmax of the ``student`` and (no-gradient) ``teacher`` logits (RMT's self-training loss)."""
+    teacher = teacher.detach()
+    forward = -(teacher.softmax(-1) * student.log_softmax(-1)).sum(-1)
+    backward = -(student.softmax(-1) * teacher.log_softmax(-1)).sum(-1)
+    return (1 - alpha) * forward + alpha * backward
+
+
+def default_augment(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """A light, label-preserving augmentation for small images ``[N, C, H, W]`` and signals ``[N, L]``:
+    per-sample contrast in [0.7, 1.3] and brightness in [-0.1, 0.1] (relative to the sample's range), a shift
+    of up to one pixel (two samples for signals), and Gaussian noise of 0.5% of the range."""
+    n, device = len(x), x.device
+    dims = tuple(range(1, x.ndim))
+    shape = (n, *[1] * (x.ndim - 1))
+    span = (x.amax(dim=dims, keepdim=True) - x.amin(dim=dims, keepdim=True)).clamp(min=1e-6)
+    mean = x.mean(dim=dims, keepdim=True)
+    contrast = (0.7 + 0.6 * torch.rand(shape, generator=generator)).to(device)
+    brightness = (0.2 * torch.rand(shape, generator=generator) - 0.1).to(device) * span
+    out = (x - mean) * contrast + mean + brightness
+    limit = 2 if x.ndim == 2 else 1
+    shifts = torch.randint(-limit, limit + 1, (x.ndim - 1 if x.ndim == 2 else 2,), generator=generator).tolist()
+    out = torch.roll(out, shifts=shifts, dims=(-1,) if x.ndim == 2 else (-2, -1))
+    return out + 0.005 * span * torch.randn(x.shape, generator=generator).to(device)
+
+
+class RMT(TTAModule):
+    r"""Robust mean teacher (Döbler et al., "Robust Mean Teacher for Continual and Gradual Test-Time Adaptation",
+    CVPR 2023), source-free: the whole student adapts (BatchNorm on test-batch statistics), an EMA teacher
+    :math:`\theta_t \leftarrow m\,\theta_t + (1-m)\,\theta_s` (``momentum`` 0.999) follows it, and
+
+    .. math:: \mathcal L = \tfrac12\,\mathrm{SCE}(s(x), t(x)) + \tfrac12\,\mathrm{SCE}(s(\tilde x), t(x))
+              + \lambda_\text{cont}\,\mathcal L_\text{SupCon}
+
+    with the symmetric cross-entropy (:math:`\alpha = 0.5`, :func:`symmetric_cross_entropy`), :math:`\tilde x` an
+    augmented view, and, when source class ``prototypes`` are given, the contrastive loss pulling the projected
+    features of :math:`x`, :math:`\tilde x` and :math:`x`'s nearest prototype together (temperature 0.1). The
+    prediction is the sum of student and teacher logits. The authors' repository replays labelled source data
+    by default; here that term and the source warm-up are left out (source-free, as their maintainers advise
+    for source-free use). Reset restores student, teacher, projector and optimizer.
+
+    Args:
+        model: the source model; with ``prototypes`` it needs ``forward_features`` and ``forward_head``.
+        lr: Adam learning rate (the authors' CIFAR configs: 1e-3).
+        momentum: teacher EMA momentum :math:`m`.
+        prototypes: ``[C, D]`` source class means of ``forward_features`` (``None``: no contrastive term).
+        lambda_cont: weight of the contrastive term.
+        temperature: SupCon temperature.
+        augment: ``x -> x~`` (default :func:`default_augment`).
+        steps, episodic, domain_names: as :class:`TTAModule`.
+    """
+
+    def __init__(
+        self, model: nn.Module, lr: float = 1e-3, momentum: float = 0.999, prototypes: Tensor | None = None,
+        lambda_cont: float = 1.0, temperature: float = 0.1, augment=None, steps: int = 1, episodic: bool = False,
+        domain_names: Sequence[str] | None = None,
+    ) -> None:  # fmt: skip
+        if not 0.0 < momentum < 1.0:
+            raise ValueError(f"momentum must be in (0, 1), got {momentum}.")
+        if prototypes is not None and not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+            raise ValueError("RMT's contrastive term needs model.forward_features and model.forward_head.")
+        self._source_prototypes = prototypes  # registered in build_models, before the state is snapshot
+        super().__init__(model, lr=lr, steps=steps, episodic=episodic, domain_names=domain_names)
+        self.momentum, self.lambda_cont, self.temperature = momentum, lambda_cont, temperature
+        self.augment = augment or default_augment
+
+    def build_models(self) -> None:
+        self.teacher = copy.deepcopy(self.model)
+        self.projector = None
+        if self._source_prototypes is not None:
+            d = self._source_prototypes.shape[1]
+            self.projector = nn.Sequential(nn.Linear(d, 128), nn.ReLU(), nn.Linear(128, 128))
+            self.register_buffer("prototypes", F.normalize(self._source_prototypes.float(), dim=1))
+
+    def configure_model(self) -> None:
+        self.model.eval().requires_grad_(True)
+        use_batch_statistics(self.model)
+        self.teacher.eval().requires_grad_(False)
+        use_batch_statistics(self.teacher)
+
+    def collect_params(self) -> list[nn.Parameter]:
+        params = list(self.model.parameters())
+        return params + (list(self.projector.parameters()) if self.projector is not None else [])
+
+    def _contrastive(self, f_x: Tensor, f_aug: Tensor) -> Tensor:
+        nearest = (F.normalize(f_x.detach(), dim=1) @ self.prototypes.T).argmax(dim=1)
+        views = torch.stack([self.prototypes[nearest], f_x, f_aug], dim=1)  # [B, 3, D]
+        z = F.normalize(self.projector(views.flatten(0, 1)), dim=1)  # [3B, 128], sample-major
+        b = len(f_x)
+        logits = z @ z.T / self.temperature
+        logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+        same = torch.arange(b, device=z.device).repeat_interleave(3)
+        self_mask = torch.eye(3 * b, dtype=torch.bool, device=z.device)
+        positives = (same[:, None] == same[None, :]) & ~self_mask
+        log_prob = logits - torch.logsumexp(logits.masked_fill(self_mask, -math.inf), dim=1, keepdim=True)
+        return -(log_prob * positives).sum(dim=1).div(positives.sum(dim=1)).mean()
+
+    def forward_and_adapt(self, x: Tensor) -> Tensor:
+        x_aug = self.augment(x)
+        with torch.no_grad():
+            teacher = self.teacher(x)
+        if self.projector is not None:
+            f_x, f_aug = self.model.forward_features(x), self.model.forward_features(x_aug)
+            student, student_aug = self.model.forward_head(f_x), self.model.forward_head(f_aug)
+        else:
+            student, student_aug = self.model(x), self.model(x_aug)
+        loss = 0.5 * symmetric_cross_entropy(student, teacher).mean()
+        loss = loss + 0.5 * symmetric_cross_entropy(student_aug, teacher).mean()
+        if self.projector is not None and self.lambda_cont:
+            loss = loss + self.lambda_cont * self._contrastive(f_x, f_aug)
+        loss.backward()
+        self.tta_optimizer.step()
+        self.tta_optimizer.zero_grad()
+        with torch.no_grad():
+            ema_update_(list(self.teacher.parameters()), list(self.model.parameters()), self.momentum)
+        return student + teacher
