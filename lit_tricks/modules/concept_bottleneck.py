@@ -21,10 +21,6 @@ Mode = Literal["joint", "sequential", "independent"]
 Bottleneck = Literal["prob", "logit", "hard"]
 
 
-def _adam(params):
-    return torch.optim.Adam(params, lr=1e-2)
-
-
 def _unpack(batch: Any) -> tuple[Tensor, Tensor, Tensor]:
     """``(x, c, y)`` from a dict ``{"inputs", "concepts", "targets"}`` or a tuple ``(x, c, y)``."""
     if isinstance(batch, Mapping):
@@ -48,7 +44,7 @@ class _ConceptModule(pl.LightningModule):
         concept_loss_weight: float,
         concept_pos_weight: Sequence[float] | None,
         concept_groups: Sequence[Sequence[int]] | None,
-        optimizer: OptimizerCallable,
+        optimizer: OptimizerCallable | None,
     ) -> None:
         super().__init__()
         if n_concepts < 1:
@@ -93,6 +89,8 @@ class _ConceptModule(pl.LightningModule):
         return c_logits.sigmoid(), self.task_logits(c_logits, state)
 
     def configure_optimizers(self):
+        if self.optimizer is None:
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
         return self.optimizer(self.parameters())
 
     def concept_loss(self, c_logits: Tensor, c: Tensor) -> Tensor:
@@ -240,7 +238,7 @@ class ConceptBottleneckModel(_ConceptModule):
         extra_dims: unsupervised encoder outputs passed to the head (hybrid CBM; 0 for a pure CBM).
         concept_pos_weight: per-concept positive-class weights of the BCE (Koh: :math:`n/n_\text{pos} - 1`).
         concept_groups: lists of concept indices intervened together (e.g. CUB's attribute groups).
-        optimizer: default Adam, lr 1e-2 (cem's toy configs).
+        optimizer: ``None``: Adam, lr 1e-2 (cem's toy configs).
 
     Example::
 
@@ -268,7 +266,7 @@ class ConceptBottleneckModel(_ConceptModule):
         extra_dims: int = 0,
         concept_pos_weight: Sequence[float] | None = None,
         concept_groups: Sequence[Sequence[int]] | None = None,
-        optimizer: OptimizerCallable = _adam,
+        optimizer: OptimizerCallable | None = None,
     ) -> None:
         super().__init__(n_concepts, concept_loss_weight, concept_pos_weight, concept_groups, optimizer)
         if mode not in ("joint", "sequential", "independent"):
@@ -376,7 +374,7 @@ class ConceptEmbeddingModel(_ConceptModule):
         concept_loss_weight: float = 1.0,
         concept_pos_weight: Sequence[float] | None = None,
         concept_groups: Sequence[Sequence[int]] | None = None,
-        optimizer: OptimizerCallable = _adam,
+        optimizer: OptimizerCallable | None = None,
     ) -> None:
         super().__init__(n_concepts, concept_loss_weight, concept_pos_weight, concept_groups, optimizer)
         if not 0.0 <= training_intervention_prob <= 1.0:

@@ -15,10 +15,6 @@ from lit_tricks.functional import consistency as ct
 from lit_tricks.modules.generative import GenerativeModule
 
 
-def _adam(params):
-    return torch.optim.Adam(params, lr=1e-3)
-
-
 class ConsistencyModel(GenerativeModule):
     r"""Consistency training without a pretrained diffusion model, as in "Improved Techniques for Training
     Consistency Models" (iCT; Song & Dhariwal, ICLR 2024), with the options of "Improved Training Technique
@@ -63,7 +59,7 @@ class ConsistencyModel(GenerativeModule):
         clamp: ``[low, high]`` to clamp each sampling step's output to (images, e.g. ``[-1, 1]``); ``None`` for
             other data.
         ema_decay: decay of the evaluation EMA (``None``: no EMA); 0.999 suits runs of a few thousand steps.
-        optimizer, lr_scheduler: as in :class:`~lit_tricks.Classifier` (default Adam, lr 1e-3).
+        optimizer, lr_scheduler: as in :class:`~lit_tricks.Classifier` (``None``: Adam, lr 1e-3).
         eval_steps, num_eval_samples, figure_every_n_epochs, predict_steps: see
             :class:`~lit_tricks.modules.generative.GenerativeModule`.
 
@@ -103,7 +99,7 @@ class ConsistencyModel(GenerativeModule):
         mid_sigma: float = 0.821,
         clamp: Sequence[float] | None = None,
         ema_decay: float | None = 0.999,
-        optimizer: OptimizerCallable = _adam,
+        optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         eval_steps: Sequence[int] = (1, 2),
         num_eval_samples: int = 1000,

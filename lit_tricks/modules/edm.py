@@ -14,10 +14,6 @@ from lit_tricks.functional import consistency as ct
 from lit_tricks.modules.generative import GenerativeModule
 
 
-def _adam(params):
-    return torch.optim.Adam(params, lr=1e-3)
-
-
 class EDMDiffusion(GenerativeModule):
     r"""A denoiser trained as in EDM (Karras et al., "Elucidating the Design Space of Diffusion-Based Generative
     Models", NeurIPS 2022) and sampled with its deterministic Heun sampler.
@@ -50,7 +46,7 @@ class EDMDiffusion(GenerativeModule):
         p_std: float = 1.2,
         clamp: Sequence[float] | None = None,
         ema_decay: float | None = 0.999,
-        optimizer: OptimizerCallable = _adam,
+        optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         eval_steps: Sequence[int] = (2, 10),
         num_eval_samples: int = 1000,

@@ -41,7 +41,7 @@ class GenerativeModule(RestoresRNG, pl.LightningModule):
         self,
         net: nn.Module,
         data_shape: Sequence[int],
-        optimizer: OptimizerCallable,
+        optimizer: OptimizerCallable | None,
         lr_scheduler: LRSchedulerCallable | None,
         ema_decay: float | None,
         eval_steps: Sequence[int],
@@ -85,7 +85,11 @@ class GenerativeModule(RestoresRNG, pl.LightningModule):
         return [self._ema]
 
     def configure_optimizers(self):
-        optimizer = self.optimizer(self.parameters())
+        optimizer = (
+            torch.optim.Adam(self.parameters(), lr=1e-3)
+            if self.optimizer is None
+            else self.optimizer(self.parameters())
+        )
         if self.lr_scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
