@@ -15,6 +15,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelAccuracy, MultilabelAUROC, MultilabelF1Score
 
 from lit_tricks.core.eval_mode import eval_mode
+from lit_tricks.core.rng import RestoresRNG
 from lit_tricks.functional import concepts as cf
 
 Mode = Literal["joint", "sequential", "independent"]
@@ -34,7 +35,7 @@ def _unpack(batch: Any) -> tuple[Tensor, Tensor, Tensor]:
     raise TypeError("A concept batch is a dict with 'inputs', 'concepts', 'targets' or a tuple (x, c, y).")
 
 
-class _ConceptModule(pl.LightningModule):
+class _ConceptModule(RestoresRNG, pl.LightningModule):
     """Training, evaluation, interventions and logging shared by the concept models. Subclasses implement
     :meth:`concept_logits` (``x -> (c_logits [N, k], state)``) and :meth:`task_logits`."""
 
@@ -78,6 +79,10 @@ class _ConceptModule(pl.LightningModule):
     ) -> Tensor:
         raise NotImplementedError
 
+    def interventions_ready(self) -> bool:
+        """Whether interventions can be computed now (a logit bottleneck needs its percentiles first)."""
+        return True
+
     def training_head_inputs(self, c_logits: Tensor, state: Any, c: Tensor) -> Tensor:
         """Task logits during training (joint by default; CBM overrides for sequential / independent)."""
         return self.task_logits(c_logits, state)
@@ -114,13 +119,14 @@ class _ConceptModule(pl.LightningModule):
         x, c, y = _unpack(batch)
         c_logits, state = self.concept_logits(x)
         logits = self.task_logits(c_logits, state)
-        everything = torch.ones_like(c, dtype=torch.bool)
-        intervened = self.task_logits(c_logits, state, everything, c)
         metrics = self.val_concept_metrics if stage == "val" else self.test_concept_metrics
         metrics.update(c_logits.sigmoid(), c.long())
         n = len(y)
         self.log(f"{stage}/acc", (logits.argmax(-1) == y).float().mean(), batch_size=n, sync_dist=True)
-        self.log(f"{stage}/acc_intervened", (intervened.argmax(-1) == y).float().mean(), batch_size=n, sync_dist=True)
+        if self.interventions_ready():
+            intervened = self.task_logits(c_logits, state, torch.ones_like(c, dtype=torch.bool), c)
+            intervened_acc = (intervened.argmax(-1) == y).float().mean()
+            self.log(f"{stage}/acc_intervened", intervened_acc, batch_size=n, sync_dist=True)
         self.log(f"{stage}/concept_loss", self.concept_loss(c_logits, c), batch_size=n, sync_dist=True)
         self.log_dict(metrics, batch_size=n)
         store = self._eval_store
@@ -331,15 +337,25 @@ class ConceptBottleneckModel(_ConceptModule):
             c_logits, _ = self.concept_logits(inputs.to(self.device))
         self.logit_low, self.logit_high = cf.logit_percentiles(c_logits)
 
+    def interventions_ready(self) -> bool:
+        return self.bottleneck_kind != "logit" or not self.logit_low.isnan().any()
+
+    def _calibrate_from_training_data(self) -> None:
+        """Logit bottleneck: recompute the intervention percentiles from the training inputs, if there are any."""
+        loader = self.trainer.train_dataloader if self.bottleneck_kind == "logit" else None
+        if loader is None:
+            return
+        train = loader.dataset
+        inputs = (
+            train.inputs if hasattr(train, "inputs") else torch.stack([train[i]["inputs"] for i in range(len(train))])
+        )
+        self.calibrate_interventions(inputs)
+
+    def on_validation_epoch_start(self) -> None:
+        self._calibrate_from_training_data()  # so val/acc_intervened uses the current model's percentiles
+
     def on_train_end(self) -> None:
-        if self.bottleneck_kind == "logit":
-            train = self.trainer.train_dataloader.dataset
-            inputs = (
-                train.inputs
-                if hasattr(train, "inputs")
-                else torch.stack([train[i]["inputs"] for i in range(len(train))])
-            )
-            self.calibrate_interventions(inputs)
+        self._calibrate_from_training_data()
 
 
 class ConceptEmbeddingModel(_ConceptModule):
@@ -412,7 +428,7 @@ class ConceptEmbeddingModel(_ConceptModule):
         return self.task_logits(c_logits, state, draw.expand_as(c), c)
 
 
-class PostHocCBM(pl.LightningModule):
+class PostHocCBM(RestoresRNG, pl.LightningModule):
     r"""Post-hoc concept bottleneck models ("Post-hoc Concept Bottleneck Models", Yuksekgonul et al., ICLR 2023)
     on precomputed embeddings :math:`e = f(x)` of a frozen model (batches ``{"inputs": e, "targets": y}``).
 
@@ -539,7 +555,7 @@ class PostHocCBM(pl.LightningModule):
         self.log(f"{stage}/sparsity", (self.head.weight == 0).float().mean())
 
 
-class SparseCBM(pl.LightningModule):
+class SparseCBM(RestoresRNG, pl.LightningModule):
     r"""The Sparse-CBM concept layer (Semenov et al., "Sparse Concept Bottleneck Models", 2024) on precomputed
     image-concept similarities :math:`s` ``[N, k]`` (batches ``{"inputs": s, "targets": y}``): a concept layer
     :math:`Z = W_\text{cbl} s` (``Linear(k, k)``, no bias) and a head ``Linear(k, C)``, trained with
