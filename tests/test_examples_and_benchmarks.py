@@ -94,3 +94,11 @@ def test_concept_bottleneck_benchmark_quick(tmp_path):
     result = json.loads((tmp_path / "concept_bottleneck_quick.json").read_text())
     assert len(result["runs"]) == 4 * 8 and set(result["ceilings"]) == {"XOR", "TRIG", "DOT", "shapes"}
     assert all(0 <= r["intervened"] <= 1 for r in result["runs"])
+
+
+def test_tta_benchmark_quick(tmp_path):
+    out = _run([str(ROOT / "benchmarks/tta.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
+    assert out.startswith("Machine: ") and "| Tent |" in out and "Gradual" in out
+    runs = json.loads((tmp_path / "tta_quick.json").read_text())["runs"]
+    assert {r["method"] for r in runs} == {"source", "BNAdapt", "Tent", "RMT", "AdaNPC"}
+    assert all(0 <= e <= 1 for r in runs for e in r["errors"].values())
