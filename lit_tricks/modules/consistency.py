@@ -108,8 +108,7 @@ class ConsistencyModel(GenerativeModule):
     ) -> None:
         super().__init__(net, data_shape, optimizer, lr_scheduler, ema_decay, eval_steps, num_eval_samples,
                          figure_every_n_epochs, predict_steps)  # fmt: skip
-        if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"Need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}.")
+        self.check_sigmas(sigma_min, sigma_max)
         if not 0 < mid_sigma < sigma_max:
             raise ValueError(f"mid_sigma must be in (0, sigma_max), got {mid_sigma}.")
         if sigma_data <= 0 or rho <= 0 or p_std <= 0:
@@ -139,10 +138,7 @@ class ConsistencyModel(GenerativeModule):
     # ------------------------------------------------------------------ the consistency function
     def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
         r""":math:`f_\theta(x, \sigma)` for a batch ``x`` and per-sample (or scalar) ``sigma``."""
-        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(len(x))
-        c_skip, c_out, c_in = (s.view(-1, *[1] * (x.ndim - 1)) for s in
-                               ct.boundary_scalings(sigma, self.sigma_data, self.sigma_min))  # fmt: skip
-        return c_skip * x + c_out * self.net(c_in * x, ct.noise_conditioning(sigma))
+        return self.preconditioned(x, sigma, self.sigma_data, self.sigma_min)
 
     def loss_constant(self, num_levels: int) -> float:
         """The pseudo-Huber / Cauchy constant at this stage of the curriculum."""

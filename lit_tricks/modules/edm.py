@@ -55,8 +55,7 @@ class EDMDiffusion(GenerativeModule):
     ) -> None:
         super().__init__(net, data_shape, optimizer, lr_scheduler, ema_decay, eval_steps, num_eval_samples,
                          figure_every_n_epochs, predict_steps)  # fmt: skip
-        if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"Need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}.")
+        self.check_sigmas(sigma_min, sigma_max)
         self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"])
         self.sigma_data, self.sigma_min, self.sigma_max, self.rho = sigma_data, sigma_min, sigma_max, rho
         self.p_mean, self.p_std = p_mean, p_std
@@ -64,10 +63,7 @@ class EDMDiffusion(GenerativeModule):
 
     def forward(self, x: Tensor, sigma: Tensor | float) -> Tensor:
         r"""The denoiser :math:`D_\theta(x, \sigma)`."""
-        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(len(x))
-        c_skip, c_out, c_in = (s.view(-1, *[1] * (x.ndim - 1)) for s in
-                               ct.boundary_scalings(sigma, self.sigma_data, 0.0))  # fmt: skip
-        return c_skip * x + c_out * self.net(c_in * x, ct.noise_conditioning(sigma))
+        return self.preconditioned(x, sigma, self.sigma_data, 0.0)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = self.inputs(batch)

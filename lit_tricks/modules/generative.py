@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lit_tricks.callbacks.ema_teacher import EMATeacher
 from lit_tricks.core.rng import RestoresRNG
+from lit_tricks.functional import consistency as ct
 from lit_tricks.metrics.sample_quality import (
     EnergyDistance,
     FrechetDistance,
@@ -93,6 +94,19 @@ class GenerativeModule(RestoresRNG, pl.LightningModule):
         if self.lr_scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+
+    @staticmethod
+    def check_sigmas(sigma_min: float, sigma_max: float) -> None:
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"Need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}.")
+
+    def preconditioned(self, x: Tensor, sigma: Tensor | float, sigma_data: float, sigma_min: float) -> Tensor:
+        r""":math:`c_\text{skip} x + c_\text{out} F_\theta(c_\text{in} x, \tfrac14 \ln\sigma)` with the boundary
+        scalings of ``sigma_min`` (0: EDM's denoiser), for per-sample or scalar ``sigma``."""
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(len(x))
+        shape = (-1, *[1] * (x.ndim - 1))
+        c_skip, c_out, c_in = (s.view(shape) for s in ct.boundary_scalings(sigma, sigma_data, sigma_min))
+        return c_skip * x + c_out * self.net(c_in * x, ct.noise_conditioning(sigma))
 
     def total_steps(self) -> int:
         """The run's optimizer steps :math:`K` (``max_steps``, else Lightning's estimate)."""
