@@ -15,15 +15,9 @@ from torch.utils.data import Dataset
 
 from lit_tricks.core.batch import TrickBatch
 from lit_tricks.core.eval_mode import eval_mode
+from lit_tricks.core.trick import log_tag
+from lit_tricks.data.indexed import dataset_tensors
 from lit_tricks.functional import continual as metrics
-
-
-def _as_tensors(dataset: Dataset) -> tuple[Tensor, Tensor]:
-    """All ``(inputs, targets)`` of a data set: its tensors if it is an ArrayDataset, else read item by item."""
-    if hasattr(dataset, "inputs") and hasattr(dataset, "targets"):
-        return dataset.inputs, dataset.targets
-    batch = TrickBatch.from_batch(torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))]))
-    return batch.inputs, batch.targets
 
 
 class ContinualEvaluation(Callback):
@@ -128,7 +122,7 @@ class ContinualEvaluation(Callback):
                     "lit_tricks.data.ContinualDataModule, or pass ContinualEvaluation(eval_sets=[...])."
                 )
             eval_sets = datamodule.task_eval_sets()
-        self._subsets = [self._subset(k, *_as_tensors(data)) for k, data in enumerate(eval_sets)]
+        self._subsets = [self._subset(k, *dataset_tensors(data)) for k, data in enumerate(eval_sets)]
         if self.task_incremental:
             if not hasattr(datamodule, "task_classes"):
                 raise ValueError("task_incremental=True needs a data module with task_classes(): ContinualDataModule.")
@@ -227,8 +221,8 @@ class ContinualEvaluation(Callback):
             self.current.append(point[1])
             self.accuracy.append(point[2])
         if trainer.logger is not None and trainer.is_global_zero:
-            values = {self._tag(f"acc_task{k}"): a for k, a in enumerate(accuracy)}
-            values[self._tag("avg_acc")] = sum(accuracy) / seen
+            values = {log_tag(self, f"acc_task{k}"): a for k, a in enumerate(accuracy)}
+            values[log_tag(self, "avg_acc")] = sum(accuracy) / seen
             trainer.logger.log_metrics(values, step=trainer.global_step)
         return point
 
@@ -266,19 +260,16 @@ class ContinualEvaluation(Callback):
             result[f"wp{w}"] = metrics.windowed_plasticity(acc, w)
         return result
 
-    def _tag(self, name: str) -> str:
-        return f"tricks/{type(self).__name__}/{name}"
-
     def _log_metrics(self, trainer: pl.Trainer) -> None:
         if trainer.logger is None or not trainer.is_global_zero:
             return
-        metrics = {self._tag(k): v for k, v in self.summary().items() if not math.isnan(v)}
+        metrics = {log_tag(self, k): v for k, v in self.summary().items() if not math.isnan(v)}
         trainer.logger.log_metrics(metrics, step=trainer.global_step)
 
     def _log_figure(self, trainer: pl.Trainer) -> None:
         if not isinstance(trainer.logger, TensorBoardLogger) or not trainer.is_global_zero:
             return
-        trainer.logger.experiment.add_figure(self._tag("stability_gap"), self.figure(), trainer.global_step)
+        trainer.logger.experiment.add_figure(log_tag(self, "stability_gap"), self.figure(), trainer.global_step)
 
     def figure(self):
         """A matplotlib figure: each task's accuracy over optimizer steps, task switches as vertical lines."""

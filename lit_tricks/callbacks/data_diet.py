@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Subset
 
 from lit_tricks.core.batch import TrickBatch
 from lit_tricks.core.eval_mode import eval_mode
+from lit_tricks.core.trick import log_tag
 from lit_tricks.functional.data_diet import el2n_scores, grand_scores
 
 Score = Literal["el2n", "grand"]
@@ -92,7 +93,7 @@ class DataDietScores(Callback):
         scores = torch.zeros(n, device=local.device)
         scores[shard] = local
         self.scores = scores.cpu()
-        pl_module.log(f"tricks/{type(self).__name__}/{self.score}_mean", self.scores.mean(), rank_zero_only=True)
+        pl_module.log(log_tag(self, f"{self.score}_mean"), self.scores.mean(), rank_zero_only=True)
         if self.save_to is not None and trainer.is_global_zero:
             self.save_to.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"scores": self.scores, "score": self.score, "epoch": self.epoch}, self.save_to)

@@ -13,6 +13,11 @@ if TYPE_CHECKING:
     from lit_tricks.core.module import TrickModule
 
 
+def log_tag(part: object, name: str) -> str:
+    """The logging name of a quantity of a lit_tricks part: ``tricks/<ClassName>/<name>``."""
+    return f"tricks/{type(part).__name__}/{name}"
+
+
 def logging_due(trainer: pl.Trainer) -> bool:
     """Whether this optimizer step is a logging step. Tricks log only then: ``self.log`` costs more per call
     than most tricks' own work."""
@@ -77,4 +82,4 @@ class Trick(Callback):
         (Lightning overwrites a callback's ``log`` attribute with the module's ``log``, so tricks log through
         the module.)
         """
-        return f"tricks/{type(self).__name__}/{name}"
+        return log_tag(self, name)

@@ -12,7 +12,7 @@ from lit_tricks.data.continual import ContinualDataModule, split_classes, task_s
 from lit_tricks.data.corruption_stream import CorruptionStreamDataModule
 from lit_tricks.data.corruptions import CORRUPTIONS, corrupt, corrupt_signals
 from lit_tricks.data.digits import DigitsDataModule
-from lit_tricks.data.indexed import ArrayDataset, IndexedDataset
+from lit_tricks.data.indexed import ArrayDataset, IndexedDataset, dataset_tensors
 from lit_tricks.data.label_noise import LabelNoise, flip_labels
 from lit_tricks.data.mnist1d import MNIST1DDataModule, generate_mnist1d
 from lit_tricks.data.rs2 import RS2Sampler, rs2_indices
@@ -38,6 +38,7 @@ __all__ = [
     "flip_labels",
     "generate_mnist1d",
     "concept_toy",
+    "dataset_tensors",
     "corrupt",
     "corrupt_signals",
     "render_shapes",

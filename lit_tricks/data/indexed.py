@@ -86,3 +86,12 @@ def dataset_targets(dataset: Dataset) -> Tensor:
     if targets is None:
         targets = [item["targets"] if isinstance(item, Mapping) else item[1] for item in dataset]
     return torch.as_tensor(targets).long()
+
+
+def dataset_tensors(dataset: Dataset) -> tuple[Tensor, Tensor]:
+    """All ``(inputs, targets)`` of a data set: its tensors if it has them (an ArrayDataset), else its items
+    (dicts with ``inputs``/``targets`` or ``(inputs, targets)`` pairs) read and stacked."""
+    if hasattr(dataset, "inputs") and hasattr(dataset, "targets"):
+        return dataset.inputs, dataset.targets
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
+    return (batch["inputs"], batch["targets"]) if isinstance(batch, Mapping) else (batch[0], batch[1])

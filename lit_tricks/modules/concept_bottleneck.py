@@ -16,6 +16,7 @@ from torchmetrics.classification import MultilabelAccuracy, MultilabelAUROC, Mul
 
 from lit_tricks.core.eval_mode import eval_mode
 from lit_tricks.core.rng import RestoresRNG
+from lit_tricks.data.indexed import dataset_tensors
 from lit_tricks.functional import concepts as cf
 
 Mode = Literal["joint", "sequential", "independent"]
@@ -345,10 +346,7 @@ class ConceptBottleneckModel(_ConceptModule):
         loader = self.trainer.train_dataloader if self.bottleneck_kind == "logit" else None
         if loader is None:
             return
-        train = loader.dataset
-        inputs = (
-            train.inputs if hasattr(train, "inputs") else torch.stack([train[i]["inputs"] for i in range(len(train))])
-        )
+        inputs, _ = dataset_tensors(loader.dataset)
         self.calibrate_interventions(inputs)
 
     def on_validation_epoch_start(self) -> None:
