@@ -20,7 +20,7 @@ from lit_tricks.modules import (
     ConsistencyModel,
     PostHocCBM,
 )
-from lit_tricks.modules.tta import RMT, AdaNPC, BNAdapt, Tent
+from lit_tricks.modules.tta import RMT, AdaNPC, BNAdapt, EcoTTA, Tent
 
 __version__ = "0.1.0"
 
@@ -34,6 +34,7 @@ __all__ = [
     "ContinualEvaluation",
     "CutMix",
     "DataDietScores",
+    "EcoTTA",
     "ELR",
     "EMATeacher",
     "ExperienceReplay",

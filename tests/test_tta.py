@@ -1,16 +1,28 @@
-"""Test-time adaptation: corruptions by hand, the stream protocols, BNAdapt / Tent / AdaNPC semantics."""
+"""Test-time adaptation: corruptions by hand, the stream protocols, each method's loss and semantics, DDP."""
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
 
-from lit_tricks import RMT, AdaNPC, BNAdapt, Classifier, Tent
+from lit_tricks import RMT, AdaNPC, BNAdapt, Classifier, EcoTTA, Tent
 from lit_tricks.data import CORRUPTIONS, CorruptionStreamDataModule, DigitsDataModule, MNIST1DDataModule, corrupt
 from lit_tricks.data.corruptions import PARAMS, _disk_kernel
-from lit_tricks.modules.tta import default_augment, softmax_entropy, symmetric_cross_entropy
+from lit_tricks.functional.tta import (
+    class_prototypes,
+    default_augment,
+    filtered_entropy,
+    knn_probabilities,
+    prototype_contrastive_loss,
+    softmax_entropy,
+    symmetric_cross_entropy,
+)
+from lit_tricks.modules.tta import _MetaPart
 from lit_tricks.nets import CNN1D, CNN2D
 
 
@@ -211,3 +223,137 @@ def test_rmt_teacher_is_an_ema_and_reset_restores_every_network():
     assert default_augment(x).shape == x.shape and default_augment(torch.rand(4, 40)).shape == (4, 40)
     with pytest.raises(ValueError, match="forward_features"):
         RMT(nn.Sequential(nn.Linear(4, 2), nn.BatchNorm1d(2)), prototypes=torch.randn(2, 2))
+
+
+# ---------------------------------------------------------------- EcoTTA, shared losses, errors, DDP
+PARTS = ["body.0", "body.1", "body.2", "body.3"]
+
+
+def test_filtered_entropy_keeps_only_reliable_samples():
+    confident, unsure = torch.tensor([[4.0, 0.0, 0.0]]), torch.zeros(1, 3)  # H(unsure) = ln 3 > 0.4 ln 3
+    h = softmax_entropy(confident).item()
+    assert h < 0.4 * torch.log(torch.tensor(3.0)).item()
+    assert filtered_entropy(torch.cat([confident, unsure])).item() == pytest.approx(h)  # mean over kept samples
+    assert filtered_entropy(unsure).item() == 0.0
+    assert filtered_entropy(unsure, margin=1.0 + 1e-6).item() == pytest.approx(torch.log(torch.tensor(3.0)).item())
+
+
+def test_meta_part_is_a_residual_with_an_l1_regulariser():
+    torch.manual_seed(0)
+    part = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.ReLU())
+    meta = _MetaPart(part, (2, 8, 8), (4, 4, 4), "p")
+    x = torch.randn(5, 2, 8, 8)
+    frozen = part(x)
+    expected = meta.meta_bn(frozen) + meta.conv(x)
+    meta.record = True
+    out = meta(x)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(meta.regularisation, (expected - frozen).abs().mean())
+    meta.regularisation.backward()  # inputs detached: no gradient reaches x's producers
+    assert all(p.grad is not None for p in meta.conv.parameters())
+    with pytest.raises(ValueError, match="integer stride"):
+        _MetaPart(part, (2, 8, 8), (4, 3, 3), "p")
+
+
+def test_ecotta_adapts_only_meta_networks_and_resets_exactly():
+    torch.manual_seed(0)
+    net = CNN2D(num_classes=10, width=8)
+    eco = EcoTTA(copy.deepcopy(net), PARTS, input_shape=[1, 8, 8], lr=0.05)
+    trainable = {name for name, p in eco.named_parameters() if p.requires_grad}
+    assert trainable and all(".conv." in n or ".meta_bn." in n for n in trainable)
+    frozen_before = {k: v.clone() for k, v in eco.state_dict().items() if ".part." in k or "head" in k}
+    before = copy.deepcopy(eco.state_dict())
+    x = torch.rand(32, 1, 8, 8) * 4  # confident enough that some samples pass the entropy filter
+    first = eco.adapt({"inputs": x})
+    after = eco.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in frozen_before.items())  # the source model is untouched
+    assert any(not torch.equal(after[k], before[k]) for k in before if ".conv." in k or ".meta_bn." in k)
+    eco.reset()
+    assert all(torch.equal(eco.state_dict()[k], v) for k, v in before.items())
+    assert torch.equal(eco.adapt({"inputs": x}), first)
+    for bad, match in ((["body.9"], "not a submodule"), ("body.0", "parts must list"), (["body.5"], "layout")):
+        with pytest.raises(ValueError, match=match):
+            EcoTTA(copy.deepcopy(net), bad, input_shape=[1, 8, 8])
+
+
+def test_ecotta_warm_up_then_adaptation_beats_the_source(quiet_trainer_kwargs, tmp_path):
+    source, data = _source(quiet_trainer_kwargs)
+    stream = CorruptionStreamDataModule(data, ["contrast", "fog", "pixelate"], severity=5)
+    stream.setup()
+    with torch.no_grad():
+        source_acc = (source(stream.stream.inputs).argmax(-1) == stream.stream.targets).float().mean().item()
+    eco = EcoTTA(copy.deepcopy(source), PARTS, input_shape=[1, 8, 8])
+    with pytest.warns(UserWarning, match="not warmed up"):
+        pl.Trainer(inference_mode=False, **quiet_trainer_kwargs).test(copy.deepcopy(eco), datamodule=stream)
+    warm = pl.Trainer(max_epochs=5, **{**quiet_trainer_kwargs, "enable_checkpointing": True})
+    warm.fit(eco, data)
+    assert bool(eco.warmed_up)
+    torch.testing.assert_close(eco._source_state["model.body.0.conv.0.weight"], eco.model.body[0].conv[0].weight)
+    result = pl.Trainer(inference_mode=False, **quiet_trainer_kwargs).test(eco, datamodule=stream, verbose=False)[0]
+    assert result["test/acc"] > source_acc + 0.15
+    # a new EcoTTA resumes from the warm-up checkpoint, which becomes its reset point
+    fresh = EcoTTA(copy.deepcopy(source), PARTS, input_shape=[1, 8, 8])
+    tester = pl.Trainer(inference_mode=False, **quiet_trainer_kwargs)
+    again = tester.test(fresh, datamodule=stream, ckpt_path=warm.checkpoint_callback.best_model_path, verbose=False)
+    assert again[0]["test/acc"] == pytest.approx(result["test/acc"])
+    assert bool(fresh._source_state["warmed_up"])
+
+
+def test_knn_and_prototype_helpers_by_hand():
+    memory = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    probs = knn_probabilities(torch.tensor([[2.0, 0.0]]), memory, torch.tensor([0, 1, 1]), 2, k=2, temperature=1.0)
+    w = torch.tensor([1.0, 0.6]).softmax(0)  # similarities of the two nearest: rows 0 (class 0), 2 (class 1)
+    torch.testing.assert_close(probs, w.view(1, 2))
+    features, labels = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), torch.tensor([0, 0, 1])
+    torch.testing.assert_close(class_prototypes(features, labels, 2), torch.tensor([[2.0, 3.0], [5.0, 6.0]]))
+    with pytest.raises(ValueError, match=r"missing for classes \[2\]"):
+        class_prototypes(features, labels, 3)
+    # two samples, two views each; views of a sample identical and orthogonal to the other sample's: the loss
+    # is -log(e^{1/t} / (e^{1/t} + 2)) per anchor
+    views = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]])
+    t = 0.5
+    expected = -torch.log(torch.exp(torch.tensor(1 / t)) / (torch.exp(torch.tensor(1 / t)) + 2))
+    torch.testing.assert_close(prototype_contrastive_loss(views, t), expected)
+
+
+def test_clear_errors_for_bad_streams_and_statistics():
+    with pytest.raises(ValueError, match="batch_size >= 2"):
+        BNAdapt(_net()).adapt({"inputs": torch.randn(1, 4)})
+    with pytest.raises(ValueError, match="NaN rows"):
+        RMT(CNN2D(num_classes=3, width=4), prototypes=torch.full((3, 8), float("nan")))
+    with pytest.raises(ValueError, match=r"\[C, 8\]"):
+        RMT(CNN2D(num_classes=3, width=4), prototypes=torch.randn(3, 5))
+    with pytest.raises(ValueError, match="one label each"):
+        AdaNPC(CNN2D(num_classes=3, width=4), torch.randn(5, 8), torch.zeros(4).long())
+
+
+def test_reset_every_and_the_predict_path(quiet_trainer_kwargs):
+    tent = Tent(_net(), lr=1e-1, reset_every=2)
+    x = torch.randn(16, 4)
+    outs = [tent.adapt({"inputs": x}) for _ in range(3)]
+    assert torch.equal(outs[0], outs[2]) and not torch.equal(outs[0], outs[1])
+    digits = DigitsDataModule(as_image=True, val_fraction=0.0)
+    stream = CorruptionStreamDataModule(digits, ["fog"], batch_size=100)
+    stream.setup()
+    module = Tent(CNN2D(num_classes=10, width=4), lr=1e-3)
+    probs = torch.cat(pl.Trainer(inference_mode=False, **quiet_trainer_kwargs).predict(module, datamodule=stream))
+    assert probs.shape == (len(stream.stream), 10)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(len(probs)))
+    with pytest.raises(RuntimeError, match="inference_mode=False"):
+        pl.Trainer(**quiet_trainer_kwargs).predict(module, datamodule=stream)
+
+
+def test_ecotta_under_ddp_sums_the_ranks_errors(tmp_path):
+    script = Path(__file__).with_name("ddp_tta.py")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["world_size"] == 2
+    for name, value in ranks[0]["warmed"].items():  # the warm-up trained the same meta networks on both ranks
+        torch.testing.assert_close(value, ranks[1]["warmed"][name])
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]
+    domain = torch.cat([d for r in ranks for d, _ in r["records"]])
+    hits = torch.cat([h for r in ranks for _, h in r["records"]])
+    for d, name in enumerate(["contrast_5", "fog_5"]):
+        expected = 1 - hits[domain == d].mean().item()
+        assert ranks[0]["metrics"][f"test/error/{name}"] == pytest.approx(expected)

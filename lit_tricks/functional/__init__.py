@@ -17,8 +17,24 @@ from lit_tricks.functional.mixing import (
 )
 from lit_tricks.functional.reweighting import normalize_losses, reweighting_weights, strategy_scores
 from lit_tricks.functional.selective_backprop import select_by_loss, selection_probabilities
+from lit_tricks.functional.tta import (
+    class_prototypes,
+    default_augment,
+    filtered_entropy,
+    knn_probabilities,
+    prototype_contrastive_loss,
+    softmax_entropy,
+    symmetric_cross_entropy,
+)
 
 __all__ = [
+    "class_prototypes",
+    "default_augment",
+    "filtered_entropy",
+    "knn_probabilities",
+    "prototype_contrastive_loss",
+    "softmax_entropy",
+    "symmetric_cross_entropy",
     "el2n_scores",
     "grand_scores",
     "keep_by_scores",

@@ -10,7 +10,7 @@ from lit_tricks.modules.concept_bottleneck import (
 from lit_tricks.modules.consistency import ConsistencyModel
 from lit_tricks.modules.edm import EDMDiffusion
 from lit_tricks.modules.generative import GenerativeModule
-from lit_tricks.modules.tta import RMT, AdaNPC, BNAdapt, Tent, TTAModule
+from lit_tricks.modules.tta import RMT, AdaNPC, BNAdapt, EcoTTA, Tent, TTAModule
 
 __all__ = [
     "Classifier",
@@ -24,6 +24,7 @@ __all__ = [
     "TTAModule",
     "AdaNPC",
     "BNAdapt",
+    "EcoTTA",
     "RMT",
     "Tent",
 ]

@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lit_tricks.functional.ema import ema_update_
+from lit_tricks.functional.tta import (
+    default_augment,
+    filtered_entropy,
+    knn_probabilities,
+    prototype_contrastive_loss,
+    softmax_entropy,
+    symmetric_cross_entropy,
+)
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def softmax_entropy(logits: Tensor) -> Tensor:
-    r"""Per-sample entropy :math:`-\sum_c p_c \log p_c` of ``softmax(logits)``."""
-    return -(logits.softmax(dim=-1) * logits.log_softmax(dim=-1)).sum(dim=-1)
 
 
 def use_batch_statistics(model: nn.Module) -> list[nn.Module]:
@@ -38,12 +41,16 @@ class TTAModule(pl.LightningModule):
     ``test_step`` / ``predict_step``, adapts on each test batch and predicts with the adapted model.
 
     Each method declares what adapts (:meth:`configure_model`, :meth:`collect_params`) and its loss
-    (:meth:`forward_and_adapt`); the base owns the optimizer (built at ``setup``, since ``trainer.test`` does
-    not call ``configure_optimizers``), ``steps`` updates per batch, ``episodic`` resets before every batch, a
-    reset at each batch whose ``batch["reset"]`` is true (the stream's reset-each-shift protocol), and
-    :meth:`reset`, which restores the model and the optimizer exactly. It logs the online accuracy as
-    ``test/acc`` and, for batches with a ``domain`` key, ``test/error/<domain>`` at the end.
+    (:meth:`forward_and_adapt`); the base owns the optimizer (built at construction, since ``trainer.test``
+    does not call ``configure_optimizers``), ``steps`` updates per batch, ``episodic`` resets before every
+    batch, ``reset_every`` resets after that many adapted batches (RDumb's remedy for collapse on long
+    streams), a reset at each batch whose ``batch["reset"]`` is true (the stream's reset-each-shift protocol),
+    and :meth:`reset`, which restores every network and the optimizer exactly. The reset point is the state at
+    construction, or the loaded checkpoint's state (``ckpt_path=``). The networks stay in eval mode (no
+    dropout) even under ``fit``; BatchNorm layers normalise with the test batch's statistics.
 
+    It logs the online accuracy as ``test/acc`` and, for batches with a ``domain`` key, ``test/error/<domain>``
+    at the end, both summed over DDP ranks (each rank adapts its own copy on its share of the stream).
     Methods that need gradients refuse to run under Lightning's default ``inference_mode=True`` and say to set
     ``Trainer(inference_mode=False)``.
 
@@ -52,6 +59,7 @@ class TTAModule(pl.LightningModule):
         lr: learning rate of the method's optimizer.
         steps: optimizer steps per test batch.
         episodic: reset to the source state before every batch.
+        reset_every: reset after this many adapted batches (0: never).
         domain_names: names of the stream's domains, for logging (default: the data module's
             ``domain_names``, else ``domain<i>``).
     """
@@ -59,7 +67,7 @@ class TTAModule(pl.LightningModule):
     needs_grad = True
 
     def __init__(
-        self, model: nn.Module, lr: float = 1e-3, steps: int = 1, episodic: bool = False,
+        self, model: nn.Module, lr: float = 1e-3, steps: int = 1, episodic: bool = False, reset_every: int = 0,
         domain_names: Sequence[str] | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
@@ -67,25 +75,30 @@ class TTAModule(pl.LightningModule):
             raise TypeError(
                 f"model must be the trained source nn.Module (inputs -> logits), got {type(model).__name__}."
             )
-        if steps < (1 if self.needs_grad else 0) or lr <= 0:
-            raise ValueError(f"Need steps >= 1 and lr > 0, got steps={steps}, lr={lr}.")
-        self.model, self.lr, self.steps, self.episodic = model, lr, steps, episodic
+        if steps < (1 if self.needs_grad else 0) or lr <= 0 or reset_every < 0:
+            raise ValueError(
+                f"Need steps >= 1, lr > 0 and reset_every >= 0, got steps={steps}, lr={lr}, reset_every={reset_every}."
+            )
+        self.model, self.lr, self.steps, self.episodic, self.reset_every = model, lr, steps, episodic, reset_every
         self.domain_names = list(domain_names) if domain_names is not None else None
         self.build_models()
         self.configure_model()
+        self.eval()
         self.tta_optimizer = self.build_optimizer()
         self._source_state = copy.deepcopy(self.state_dict())
         self._optimizer_state = copy.deepcopy(self.tta_optimizer.state_dict()) if self.tta_optimizer else None
-        self._domain_hits: dict[int, list[float]] = {}
+        self._batch_norms = any(isinstance(m, _NORMS) and not m.track_running_stats for m in self.modules())
+        self._adapted_batches = 0
+        self._records: list[tuple[Tensor, Tensor]] = []
 
     # ---------------------------------------------------------------- what a method defines
     def build_models(self) -> None:
         """Create the method's extra networks (teacher, projector, ...) from ``self.model``; default: none."""
 
     def configure_model(self) -> None:
-        """Set train/eval modes, ``requires_grad`` and normalisation behaviour; default: eval mode (no dropout),
-        batch-norm statistics of the test batch, everything frozen."""
-        self.model.eval().requires_grad_(False)
+        """Set ``requires_grad`` and normalisation behaviour; default: batch-norm statistics of the test batch,
+        everything frozen."""
+        self.model.requires_grad_(False)
         use_batch_statistics(self.model)
 
     def collect_params(self) -> list[nn.Parameter]:
@@ -104,61 +117,84 @@ class TTAModule(pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
+    def train(self, mode: bool = True) -> TTAModule:
+        """Keep every network in eval mode (no dropout; BatchNorm uses batch statistics either way)."""
+        return super().train(False)
+
     def reset(self) -> None:
         """Restore the source model (and every extra model of the method) and the optimizer's state."""
         self.load_state_dict(self._source_state)
         if self.tta_optimizer is not None:
             self.tta_optimizer.load_state_dict(self._optimizer_state)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._source_state = copy.deepcopy(checkpoint["state_dict"])
+
     def on_test_start(self) -> None:
-        self._check_grad_mode()
-        self._domain_hits = {}
+        self._check_run()
+        self._records = []
         if self.domain_names is None:  # the stream's names, when it has them
             self.domain_names = getattr(self.trainer.datamodule, "domain_names", None)
 
     def on_predict_start(self) -> None:
-        self._check_grad_mode()
+        self._check_run()
 
-    def _check_grad_mode(self) -> None:
+    def _check_run(self) -> None:
         if self.needs_grad and torch.is_inference_mode_enabled():
             raise RuntimeError(
                 f"{type(self).__name__} adapts with gradients, which Lightning's default inference_mode blocks: "
                 "create the Trainer with inference_mode=False."
             )
+        self._check_batch_size(getattr(self.trainer.datamodule, "batch_size", None))
+
+    def _check_batch_size(self, batch_size: int | None) -> None:
+        if self._batch_norms and batch_size == 1:
+            raise ValueError(
+                f"{type(self).__name__} normalises with each test batch's BatchNorm statistics, which a batch_size "
+                "of 1 cannot give: set the stream's batch_size >= 2 (the references use 64-200), or adapt a "
+                "model with GroupNorm/LayerNorm."
+            )
 
     def adapt(self, batch: Any) -> Tensor:
         """Reset if due, adapt ``steps`` times, and return the logits of the adapted pass."""
         x = batch["inputs"] if isinstance(batch, Mapping) else batch[0]
-        if self.episodic or (isinstance(batch, Mapping) and bool(torch.as_tensor(batch.get("reset", False)).any())):
+        self._check_batch_size(len(x))
+        due = self.reset_every and self._adapted_batches and self._adapted_batches % self.reset_every == 0
+        flagged = isinstance(batch, Mapping) and bool(torch.as_tensor(batch.get("reset", False)).any())
+        if self.episodic or due or flagged:
             self.reset()
         logits = None
         with torch.enable_grad():
             for _ in range(max(self.steps, 1)):
                 logits = self.forward_and_adapt(x)
+        self._adapted_batches += 1
         return logits.detach()
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         logits = self.adapt(batch)
         y = batch["targets"] if isinstance(batch, Mapping) else batch[1]
         hits = (logits.argmax(dim=-1) == y).float()
-        self.log("test/acc", hits.mean(), batch_size=len(y))
+        self.log("test/acc", hits.mean(), batch_size=len(y), sync_dist=True)
         if isinstance(batch, Mapping) and "domain" in batch:
-            for d in batch["domain"].unique().tolist():
-                chosen = hits[batch["domain"] == d]
-                total = self._domain_hits.setdefault(d, [0.0, 0.0])
-                total[0] += chosen.sum().item()
-                total[1] += len(chosen)
+            self._records.append((batch["domain"], hits))
 
     def on_test_epoch_end(self) -> None:
-        for d, (correct, total) in sorted(self._domain_hits.items()):
+        """Error per domain over the whole stream, summed over the ranks' shares."""
+        size = len(self.domain_names) if self.domain_names else 0
+        if not self._records and not size and self.trainer.world_size == 1:
+            return
+        domain = torch.cat([d for d, _ in self._records]) if self._records else torch.zeros(0, dtype=torch.long)
+        hits = torch.cat([h for _, h in self._records]) if self._records else torch.zeros(0)
+        size = int(self.all_gather(torch.tensor(max(size, int(domain.max()) + 1 if len(domain) else 0))).max())
+        domain, hits = domain.cpu(), hits.cpu().double()
+        counts = torch.stack([torch.bincount(domain, hits, size), torch.bincount(domain, None, size).double()])
+        counts = self.trainer.strategy.reduce(counts.to(self.device), reduce_op="sum").cpu()
+        for d in counts[1].nonzero().flatten().tolist():
             name = self.domain_names[d] if self.domain_names else f"domain{d}"
-            self.log(f"test/error/{name}", 1 - correct / total)
+            self.log(f"test/error/{name}", 1 - counts[0, d].item() / counts[1, d].item())
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self.adapt(batch).softmax(dim=-1)
-
-    def configure_optimizers(self):
-        return self.tta_optimizer
 
 
 class BNAdapt(TTAModule):
@@ -238,6 +274,11 @@ class AdaNPC(TTAModule):
             raise ValueError("AdaNPC needs features=... (inputs -> penultimate features) or a model.forward_features.")
         if k < 1 or temperature <= 0:
             raise ValueError(f"Need k >= 1 and temperature > 0, got {k}, {temperature}.")
+        if source_features.ndim != 2 or len(source_features) != len(source_labels) or not len(source_labels):
+            raise ValueError(
+                "source_features must be [N, D] with one label each in source_labels [N], got "
+                f"{tuple(source_features.shape)} and {tuple(source_labels.shape)}."
+            )
         super().__init__(model, lr=1.0, steps=0, domain_names=domain_names)
         self._features = features
         self.k, self.temperature, self.beta = k, temperature, beta
@@ -252,17 +293,12 @@ class AdaNPC(TTAModule):
     def features(self, x: Tensor) -> Tensor:
         return self._features(x) if self._features is not None else self.model.forward_features(x)
 
-    def knn_probabilities(self, features: Tensor) -> Tensor:
-        similarity = F.normalize(features, dim=1) @ self.memory.T
-        weights, index = similarity.topk(min(self.k, len(self.memory)), dim=1)
-        weights = (weights / self.temperature).softmax(dim=1)
-        probs = torch.zeros(len(features), self.num_classes, device=features.device)
-        return probs.scatter_add_(1, self.memory_labels[index], weights)
-
     def forward_and_adapt(self, x: Tensor) -> Tensor:
         with torch.no_grad():
             features = self.features(x)
-            probs = self.knn_probabilities(features)
+            probs = knn_probabilities(
+                features, self.memory, self.memory_labels, self.num_classes, self.k, self.temperature
+            )
             confidence, label = probs.max(dim=1)
             keep = confidence >= self.beta
             self.memory = torch.cat([self.memory, F.normalize(features[keep], dim=1)])
@@ -273,33 +309,6 @@ class AdaNPC(TTAModule):
         source = len(self._source_state["memory"])
         self.memory, self.memory_labels = self.memory[:source].clone(), self.memory_labels[:source].clone()
         self.load_state_dict(self._source_state)
-
-
-def symmetric_cross_entropy(student: Tensor, teacher: Tensor, alpha: float = 0.5) -> Tensor:
-    r"""Per-sample :math:`-(1-\alpha)\sum_c q_c \log p_c - \alpha \sum_c p_c \log q_c` with :math:`p`, :math:`q`
-    the softmax of the ``student`` and (no-gradient) ``teacher`` logits (RMT's self-training loss)."""
-    teacher = teacher.detach()
-    forward = -(teacher.softmax(-1) * student.log_softmax(-1)).sum(-1)
-    backward = -(student.softmax(-1) * teacher.log_softmax(-1)).sum(-1)
-    return (1 - alpha) * forward + alpha * backward
-
-
-def default_augment(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """A light, label-preserving augmentation for small images ``[N, C, H, W]`` and signals ``[N, L]``:
-    per-sample contrast in [0.7, 1.3] and brightness in [-0.1, 0.1] (relative to the sample's range), a shift
-    of up to one pixel (two samples for signals), and Gaussian noise of 0.5% of the range."""
-    n, device = len(x), x.device
-    dims = tuple(range(1, x.ndim))
-    shape = (n, *[1] * (x.ndim - 1))
-    span = (x.amax(dim=dims, keepdim=True) - x.amin(dim=dims, keepdim=True)).clamp(min=1e-6)
-    mean = x.mean(dim=dims, keepdim=True)
-    contrast = (0.7 + 0.6 * torch.rand(shape, generator=generator)).to(device)
-    brightness = (0.2 * torch.rand(shape, generator=generator) - 0.1).to(device) * span
-    out = (x - mean) * contrast + mean + brightness
-    limit = 2 if x.ndim == 2 else 1
-    shifts = torch.randint(-limit, limit + 1, (x.ndim - 1 if x.ndim == 2 else 2,), generator=generator).tolist()
-    out = torch.roll(out, shifts=shifts, dims=(-1,) if x.ndim == 2 else (-2, -1))
-    return out + 0.005 * span * torch.randn(x.shape, generator=generator).to(device)
 
 
 class RMT(TTAModule):
@@ -325,20 +334,28 @@ class RMT(TTAModule):
         lambda_cont: weight of the contrastive term.
         temperature: SupCon temperature.
         augment: ``x -> x~`` (default :func:`default_augment`).
-        steps, episodic, domain_names: as :class:`TTAModule`.
+        steps, episodic, reset_every, domain_names: as :class:`TTAModule`.
     """
 
     def __init__(
         self, model: nn.Module, lr: float = 1e-3, momentum: float = 0.999, prototypes: Tensor | None = None,
         lambda_cont: float = 1.0, temperature: float = 0.1, augment=None, steps: int = 1, episodic: bool = False,
-        domain_names: Sequence[str] | None = None,
+        reset_every: int = 0, domain_names: Sequence[str] | None = None,
     ) -> None:  # fmt: skip
         if not 0.0 < momentum < 1.0:
             raise ValueError(f"momentum must be in (0, 1), got {momentum}.")
-        if prototypes is not None and not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
-            raise ValueError("RMT's contrastive term needs model.forward_features and model.forward_head.")
+        if prototypes is not None:
+            if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+                raise ValueError("RMT's contrastive term needs model.forward_features and model.forward_head.")
+            width = getattr(model, "num_features", prototypes.shape[-1])
+            if prototypes.ndim != 2 or prototypes.shape[1] != width or not torch.isfinite(prototypes).all():
+                raise ValueError(
+                    f"prototypes must be finite source class means [C, {width}] of model.forward_features, got "
+                    f"shape {tuple(prototypes.shape)}{'' if torch.isfinite(prototypes).all() else ' with NaN rows'}: "
+                    "compute them with lit_tricks.functional.tta.class_prototypes(features, labels, num_classes)."
+                )
         self._source_prototypes = prototypes  # registered in build_models, before the state is snapshot
-        super().__init__(model, lr=lr, steps=steps, episodic=episodic, domain_names=domain_names)
+        super().__init__(model, lr, steps, episodic, reset_every, domain_names)
         self.momentum, self.lambda_cont, self.temperature = momentum, lambda_cont, temperature
         self.augment = augment or default_augment
 
@@ -363,15 +380,7 @@ class RMT(TTAModule):
     def _contrastive(self, f_x: Tensor, f_aug: Tensor) -> Tensor:
         nearest = (F.normalize(f_x.detach(), dim=1) @ self.prototypes.T).argmax(dim=1)
         views = torch.stack([self.prototypes[nearest], f_x, f_aug], dim=1)  # [B, 3, D]
-        z = F.normalize(self.projector(views.flatten(0, 1)), dim=1)  # [3B, 128], sample-major
-        b = len(f_x)
-        logits = z @ z.T / self.temperature
-        logits = logits - logits.max(dim=1, keepdim=True).values.detach()
-        same = torch.arange(b, device=z.device).repeat_interleave(3)
-        self_mask = torch.eye(3 * b, dtype=torch.bool, device=z.device)
-        positives = (same[:, None] == same[None, :]) & ~self_mask
-        log_prob = logits - torch.logsumexp(logits.masked_fill(self_mask, -math.inf), dim=1, keepdim=True)
-        return -(log_prob * positives).sum(dim=1).div(positives.sum(dim=1)).mean()
+        return prototype_contrastive_loss(self.projector(views), self.temperature)
 
     def forward_and_adapt(self, x: Tensor) -> Tensor:
         x_aug = self.augment(x)
@@ -392,3 +401,188 @@ class RMT(TTAModule):
         with torch.no_grad():
             ema_update_(list(self.teacher.parameters()), list(self.model.parameters()), self.momentum)
         return student + teacher
+
+
+class _MetaPart(nn.Module):
+    """Part ``k`` of a frozen encoder with EcoTTA's meta network beside it:
+    :math:`\\tilde x_k = \\mathrm{BN}_k(\\mathrm{part}_k(\\tilde x_{k-1})) + \\mathrm{ConvBlock}_k(\\tilde x_{k-1})`.
+    With ``record`` set, a forward also stores :math:`R_k = \\lVert \\tilde x_k - x_k \\rVert_1` (mean absolute
+    error to the frozen part's output, inputs detached so that it trains meta network ``k`` only)."""
+
+    def __init__(self, part: nn.Module, in_shape: Sequence[int], out_shape: Sequence[int], name: str) -> None:
+        super().__init__()
+        spatial = len(out_shape) - 1
+        if len(in_shape) != len(out_shape) or spatial > 2:
+            raise ValueError(
+                f"EcoTTA part '{name}' maps {tuple(in_shape)} to {tuple(out_shape)} (per sample): a part must keep "
+                "the layout [C], [C, L] or [C, H, W]; choose parts between such layers."
+            )
+        c_in, c_out = in_shape[0], out_shape[0]
+        if spatial == 0:
+            block, norm = nn.Linear(c_in, c_out, bias=False), nn.BatchNorm1d
+        else:
+            stride = in_shape[1] // out_shape[1]
+            conv, norm = (nn.Conv1d, nn.BatchNorm1d) if spatial == 1 else (nn.Conv2d, nn.BatchNorm2d)
+            block = conv(c_in, c_out, 3, stride=max(stride, 1), padding=1, bias=False)
+            size = [(s - 1) // max(stride, 1) + 1 for s in in_shape[1:]]
+            if size != list(out_shape[1:]):
+                raise ValueError(
+                    f"EcoTTA part '{name}' maps {tuple(in_shape)} to {tuple(out_shape)}: its meta conv block "
+                    "(3x3, padding 1) cannot match that size with a stride; choose parts that downsample by "
+                    "an integer stride."
+                )
+        self.part = part
+        self.conv = nn.Sequential(block, norm(c_out), nn.ReLU())
+        self.meta_bn = norm(c_out)
+        self.record = False
+        self.regularisation: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        frozen = self.part(x)
+        if self.record:
+            target = frozen.detach()
+            self.regularisation = (self.meta_bn(target) + self.conv(x.detach()) - target).abs().mean()
+        return self.meta_bn(frozen) + self.conv(x)
+
+
+class EcoTTA(TTAModule):
+    r"""EcoTTA (Song et al., "EcoTTA: Memory-Efficient Continual Test-time Adaptation via Self-distilled
+    Regularization", CVPR 2023): the source model stays frozen; each of K ``parts`` of its encoder gets a small
+    meta network (a BatchNorm on the part's output plus a Conv-BN-ReLU block on its input, added as a residual),
+    and only the meta networks adapt, with
+
+    .. math:: \mathcal L = \mathbb 1[H(\hat y) < H_0]\,H(\hat y) + \lambda \sum_k \lVert \tilde x_k - x_k \rVert_1,
+              \qquad H_0 = 0.4 \ln C,
+
+    the entropy of reliable samples (EATA's filter) plus the self-distilled regulariser that keeps each meta
+    group's output :math:`\tilde x_k` near the frozen part's :math:`x_k` (λ = 0.5; one summed loss, SGD 5e-3,
+    as in the paper). Predictions come from the same (pre-update) pass. Frozen layers need no stored
+    activations for weight gradients, which is where the memory saving comes from.
+
+    The meta networks start random, so warm them up before deployment: ``Trainer(max_epochs=10).fit(ecotta,
+    source_data)`` trains them alone with cross-entropy on source data (paper: SGD 5e-2, 10 epochs on CIFAR;
+    5-20% of the source set is enough). Testing without a warm-up warns.
+
+    Example::
+
+        >>> import torch
+        >>> from lit_tricks import EcoTTA
+        >>> from lit_tricks.nets import CNN2D
+        >>> eco = EcoTTA(CNN2D(num_classes=10, width=8), parts=["body.0", "body.1", "body.2", "body.3"],
+        ...              input_shape=[1, 8, 8])
+        >>> eco.adapt({"inputs": torch.rand(16, 1, 8, 8)}).shape
+        torch.Size([16, 10])
+
+    Args:
+        model: the source model.
+        parts: dotted names of the encoder's K consecutive parts (the paper uses K = 4 or 5, shallow layers
+            split more finely), each mapping ``[C, ...]`` to ``[C', ...]``; the stem and the head stay frozen.
+        input_shape: one input's shape (no batch dimension), to size the meta networks.
+        lr: SGD learning rate at test time (momentum 0.9).
+        lambda_reg: λ, weight of the self-distilled regulariser.
+        entropy_margin: :math:`H_0 / \ln C`.
+        warmup_lr: SGD learning rate of the warm-up (momentum 0.9).
+        steps, episodic, reset_every, domain_names: as :class:`TTAModule`.
+    """
+
+    def __init__(
+        self, model: nn.Module, parts: Sequence[str], input_shape: Sequence[int], lr: float = 5e-3,
+        lambda_reg: float = 0.5, entropy_margin: float = 0.4, warmup_lr: float = 5e-2, steps: int = 1,
+        episodic: bool = False, reset_every: int = 0, domain_names: Sequence[str] | None = None,
+    ) -> None:  # fmt: skip
+        if isinstance(parts, str) or not parts:
+            raise ValueError("parts must list the encoder parts' module names, e.g. ['body.0', 'body.1', ...].")
+        if lambda_reg < 0 or not 0 < entropy_margin <= 1 or warmup_lr <= 0:
+            raise ValueError(
+                f"Need lambda_reg >= 0, 0 < entropy_margin <= 1 and warmup_lr > 0, got {lambda_reg}, "
+                f"{entropy_margin}, {warmup_lr}."
+            )
+        self.part_names, self.input_shape = list(parts), list(input_shape)
+        super().__init__(model, lr, steps, episodic, reset_every, domain_names)
+        self.lambda_reg, self.entropy_margin, self.warmup_lr = lambda_reg, entropy_margin, warmup_lr
+
+    @property
+    def meta_parts(self) -> list[_MetaPart]:
+        return [self.model.get_submodule(name) for name in self.part_names]
+
+    def build_models(self) -> None:
+        names = {name for name, _ in self.model.named_modules()}
+        for name in self.part_names:
+            if name not in names or not name:
+                raise ValueError(
+                    f"EcoTTA part '{name}' is not a submodule of the model; its submodules: {sorted(names)[:20]}."
+                )
+        shapes: dict[str, tuple] = {}
+
+        def record(name: str):
+            def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
+                shapes.setdefault(name, (args[0].shape[1:], out.shape[1:]))
+
+            return hook
+
+        hooks = [self.model.get_submodule(name).register_forward_hook(record(name)) for name in self.part_names]
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        with torch.no_grad():
+            self.model.eval()(torch.zeros(2, *self.input_shape, device=device))
+        self.model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+        for name in self.part_names:
+            if name not in shapes:
+                raise ValueError(f"EcoTTA part '{name}' is not called in the model's forward.")
+            parent, _, child = name.rpartition(".")
+            meta = _MetaPart(self.model.get_submodule(name), *shapes[name], name=name).to(device)
+            setattr(self.model.get_submodule(parent) if parent else self.model, child, meta)
+        self.register_buffer("warmed_up", torch.tensor(False))
+
+    def configure_model(self) -> None:
+        super().configure_model()  # frozen; every BatchNorm (frozen and meta) on batch statistics
+        for meta in self.meta_parts:
+            meta.conv.requires_grad_(True)
+            meta.meta_bn.requires_grad_(True)
+
+    def collect_params(self) -> list[nn.Parameter]:
+        return [p for meta in self.meta_parts for p in (*meta.conv.parameters(), *meta.meta_bn.parameters())]
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.collect_params(), lr=self.lr, momentum=0.9)
+
+    def forward_and_adapt(self, x: Tensor) -> Tensor:
+        metas = self.meta_parts
+        for meta in metas:
+            meta.record = True
+        try:
+            logits = self.model(x)
+        finally:
+            for meta in metas:
+                meta.record = False
+        regularisation = sum(meta.regularisation for meta in metas)
+        loss = filtered_entropy(logits, self.entropy_margin) + self.lambda_reg * regularisation
+        loss.backward()
+        self.tta_optimizer.step()
+        self.tta_optimizer.zero_grad()
+        return logits
+
+    # ---------------------------------------------------------------- the source warm-up (Trainer.fit)
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = (batch["inputs"], batch["targets"]) if isinstance(batch, Mapping) else batch[:2]
+        loss = F.cross_entropy(self.model(x), y)
+        self.log("warmup/loss", loss, prog_bar=True)
+        self.warmed_up.fill_(True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.collect_params(), lr=self.warmup_lr, momentum=0.9)
+
+    def on_fit_end(self) -> None:
+        """The warmed-up meta networks become the state that :meth:`reset` returns to."""
+        self._source_state = copy.deepcopy(self.state_dict())
+
+    def on_test_start(self) -> None:
+        super().on_test_start()
+        if not self.warmed_up:
+            rank_zero_warn(
+                "EcoTTA's meta networks were not warmed up: run Trainer(max_epochs=10).fit(ecotta, source_data) "
+                "before adapting (random meta networks start far from the source model)."
+            )
