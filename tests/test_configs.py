@@ -9,7 +9,10 @@ from conftest import ROOT
 
 from lit_tricks.cli import LitTricksCLI, catalogue
 
-RECIPES = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "tricks" not in p.relative_to(ROOT).parts)
+RECIPES = sorted(
+    p for p in (ROOT / "configs").rglob("*.yaml") if not {"tricks", "tta"} & set(p.relative_to(ROOT).parts)
+)
+TTA = ROOT / "configs" / "tta"
 SNIPPETS = sorted((ROOT / "configs" / "tricks").glob("*.yaml"))
 SHORT_RUN = [
     "--trainer.max_steps=3",
@@ -80,3 +83,24 @@ def test_help_lists_the_parts():
         assert name in text
     out = subprocess.run([sys.executable, "-m", "lit_tricks", "--help"], capture_output=True, text=True, check=True)
     assert "lit_tricks parts" in out.stdout and "lit_tricks.data.MNIST1DDataModule" in out.stdout
+
+
+def test_tta_recipes_train_a_source_then_adapt_on_the_stream(tmp_path, monkeypatch):
+    """configs/tta/: fit the source model, then each method file stacked on the stream file runs `test` from its
+    checkpoint and logs the online accuracy and the per-domain errors; EcoTTA warms up with `fit` first."""
+    monkeypatch.chdir(tmp_path)
+    short_test = ["--trainer.limit_test_batches=12", "--trainer.enable_progress_bar=false"]
+    LitTricksCLI(args=["fit", *_configs(TTA / "digits_c.yaml", TTA / "source.yaml"), *SHORT_RUN])
+    assert (tmp_path / "checkpoints/tta/source.ckpt").exists()
+    for method in ("bn_adapt", "tent", "rmt"):
+        cli = LitTricksCLI(args=["test", *_configs(TTA / "digits_c.yaml", TTA / f"{method}.yaml"), *short_test])
+        metrics = cli.trainer.callback_metrics
+        assert 0 <= metrics["test/acc"] <= 1 and "test/error/gaussian_noise_5" in metrics, method
+    LitTricksCLI(args=["fit", *_configs(TTA / "digits_c.yaml", TTA / "ecotta.yaml"), *SHORT_RUN])
+    ckpt = ["--ckpt_path", "checkpoints/tta/ecotta.ckpt"]
+    cli = LitTricksCLI(args=["test", *_configs(TTA / "digits_c.yaml", TTA / "ecotta.yaml"), *short_test, *ckpt])
+    assert bool(cli.model.warmed_up) and "test/acc" in cli.trainer.callback_metrics
+    bad = tmp_path / "other.yaml"
+    bad.write_text("model:\n  init_args:\n    model:\n      init_args:\n        width: 8\n")
+    with pytest.raises(ValueError, match="does not hold this model's weights"):
+        LitTricksCLI(args=_configs(TTA / "digits_c.yaml", TTA / "tent.yaml", bad), run=False)

@@ -36,6 +36,30 @@ def use_batch_statistics(model: nn.Module) -> list[nn.Module]:
     return norms
 
 
+def load_source_weights(model: nn.Module, path: str) -> nn.Module:
+    """Load ``model``'s weights from ``path``: a Lightning checkpoint of a module that holds ``model`` as a
+    submodule (e.g. a :class:`~lit_tricks.Classifier`, whose keys start with ``backbone.``) or a plain state dict.
+    Returns ``model``."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    keys = list(model.state_dict())
+    prefixes = {key[: len(key) - len(keys[0])] for key in state if key.endswith(keys[0])}
+    for prefix in prefixes:  # the prefix under which the checkpoint stores the model
+        if all(prefix + k in state for k in keys):
+            try:
+                model.load_state_dict({k: state[prefix + k] for k in keys})
+                return model
+            except RuntimeError as error:
+                problem = str(error).splitlines()[1].strip()
+                break
+    else:
+        problem = f"no keys like {keys[0]!r} under any prefix"
+    raise ValueError(
+        f"source_checkpoint {path!r} does not hold this model's weights ({problem}): give the checkpoint of the "
+        "run that trained this architecture, built with the same arguments."
+    )
+
+
 class TTAModule(pl.LightningModule):
     """Base of the test-time adaptation methods: wraps a trained source ``model`` (inputs -> logits) and, in
     ``test_step`` / ``predict_step``, adapts on each test batch and predicts with the adapted model.
@@ -62,19 +86,23 @@ class TTAModule(pl.LightningModule):
         reset_every: reset after this many adapted batches (0: never).
         domain_names: names of the stream's domains, for logging (default: the data module's
             ``domain_names``, else ``domain<i>``).
+        source_checkpoint: load ``model``'s trained weights from this file first (:func:`load_source_weights`),
+            so that a YAML recipe can name an untrained architecture plus the checkpoint of its training run.
     """
 
     needs_grad = True
 
     def __init__(
         self, model: nn.Module, lr: float = 1e-3, steps: int = 1, episodic: bool = False, reset_every: int = 0,
-        domain_names: Sequence[str] | None = None,
+        domain_names: Sequence[str] | None = None, source_checkpoint: str | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"model must be the trained source nn.Module (inputs -> logits), got {type(model).__name__}."
             )
+        if source_checkpoint is not None:
+            load_source_weights(model, source_checkpoint)
         if steps < (1 if self.needs_grad else 0) or lr <= 0 or reset_every < 0:
             raise ValueError(
                 f"Need steps >= 1, lr > 0 and reset_every >= 0, got steps={steps}, lr={lr}, reset_every={reset_every}."
@@ -199,12 +227,15 @@ class TTAModule(pl.LightningModule):
 
 class BNAdapt(TTAModule):
     """Test-batch normalisation statistics (Schneider et al., 2020; "BN-1" in the rivals' benchmark): every
-    BatchNorm normalises with the current test batch's mean and variance; nothing is trained."""
+    BatchNorm normalises with the current test batch's mean and variance; nothing is trained. Arguments as
+    :class:`TTAModule`."""
 
     needs_grad = False
 
-    def __init__(self, model: nn.Module, domain_names: Sequence[str] | None = None) -> None:
-        super().__init__(model, lr=1.0, steps=0, episodic=False, domain_names=domain_names)
+    def __init__(
+        self, model: nn.Module, domain_names: Sequence[str] | None = None, source_checkpoint: str | None = None
+    ) -> None:
+        super().__init__(model, lr=1.0, steps=0, domain_names=domain_names, source_checkpoint=source_checkpoint)
 
     def forward_and_adapt(self, x: Tensor) -> Tensor:
         with torch.no_grad():
@@ -262,6 +293,7 @@ class AdaNPC(TTAModule):
         features: ``inputs -> [N, D]`` (default: ``model.forward_features`` if the model has it).
         source_features, source_labels: the memory's source part.
         k, temperature, beta: the authors' defaults 100, 0.1, 0.1.
+        domain_names, source_checkpoint: as :class:`TTAModule`.
     """
 
     needs_grad = False
@@ -269,6 +301,7 @@ class AdaNPC(TTAModule):
     def __init__(
         self, model: nn.Module, source_features: Tensor, source_labels: Tensor, features: nn.Module | None = None,
         k: int = 100, temperature: float = 0.1, beta: float = 0.1, domain_names: Sequence[str] | None = None,
+        source_checkpoint: str | None = None,
     ) -> None:  # fmt: skip
         if features is None and not hasattr(model, "forward_features"):
             raise ValueError("AdaNPC needs features=... (inputs -> penultimate features) or a model.forward_features.")
@@ -279,7 +312,7 @@ class AdaNPC(TTAModule):
                 "source_features must be [N, D] with one label each in source_labels [N], got "
                 f"{tuple(source_features.shape)} and {tuple(source_labels.shape)}."
             )
-        super().__init__(model, lr=1.0, steps=0, domain_names=domain_names)
+        super().__init__(model, lr=1.0, steps=0, domain_names=domain_names, source_checkpoint=source_checkpoint)
         self._features = features
         self.k, self.temperature, self.beta = k, temperature, beta
         self.num_classes = int(source_labels.max()) + 1
@@ -334,13 +367,13 @@ class RMT(TTAModule):
         lambda_cont: weight of the contrastive term.
         temperature: SupCon temperature.
         augment: ``x -> x~`` (default :func:`default_augment`).
-        steps, episodic, reset_every, domain_names: as :class:`TTAModule`.
+        steps, episodic, reset_every, domain_names, source_checkpoint: as :class:`TTAModule`.
     """
 
     def __init__(
         self, model: nn.Module, lr: float = 1e-3, momentum: float = 0.999, prototypes: Tensor | None = None,
         lambda_cont: float = 1.0, temperature: float = 0.1, augment=None, steps: int = 1, episodic: bool = False,
-        reset_every: int = 0, domain_names: Sequence[str] | None = None,
+        reset_every: int = 0, domain_names: Sequence[str] | None = None, source_checkpoint: str | None = None,
     ) -> None:  # fmt: skip
         if not 0.0 < momentum < 1.0:
             raise ValueError(f"momentum must be in (0, 1), got {momentum}.")
@@ -355,7 +388,7 @@ class RMT(TTAModule):
                     "compute them with lit_tricks.functional.tta.class_prototypes(features, labels, num_classes)."
                 )
         self._source_prototypes = prototypes  # registered in build_models, before the state is snapshot
-        super().__init__(model, lr, steps, episodic, reset_every, domain_names)
+        super().__init__(model, lr, steps, episodic, reset_every, domain_names, source_checkpoint)
         self.momentum, self.lambda_cont, self.temperature = momentum, lambda_cont, temperature
         self.augment = augment or default_augment
 
@@ -482,13 +515,14 @@ class EcoTTA(TTAModule):
         lambda_reg: λ, weight of the self-distilled regulariser.
         entropy_margin: :math:`H_0 / \ln C`.
         warmup_lr: SGD learning rate of the warm-up (momentum 0.9).
-        steps, episodic, reset_every, domain_names: as :class:`TTAModule`.
+        steps, episodic, reset_every, domain_names, source_checkpoint: as :class:`TTAModule`.
     """
 
     def __init__(
         self, model: nn.Module, parts: Sequence[str], input_shape: Sequence[int], lr: float = 5e-3,
         lambda_reg: float = 0.5, entropy_margin: float = 0.4, warmup_lr: float = 5e-2, steps: int = 1,
         episodic: bool = False, reset_every: int = 0, domain_names: Sequence[str] | None = None,
+        source_checkpoint: str | None = None,
     ) -> None:  # fmt: skip
         if isinstance(parts, str) or not parts:
             raise ValueError("parts must list the encoder parts' module names, e.g. ['body.0', 'body.1', ...].")
@@ -498,7 +532,7 @@ class EcoTTA(TTAModule):
                 f"{entropy_margin}, {warmup_lr}."
             )
         self.part_names, self.input_shape = list(parts), list(input_shape)
-        super().__init__(model, lr, steps, episodic, reset_every, domain_names)
+        super().__init__(model, lr, steps, episodic, reset_every, domain_names, source_checkpoint)
         self.lambda_reg, self.entropy_margin, self.warmup_lr = lambda_reg, entropy_margin, warmup_lr
 
     @property
