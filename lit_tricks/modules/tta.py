@@ -489,8 +489,9 @@ class EcoTTA(TTAModule):
 
     the entropy of reliable samples (EATA's filter) plus the self-distilled regulariser that keeps each meta
     group's output :math:`\tilde x_k` near the frozen part's :math:`x_k` (λ = 0.5; one summed loss, SGD 5e-3,
-    as in the paper). Predictions come from the same (pre-update) pass. Frozen layers need no stored
-    activations for weight gradients, which is where the memory saving comes from.
+    as in the paper). Predictions come from the same (pre-update) pass. The paper's memory saving rests on
+    not storing the frozen network's activations; PyTorch's autograd still saves a frozen convolution's input
+    whenever a gradient passes through it, so here the saving does not materialise (BENCHMARKS.md).
 
     The meta networks start random, so warm them up before deployment: ``Trainer(max_epochs=10).fit(ecotta,
     source_data)`` trains them alone with cross-entropy on source data (paper: SGD 5e-2, 10 epochs on CIFAR;
