@@ -357,3 +357,29 @@ def test_ecotta_under_ddp_sums_the_ranks_errors(tmp_path):
     for d, name in enumerate(["contrast_5", "fog_5"]):
         expected = 1 - hits[domain == d].mean().item()
         assert ranks[0]["metrics"][f"test/error/{name}"] == pytest.approx(expected)
+
+
+def test_ecotta_warm_up_resumes_bit_exactly(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def warm_up(root, max_epochs, ckpt_path=None):
+        pl.seed_everything(0, verbose=False)
+        eco = EcoTTA(CNN2D(num_classes=10, width=4), ["body.0", "body.2"], input_shape=[1, 8, 8])
+        trainer = pl.Trainer(
+            max_epochs=max_epochs, limit_train_batches=4, accelerator="cpu", devices=1, logger=False,
+            enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0)],
+        )  # fmt: skip
+        trainer.fit(eco, DigitsDataModule(as_image=True, batch_size=32, val_fraction=0.0), ckpt_path=ckpt_path)
+        return eco, trainer
+
+    full, full_trainer = warm_up(tmp_path / "full", 2)
+    warm_up(tmp_path / "half", 1)
+    resumed, resumed_trainer = warm_up(tmp_path / "resumed", 2, ckpt_path=tmp_path / "half" / "last.ckpt")
+    assert resumed_trainer.global_step == full_trainer.global_step == 8
+    for key, value in full.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    momentum = [s["momentum_buffer"] for s in resumed_trainer.optimizers[0].state.values()]
+    expected = [s["momentum_buffer"] for s in full_trainer.optimizers[0].state.values()]
+    assert momentum and all(torch.equal(a, b) for a, b in zip(momentum, expected, strict=True))
+    assert all(torch.equal(v, resumed._source_state[k]) for k, v in resumed.state_dict().items())  # reset point
