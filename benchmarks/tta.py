@@ -8,9 +8,10 @@ Source models (Adam 1e-3, clean training split): Digits: CNN2D (width 16, BatchN
 digits; MNIST-1D: CNN1D (32 channels, BatchNorm), 20 epochs on 4000 signals. Test streams: the test split under
 each of the 10 corruptions at severity 5 (continual: one domain after another, no reset) and, for the gradual
 protocol, each corruption at severities 1-5-1. Batch 64. Tent and RMT: Adam 1e-3, one step per batch; AdaNPC:
-k 100, T 0.1, beta 0.1 on the source model's penultimate features; EcoTTA: one part per conv block, warm-up 10
-epochs (SGD 5e-2) on the clean training split, then SGD 5e-3, lambda 0.5, H0 = 0.4 ln C. Error = online error (%)
-on each domain; throughput = test samples per second of the whole stream (EcoTTA's warm-up not included).
+k 100 (the authors' default; also k 10), T 0.1, beta 0.1 on the source model's penultimate features; EcoTTA:
+one part per conv block, warm-up 10 epochs (SGD 5e-2) on the clean training split, then SGD 5e-3, lambda 0.5,
+H0 = 0.4 ln C. Error = online error (%) on each domain; throughput = test samples per second of the whole
+stream (EcoTTA's warm-up not included).
 Memory (CPU has no allocator peak counter): the module's state (every network, buffer and memory bank) + the
 optimizer's state + the reset snapshot, and the tensors saved for backward by one adaptation step on a batch of 64
 (counted by storage with autograd's saved-tensor hooks), i.e. what an accelerator holds at the step's peak.
@@ -32,7 +33,7 @@ from lit_tricks.nets import CNN1D, CNN2D
 
 QUIET = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
              enable_model_summary=False)  # fmt: skip
-NAMES = ["source", "BNAdapt", "Tent", "RMT", "AdaNPC", "EcoTTA"]
+NAMES = ["source", "BNAdapt", "Tent", "RMT", "AdaNPC", "AdaNPC k=10", "EcoTTA"]
 SETUPS = {  # data set: (data module, network, source epochs, EcoTTA parts, one input's shape)
     "Digits-C": (lambda seed: DigitsDataModule(as_image=True, batch_size=64, val_fraction=0.0, seed=seed),
                  lambda: CNN2D(num_classes=10, width=16), 15, ["body.0", "body.1", "body.2", "body.3"], [1, 8, 8]),
@@ -54,6 +55,7 @@ def methods(source, data, parts, input_shape, warmup_epochs):
         "Tent": lambda: Tent(copy.deepcopy(source), lr=1e-3),
         "RMT": lambda: RMT(copy.deepcopy(source), lr=1e-3),
         "AdaNPC": lambda: AdaNPC(copy.deepcopy(source), features, data.train_set.targets),
+        "AdaNPC k=10": lambda: AdaNPC(copy.deepcopy(source), features, data.train_set.targets, k=10),
         "EcoTTA": ecotta,
     }
 

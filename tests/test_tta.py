@@ -43,6 +43,27 @@ def test_closed_form_corruptions_by_hand():
     assert abs((shot - 0.5).var().item() - 0.5 / 50) < 0.002  # Poisson(x c)/c has variance x / c
 
 
+@pytest.mark.parametrize("severity", [1, 2, 3, 4, 5])
+def test_corruptions_follow_their_definitions_at_every_severity(severity):
+    x = torch.tensor([[[[0.2, 0.6], [0.4, 0.8]]]])  # mean 0.5
+    c = PARAMS["contrast"][severity - 1]
+    torch.testing.assert_close(corrupt(x, "contrast", severity), (x - 0.5) * c + 0.5)
+    torch.testing.assert_close(corrupt(x, "brightness", severity), (x + PARAMS["brightness"][severity - 1]).clamp(0, 1))
+    flat = torch.full((1, 1, 128, 128), 0.5)
+    g = torch.Generator().manual_seed(severity)
+    sigma = PARAMS["gaussian_noise"][severity - 1]
+    assert (corrupt(flat, "gaussian_noise", severity, g) - 0.5).std().item() == pytest.approx(sigma, rel=0.05)
+    speckle = PARAMS["speckle_noise"][severity - 1]  # x + x N(0, c^2): std 0.5 c
+    assert (corrupt(flat, "speckle_noise", severity, g) - 0.5).std().item() == pytest.approx(0.5 * speckle, rel=0.05)
+    rate = (corrupt(flat, "impulse_noise", severity, g) != 0.5).float().mean().item()
+    assert rate == pytest.approx(PARAMS["impulse_noise"][severity - 1], rel=0.15)
+    lam = PARAMS["shot_noise"][severity - 1]  # Poisson(x c) / c: variance x / c
+    assert (corrupt(flat, "shot_noise", severity, g) - 0.5).var().item() == pytest.approx(0.5 / lam, rel=0.1)
+    ramp = torch.linspace(0, 1, 16).view(1, 1, 1, 16).expand(1, 1, 16, 16)
+    blurred = corrupt(ramp, "gaussian_blur", severity)  # a blur keeps a ramp's interior (a linear function)
+    torch.testing.assert_close(blurred[..., 6:10], ramp[..., 6:10], atol=1e-5, rtol=0)
+
+
 def test_blur_kernels_follow_the_reference():
     # defocus radius <= 0.5: the disk is the centre pixel (then smoothed); radius 1: the 5-pixel plus
     assert _disk_kernel(0.3, 0.4).shape == (3, 3) and _disk_kernel(1.0, 0.2).shape == (5, 5)
@@ -182,6 +203,20 @@ def test_adaptation_beats_the_source_model_on_a_corrupted_stream(quiet_trainer_k
     assert {"test/error/contrast_5", "test/error/fog_5", "test/error/pixelate_5"} <= set(results["Tent"])
     with pytest.raises(RuntimeError, match="inference_mode=False"):
         pl.Trainer(**quiet_trainer_kwargs).test(Tent(copy.deepcopy(source)), datamodule=stream, verbose=False)
+
+
+def test_adanpc_follows_a_gradual_shift(quiet_trainer_kwargs):
+    """AdaNPC's memory absorbs confident test features, so on the gradual protocol (severities 1-5-1) it keeps up
+    with a shift that the frozen source model cannot handle."""
+    source, data = _source(quiet_trainer_kwargs)
+    stream = CorruptionStreamDataModule(data, ["gaussian_blur", "brightness"], severity=5, protocol="gradual")
+    stream.setup()
+    with torch.no_grad():
+        source_acc = (source(stream.stream.inputs).argmax(-1) == stream.stream.targets).float().mean().item()
+    npc = AdaNPC(copy.deepcopy(source), source.forward_features(data.train_set.inputs), data.train_set.targets, k=10)
+    result = pl.Trainer(**quiet_trainer_kwargs).test(npc, datamodule=stream, verbose=False)[0]  # no gradients
+    assert result["test/acc"] > source_acc + 0.1
+    assert len(npc.memory) > len(data.train_set)
 
 
 def test_tta_on_signals(quiet_trainer_kwargs):
