@@ -208,13 +208,11 @@ class TTAModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         """Error per domain over the whole stream, summed over the ranks' shares."""
-        size = len(self.domain_names) if self.domain_names else 0
-        if not self._records and not size and self.trainer.world_size == 1:
-            return
-        domain = torch.cat([d for d, _ in self._records]) if self._records else torch.zeros(0, dtype=torch.long)
-        hits = torch.cat([h for _, h in self._records]) if self._records else torch.zeros(0)
-        size = int(self.all_gather(torch.tensor(max(size, int(domain.max()) + 1 if len(domain) else 0))).max())
-        domain, hits = domain.cpu(), hits.cpu().double()
+        records = self._records or [(torch.zeros(0, dtype=torch.long, device=self.device), torch.zeros(0))]
+        domain = torch.cat([d for d, _ in records])
+        hits = torch.cat([h for _, h in records]).to(domain.device, torch.float64)
+        size = max(len(self.domain_names or ()), int(domain.max()) + 1 if len(domain) else 0)
+        size = int(self.all_gather(torch.tensor(size, device=self.device)).max())  # the same on every rank
         counts = torch.stack([torch.bincount(domain, hits, size), torch.bincount(domain, None, size).double()])
         counts = self.trainer.strategy.reduce(counts.to(self.device), reduce_op="sum").cpu()
         for d in counts[1].nonzero().flatten().tolist():
@@ -381,10 +379,11 @@ class RMT(TTAModule):
             if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
                 raise ValueError("RMT's contrastive term needs model.forward_features and model.forward_head.")
             width = getattr(model, "num_features", prototypes.shape[-1])
-            if prototypes.ndim != 2 or prototypes.shape[1] != width or not torch.isfinite(prototypes).all():
+            finite = bool(torch.isfinite(prototypes).all())
+            if prototypes.ndim != 2 or prototypes.shape[1] != width or not finite:
                 raise ValueError(
                     f"prototypes must be finite source class means [C, {width}] of model.forward_features, got "
-                    f"shape {tuple(prototypes.shape)}{'' if torch.isfinite(prototypes).all() else ' with NaN rows'}: "
+                    f"shape {tuple(prototypes.shape)}{'' if finite else ' with NaN rows'}: "
                     "compute them with lit_tricks.functional.tta.class_prototypes(features, labels, num_classes)."
                 )
         self._source_prototypes = prototypes  # registered in build_models, before the state is snapshot
