@@ -25,18 +25,21 @@ from lit_tricks import (
     EMATeacher,
     ExperienceReplay,
     Mixup,
+    PostHocCBM,
     SampleReweighting,
     SelectiveBackprop,
     SelfDistill,
     Trick,
 )
 from lit_tricks.data import (
+    ArrayDataModule,
     ConceptToyDataModule,
     ContinualDataModule,
     DigitsDataModule,
     ShapesDataModule,
     Toy2DDataModule,
 )
+from lit_tricks.modules import SparseCBM
 from lit_tricks.nets import CNN2D, MLP, TimeMLP
 
 Build = Callable[[], tuple[pl.LightningModule, pl.LightningDataModule, list[Callback]]]
@@ -177,6 +180,30 @@ def _cem():
     model = ConceptEmbeddingModel(encoder, n_concepts=12, n_tasks=9, latent_dim=32, emb_size=4,
                                   concept_groups=ShapesDataModule.concept_groups)  # fmt: skip
     return model, ShapesDataModule(num_samples=600, batch_size=64), []
+
+
+class _Features(ArrayDataModule):
+    """Fixed random features (embeddings or concept similarities) with labels from their first dimensions."""
+
+    num_classes = 3
+
+    def load_arrays(self):
+        x = torch.randn(600, 8, generator=torch.Generator().manual_seed(0))
+        y = x[:, :3].argmax(dim=1)
+        return x[:500], y[:500], x[500:], y[500:]
+
+
+@case("post_hoc_cbm")
+def _pcbm():
+    # the proximal l1 step after each SGD step; a concept bank of random directions
+    bank = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+    return PostHocCBM(bank, n_classes=3, lam=0.05, lr=0.1), _Features(batch_size=50, val_fraction=0.2), []
+
+
+@case("sparse_cbm_gumbel")
+def _sparse_cbm():
+    # the Gumbel-softmax concept loss draws the global RNG
+    return SparseCBM(8, 3, lr=1e-2), _Features(batch_size=50, val_fraction=0.2), []
 
 
 def assert_same(a, b, path: str = "") -> None:
