@@ -8,7 +8,16 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from lit_tricks import Classifier, CutMix, Mixup, Trick
 from lit_tricks.data import DigitsDataModule, MNIST1DDataModule
-from lit_tricks.functional import cutmix_, cutmix_box, cutmix_masks, mixup_, one_hot, paste_box_, smooth_labels
+from lit_tricks.functional import (
+    cutmix_,
+    cutmix_box,
+    cutmix_masks,
+    mixed_one_hot,
+    mixup_,
+    one_hot,
+    paste_box_,
+    smooth_labels,
+)
 from lit_tricks.nets import CNN1D, CNN2D, MLP
 
 
@@ -184,3 +193,14 @@ def test_plain_lightning_module_errors(quiet_trainer_kwargs):
 def test_bad_arguments(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_mixed_one_hot_equals_mixing_one_hot_targets():
+    targets, perm = torch.tensor([2, 0, 1, 2]), torch.tensor([1, 0, 2, 3])  # samples 2 and 3 paired with themselves
+    lam = torch.tensor([0.7])
+    expected = torch.tensor([[0.3, 0.0, 0.7], [0.7, 0.0, 0.3], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    torch.testing.assert_close(mixed_one_hot(targets, perm, lam, 3), expected)  # by hand
+    per_sample = torch.tensor([0.1, 0.5, 0.9, 0.3])
+    torch.testing.assert_close(
+        mixed_one_hot(targets, perm, per_sample, 3), mixup_(one_hot(targets, 3), perm, per_sample)
+    )

@@ -17,6 +17,7 @@ from lit_tricks.functional.mixing import (
     cutmix_,
     cutmix_box,
     cutmix_masks,
+    mixed_one_hot,
     mixup_,
     one_hot,
     paste_box_,
@@ -55,7 +56,8 @@ class Mixup(Trick):
         switch_prob: probability of CutMix instead of Mixup when both alphas are positive.
         mode: ``"batch"`` (one :math:`\lambda` per batch) or ``"elem"`` (one per sample).
         prob: probability of mixing a batch at all.
-        label_smoothing: :math:`\epsilon` of :math:`(1-\epsilon) y + \epsilon / C`, applied before mixing.
+        label_smoothing: :math:`\epsilon` of :math:`(1-\epsilon) y + \epsilon / C`, applied to the
+            mixed targets (the same as smoothing before mixing: both are linear).
         stop_at: fraction of the training steps after which mixing stops (``None``: never).
         num_classes: number of classes; needed only with a plain ``LightningModule``.
         seed: seed of the private generator.
@@ -156,13 +158,12 @@ class Mixup(Trick):
 
     # ------------------------------------------------------------------ internals
     def _apply(self, trainer: pl.Trainer, module: pl.LightningModule, inputs: Tensor, targets: Tensor) -> Tensor:
-        """Mix ``inputs`` in place; return the (smoothed, mixed) probability targets."""
-        probs = targets.float() if targets.ndim == 2 else one_hot(targets, self.num_classes)
-        if self.label_smoothing:
-            probs = smooth_labels(probs, self.label_smoothing)
+        """Mix ``inputs`` in place; return the (mixed, smoothed) probability targets. Smoothing is linear, so
+        smoothing the mixed targets equals mixing the smoothed ones."""
         stopped = self._stop_step is not None and trainer.global_step >= self._stop_step
         if stopped or self._rng.random() >= self.prob:
-            return probs
+            probs = targets.float() if targets.ndim == 2 else one_hot(targets, self.num_classes)
+            return smooth_labels(probs, self.label_smoothing) if self.label_smoothing else probs
         use_cutmix = self.cutmix_alpha > 0 and (self.alpha == 0 or self._rng.random() < self.switch_prob)
         alpha = self.cutmix_alpha if use_cutmix else self.alpha
         per_sample = self.mode == "elem"
@@ -181,7 +182,11 @@ class Mixup(Trick):
         if logging_due(trainer):
             module.log(self.tag("lam"), lam.mean())
             module.log(self.tag("cutmix"), float(use_cutmix))
-        return mixup_(probs, perm, lam)
+        if targets.ndim == 2:
+            probs = mixup_(targets.float(), perm, lam)
+        else:
+            probs = mixed_one_hot(targets, perm, lam, self.num_classes)
+        return smooth_labels(probs, self.label_smoothing) if self.label_smoothing else probs
 
 
 class CutMix(Mixup):
