@@ -4,8 +4,8 @@
     python benchmarks/mixup_speed.py --quick
 
 The bare baseline mixes the inputs in place with a permutation and weights drawn beforehand (Mixup:
-``x.lerp_(x[perm], 1 - lam)``, the fused form lit_tricks uses too; CutMix: one ``torch.where`` paste with a precomputed box),
-i.e. the least any implementation must do. lit_tricks' cost is the whole per-batch work of the trick:
+``x.lerp_(x[perm], 1 - lam)``, the fused form lit_tricks uses too; CutMix: one ``torch.where`` paste with a
+precomputed box), i.e. the least any implementation must do. lit_tricks' cost is the whole per-batch work of the trick:
 drawing the permutation, lambda (and box), mixing the inputs, building and mixing the probability targets.
 Median over repeats. timm's Mixup is not measured: timm needs torchvision, which does not import here.
 """
