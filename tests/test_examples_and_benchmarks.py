@@ -1,5 +1,6 @@
 """Examples and benchmark scripts run (benchmarks in --quick mode), so they never rot; README and CI agree."""
 
+import ast
 import json
 import re
 import subprocess
@@ -19,6 +20,14 @@ def test_quickstart_example(tmp_path):
     accuracy = float(re.search(r"'test/acc': ([0-9.]+)", out).group(1))
     assert accuracy > 0.8
     assert list((tmp_path / "lightning_logs").glob("version_0/events.out.tfevents.*"))
+
+
+def test_tta_example(tmp_path):
+    out = _run([str(ROOT / "examples/tta_digits.py"), "--source-epochs", "5"], cwd=tmp_path)
+    errors = ast.literal_eval(out.strip().splitlines()[-1])
+    assert set(errors) == {"source", "BNAdapt", "Tent", "RMT", "EcoTTA"}
+    assert all(errors[name] < errors["source"] - 15 for name in ("BNAdapt", "Tent", "RMT", "EcoTTA"))
+    assert all(list((tmp_path / "lightning_logs" / name).glob("events.out.tfevents.*")) for name in ("Tent", "RMT"))
 
 
 def test_baseline_benchmark_quick(tmp_path):
