@@ -310,13 +310,17 @@ class AdaNPC(TTAModule):
                 "source_features must be [N, D] with one label each in source_labels [N], got "
                 f"{tuple(source_features.shape)} and {tuple(source_labels.shape)}."
             )
+        self._source = source_features, source_labels  # registered in build_models, before the state is snapshot
         super().__init__(model, lr=1.0, steps=0, domain_names=domain_names, source_checkpoint=source_checkpoint)
         self._features = features
         self.k, self.temperature, self.beta = k, temperature, beta
         self.num_classes = int(source_labels.max()) + 1
-        self.register_buffer("memory", F.normalize(source_features.float(), dim=1))
-        self.register_buffer("memory_labels", source_labels.long())
-        self._source_state = copy.deepcopy(self.state_dict())
+
+    def build_models(self) -> None:
+        features, labels = self._source
+        del self._source  # the buffers below are the memory's only copy
+        self.register_buffer("memory", F.normalize(features.float(), dim=1))
+        self.register_buffer("memory_labels", labels.long())
 
     def configure_model(self) -> None:
         self.model.eval().requires_grad_(False)  # a frozen source model with its own statistics
@@ -556,10 +560,8 @@ class EcoTTA(TTAModule):
 
         hooks = [self.model.get_submodule(name).register_forward_hook(record(name)) for name in self.part_names]
         device = next(self.model.parameters()).device
-        was_training = self.model.training
-        with torch.no_grad():
+        with torch.no_grad():  # the base keeps every network in eval mode from here on
             self.model.eval()(torch.zeros(2, *self.input_shape, device=device))
-        self.model.train(was_training)
         for hook in hooks:
             hook.remove()
         for name in self.part_names:
