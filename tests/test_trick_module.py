@@ -2,10 +2,12 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import PlainModule
+from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_tricks import Classifier, Trick, TrickModule
+from lit_tricks.core.trick import logging_due
 from lit_tricks.data import DigitsDataModule, IndexedDataset
 from lit_tricks.nets import MLP
 
@@ -56,7 +58,13 @@ def test_loss_is_weighted_mean_plus_aux_and_everything_is_logged(quiet_trainer_k
             return batch
 
     recorder = Recorder("r", [], order=1, aux=0.25)
-    trainer = pl.Trainer(max_steps=1, limit_val_batches=0, callbacks=[HalfWeights(), recorder], **quiet_trainer_kwargs)
+    trainer = pl.Trainer(
+        max_steps=1,
+        limit_val_batches=0,
+        log_every_n_steps=1,
+        callbacks=[HalfWeights(), recorder],
+        **quiet_trainer_kwargs,
+    )
     trainer.fit(_digits_model(), DigitsDataModule(batch_size=16))
     losses = recorder.seen["per_sample_loss"]
     expected = 2.0 * losses[:8].sum() / 16 + 0.25
@@ -65,6 +73,59 @@ def test_loss_is_weighted_mean_plus_aux_and_everything_is_logged(quiet_trainer_k
     for key in ("train/loss", "train/task_loss", "train/aux_r", "train/acc", "tricks/Recorder/called"):
         assert key in logged, key
     torch.testing.assert_close(logged["train/aux_r"], torch.tensor(0.25))
+
+
+class MemoryLogger(Logger):
+    """Keeps every ``log_metrics`` call as ``{step: metrics}``."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps = {}
+
+    name, version = "memory", 0
+    log_hyperparams = lambda self, *args, **kwargs: None  # noqa: E731
+
+    def log_metrics(self, metrics, step=None):
+        self.steps.setdefault(step, {}).update(metrics)
+
+
+class StepTruth(Trick):
+    """Logs its step when logging is due, and records what each step really computed."""
+
+    order = 100
+
+    def __init__(self):
+        self.loss, self.acc = {}, {}
+
+    def after_loss(self, trainer, module, batch, out):
+        step = trainer.global_step
+        self.acc[step] = (out.logits.argmax(dim=-1) == batch.hard_targets).float().mean().item()
+        out.aux_losses["zero"] = out.logits.sum() * 0.0
+        if logging_due(trainer):
+            module.log(self.tag("step"), float(step))
+        return out
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.loss[trainer.global_step - 1] = outputs["loss"].item()
+
+
+def test_step_terms_reach_the_logger_at_lightnings_steps_with_that_steps_values(quiet_trainer_kwargs):
+    """Terms logged only when logging is due reach the logger at the same steps as a term logged every step
+    (train/loss), each with the value of that very step."""
+    truth, logger = StepTruth(), MemoryLogger()
+    kwargs = {**quiet_trainer_kwargs, "logger": logger}
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=7, limit_val_batches=0, log_every_n_steps=3,
+                         callbacks=[truth], **kwargs)  # fmt: skip
+    trainer.fit(_digits_model(), DigitsDataModule(batch_size=16))
+    train_steps = {step: m for step, m in logger.steps.items() if "train/loss" in m}
+    assert sorted(train_steps) == [2, 5, 8, 11]  # Lightning writes after optimizer steps 3, 6, 9, 12
+    for step, metrics in train_steps.items():
+        assert {"train/acc", "train/task_loss", "train/zero", "tricks/StepTruth/step"} <= set(metrics)
+        assert metrics["tricks/StepTruth/step"] == step
+        assert metrics["train/loss"] == pytest.approx(truth.loss[step])
+        assert metrics["train/acc"] == pytest.approx(truth.acc[step])
+    # an epoch's last step feeds callbacks that monitor at the epoch's end, though the logger skips it
+    assert trainer.callback_metrics["train/acc"] == pytest.approx(truth.acc[13])
 
 
 def test_features_reach_tricks_that_ask(quiet_trainer_kwargs):

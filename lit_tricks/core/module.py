@@ -11,7 +11,7 @@ from torch import Tensor
 
 from lit_tricks.core.batch import StepOutput, TrickBatch
 from lit_tricks.core.rng import RestoresRNG
-from lit_tricks.core.trick import Trick
+from lit_tricks.core.trick import Trick, logging_due
 from lit_tricks.functional.losses import soft_target_cross_entropy, weighted_mean
 from lit_tricks.metrics.classification import classification_metrics
 
@@ -21,9 +21,11 @@ class TrickModule(RestoresRNG, pl.LightningModule):
 
     ``training_step`` is: batch -> :class:`~lit_tricks.TrickBatch` -> each trick's ``before_forward`` ->
     forward -> :meth:`per_sample_loss` -> each trick's ``after_loss`` -> weighted mean + auxiliary losses.
-    It logs ``train/loss`` (the total), ``train/task_loss`` (the weighted mean), every auxiliary term as
-    ``train/<name>`` and ``train/acc``. Validation and test log ``val/acc``, ``val/nll``, ``val/ece``
-    (``test/...`` likewise) through torchmetrics; ``predict_step`` returns class probabilities.
+    It logs ``train/loss`` (the total) every step; ``train/task_loss`` (the weighted mean), every auxiliary term
+    as ``train/<name>`` and ``train/acc`` only on the steps Lightning writes to the loggers (every
+    ``log_every_n_steps``) and on each epoch's last step, since a ``self.log`` call costs more than a small
+    model's whole step. Validation and test log ``val/acc``, ``val/nll``, ``val/ece`` (``test/...`` likewise)
+    through torchmetrics; ``predict_step`` returns class probabilities.
 
     Subclass it and implement ``forward(inputs) -> logits`` and ``configure_optimizers``; implement
     ``forward_features(inputs) -> (logits, features)`` too if a trick needs features.
@@ -52,6 +54,7 @@ class TrickModule(RestoresRNG, pl.LightningModule):
         self.val_metrics = classification_metrics(num_classes, "val/", ece_bins)
         self.test_metrics = classification_metrics(num_classes, "test/", ece_bins)
         self._tricks: list[Trick] = []
+        self._needs_features = False
         self._checked_stages: set[str] = set()
 
     # ------------------------------------------------------------------ model interface
@@ -77,6 +80,7 @@ class TrickModule(RestoresRNG, pl.LightningModule):
         callbacks = trainer.callbacks if trainer is not None else []
         # `sorted` is stable, so tricks with equal `order` keep the order of trainer.callbacks.
         self._tricks = sorted((cb for cb in callbacks if isinstance(cb, Trick)), key=lambda trick: trick.order)
+        self._needs_features = any(trick.needs_features for trick in self._tricks)
         self._checked_stages.clear()
         data_classes = getattr(getattr(trainer, "datamodule", None), "num_classes", None)
         if isinstance(data_classes, int) and data_classes != self.num_classes:
@@ -91,7 +95,7 @@ class TrickModule(RestoresRNG, pl.LightningModule):
         self._check_first_batch(tb, "train")
         for trick in self._tricks:
             tb = trick.before_forward(trainer, self, tb)
-        if any(trick.needs_features for trick in self._tricks):
+        if self._needs_features:
             logits, features = self.forward_features(tb.inputs)
         else:
             logits, features = self(tb.inputs), None
@@ -103,12 +107,15 @@ class TrickModule(RestoresRNG, pl.LightningModule):
         loss = task_loss + sum(out.aux_losses.values())
         n = len(tb)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        if out.aux_losses:
-            self.log("train/task_loss", task_loss, batch_size=n)
-            for name, value in out.aux_losses.items():
-                self.log(f"train/{name}", value, batch_size=n)
-        acc = (logits.detach().argmax(dim=-1) == tb.hard_targets).float().mean()
-        self.log("train/acc", acc, batch_size=n)
+        # The other terms only feed the loggers: log them when Lightning writes, and on an epoch's last step
+        # so that callbacks monitoring them at the epoch's end (ModelCheckpoint, EarlyStopping) see them.
+        if logging_due(trainer) or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            logits = logits.detach()
+            terms = {"train/acc": (logits.argmax(dim=-1) == tb.hard_targets).float().mean()}
+            if out.aux_losses:
+                terms["train/task_loss"] = task_loss
+                terms.update({f"train/{name}": value for name, value in out.aux_losses.items()})
+            self.log_dict(terms, batch_size=n)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

@@ -19,9 +19,15 @@ def log_tag(part: object, name: str) -> str:
 
 
 def logging_due(trainer: pl.Trainer) -> bool:
-    """Whether this optimizer step is a logging step. Tricks log only then: ``self.log`` costs more per call
-    than most tricks' own work."""
-    return trainer.global_step % trainer.log_every_n_steps == 0
+    """Whether Lightning writes this training step's logged values to the loggers.
+
+    A step-level ``self.log`` value reaches TensorBoard only on such steps (every ``log_every_n_steps``
+    optimizer steps, a stopping run's last step, every step under ``fast_dev_run``), while each call costs
+    more than most tricks' own work, so values that only feed the loggers are logged only then. The answer
+    is the same in every hook of one batch, before and after the optimizer step.
+    """
+    # Lightning's own rule (LoggerConnector.should_update_logs), so the phase always matches its writes.
+    return bool(trainer.fast_dev_run) or trainer._logger_connector.should_update_logs
 
 
 class Trick(Callback):

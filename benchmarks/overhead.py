@@ -1,0 +1,199 @@
+"""Per-step overhead of the training loop: a raw PyTorch loop, a plain LightningModule, ``Classifier`` and
+``Classifier`` with a stack of tricks, side by side in one run, on a small and a large MLP.
+
+    python benchmarks/overhead.py --repeats 5
+    python benchmarks/overhead.py --quick
+
+Every loop trains the same network (``MLP(64, 10, hidden)``) with Adam on the same random data (4,096 samples,
+64 features, 10 classes, batch 64) from the same ``DataLoader`` of dict batches, on one torch thread. The time
+of a step is the time between the starts of two consecutive batches (data loading, forward, loss, backward,
+optimizer step, every hook and log); the table gives the median over all steps of a fit, then the median over
+``--repeats`` fits run interleaved (loop A, B, C, ..., A, B, C, ...), so a slow moment of the machine touches
+every loop alike. Each trick's own cost is the time spent in its per-step hooks (``before_forward``,
+``after_loss``, ``on_train_batch_start``/``end``, ``on_before_optimizer_step``, ...) inside the stacked fit.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from itertools import pairwise
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from common import machine_line, parser, write_json
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader
+
+from lit_tricks import ELR, Classifier, EMATeacher, Mixup, SelfDistill, Trick
+from lit_tricks.data import ArrayDataset
+from lit_tricks.nets import MLP
+
+MODELS = {"MLP 64-256-256-10": (256, 256), "MLP 64-2048-2048-2048-10 (8.5M)": (2048, 2048, 2048)}
+TRICKS: dict[str, Callable[[], pl.Callback]] = {
+    "EMATeacher": lambda: EMATeacher(decay=0.999),
+    "Mixup": lambda: Mixup(alpha=0.2, num_classes=10),
+    "SelfDistill (PS-KD)": lambda: SelfDistill("past_predictions", total_epochs=3),
+    "ELR": lambda: ELR(),
+}
+PER_STEP_HOOKS = (
+    "before_forward",
+    "after_loss",
+    "on_train_batch_start",
+    "on_train_batch_end",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_before_zero_grad",
+)
+
+
+def loader(num_samples: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    data = ArrayDataset(torch.randn(num_samples, 64, generator=generator), torch.randint(0, 10, (num_samples,)))
+    return DataLoader(data, batch_size=64, shuffle=True, generator=generator)
+
+
+class PlainModule(pl.LightningModule):
+    """What a user writes without lit_tricks: forward, cross-entropy, one ``self.log``."""
+
+    def __init__(self, hidden: tuple[int, ...]) -> None:
+        super().__init__()
+        self.net = MLP(64, 10, hidden)
+
+    def training_step(self, batch, batch_idx):
+        loss = F.cross_entropy(self.net(batch["inputs"]), batch["targets"])
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class StepClock(pl.Callback):
+    """Records the start time of every training batch."""
+
+    def __init__(self) -> None:
+        self.starts: list[list[float]] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.starts.append([])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.starts[-1].append(time.perf_counter())
+
+    def step_times(self) -> list[float]:
+        return [b - a for epoch in self.starts for a, b in pairwise(epoch)]
+
+
+def time_hooks(trick: pl.Callback, total: list[float]) -> None:
+    """Wrap the trick's per-step hooks so that their time adds up in ``total[0]``."""
+    for name in PER_STEP_HOOKS:
+        own = getattr(type(trick), name, None)
+        if own is None or own is getattr(pl.Callback, name, None) or own is getattr(Trick, name):
+            continue  # absent, or the base class's no-op
+        original = getattr(trick, name)
+
+        def timed(*args, _original=original, **kwargs):
+            start = time.perf_counter()
+            result = _original(*args, **kwargs)
+            total[0] += time.perf_counter() - start
+            return result
+
+        setattr(trick, name, timed)
+
+
+def raw_loop(hidden: tuple[int, ...], epochs: int, num_samples: int) -> list[float]:
+    net = MLP(64, 10, hidden)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    times = []
+    for _ in range(epochs):
+        last = None
+        for batch in loader(num_samples):
+            now = time.perf_counter()
+            if last is not None:
+                times.append(now - last)
+            last = now
+            loss = F.cross_entropy(net(batch["inputs"]), batch["targets"])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return times
+
+
+def lightning_fit(
+    module: pl.LightningModule, tricks: list[pl.Callback], epochs: int, num_samples: int
+) -> tuple[list[float], dict[str, float]]:
+    clock = StepClock()
+    hook_totals = {type(trick).__name__: [0.0] for trick in tricks}
+    for trick in tricks:
+        time_hooks(trick, hook_totals[type(trick).__name__])
+    with tempfile.TemporaryDirectory() as logdir:
+        trainer = pl.Trainer(
+            max_epochs=epochs,
+            accelerator="cpu",
+            devices=1,
+            logger=TensorBoardLogger(logdir, name="overhead"),
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            callbacks=[*tricks, clock],
+        )
+        trainer.fit(module, loader(num_samples))
+    steps = trainer.global_step
+    return clock.step_times(), {name: total[0] / steps for name, total in hook_totals.items()}
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats of every loop")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    repeats, epochs, num_samples = (1, 1, 512) if args.quick else (args.repeats, 3, 4096)
+    loops = {
+        "raw PyTorch loop": lambda h: (raw_loop(h, epochs, num_samples), {}),
+        "plain LightningModule (CE, one self.log)": lambda h: lightning_fit(PlainModule(h), [], epochs, num_samples),
+        "Classifier, no tricks": lambda h: lightning_fit(Classifier(MLP(64, 10, h), 10), [], epochs, num_samples),
+        "Classifier + EMATeacher + Mixup + PS-KD + ELR": lambda h: lightning_fit(
+            Classifier(MLP(64, 10, h), 10), [make() for make in TRICKS.values()], epochs, num_samples
+        ),
+    }
+    rows = []
+    print(machine_line())
+    print(
+        f"{repeats} interleaved repeats, {epochs} epochs of {num_samples} samples, batch 64, median ms per step"
+        f"{' (quick mode: not a measurement)' if args.quick else ''}"
+    )
+    for model, hidden in MODELS.items():
+        step_ms: dict[str, list[float]] = {name: [] for name in loops}
+        hook_ms: dict[str, list[float]] = {}
+        for repeat in range(repeats):
+            for name, run in loops.items():
+                pl.seed_everything(repeat, verbose=False)
+                times, hooks = run(hidden)
+                step_ms[name].append(statistics.median(times) * 1e3)
+                for trick, seconds in hooks.items():
+                    hook_ms.setdefault(trick, []).append(seconds * 1e3)
+        median = {name: statistics.median(values) for name, values in step_ms.items()}
+        raw, plain, classifier = (median[name] for name in list(loops)[:3])
+        print(f"\n**{model}**\n")
+        print("| loop | ms per step | vs raw loop | vs plain LightningModule | vs Classifier |")
+        print("|---|---|---|---|---|")
+        for name, ms in median.items():
+            print(f"| {name} | {ms:.2f} | {ms / raw:.2f}x | {ms / plain:.2f}x | {ms / classifier:.2f}x |")
+        print("\n| trick (in the stacked fit) | its per-step hooks, ms per step | share of Classifier's step |")
+        print("|---|---|---|")
+        for trick, values in hook_ms.items():
+            ms = statistics.median(values)
+            print(f"| {trick} | {ms:.3f} | {ms / classifier:.1%} |")
+        rows.append({"model": model, "step_ms": step_ms, "hook_ms": hook_ms})
+    path = write_json(args.out, "overhead" + ("_quick" if args.quick else ""), {"runs": rows})
+    print(f"\nRaw numbers: {path}")
+
+
+if __name__ == "__main__":
+    main()
