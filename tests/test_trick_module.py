@@ -250,3 +250,55 @@ def test_checkpoint_loads_safely_and_leaves_rng_alone(tmp_path, quiet_trainer_kw
 def test_trick_module_is_abstract_about_forward():
     with pytest.raises(NotImplementedError):
         TrickModule(num_classes=3)(torch.zeros(1, 2))
+
+
+class NaNAtStep(Trick):
+    """Makes one sample's loss NaN at one optimizer step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def after_loss(self, trainer, module, batch, out):
+        if trainer.global_step == self.step:
+            out.per_sample_loss = out.per_sample_loss.clone()
+            out.per_sample_loss[0] = float("nan")
+        return out
+
+
+def test_nonfinite_loss_warns_once_with_its_step(quiet_trainer_kwargs):
+    model = _digits_model()
+    trainer = pl.Trainer(max_steps=6, limit_val_batches=0, callbacks=[NaNAtStep(3)], **quiet_trainer_kwargs)
+    with pytest.warns(UserWarning, match="first at step 3") as record:
+        trainer.fit(model, DigitsDataModule(batch_size=16))
+    assert sum("not finite" in str(w.message) for w in record) == 1
+    assert model._nonfinite.tolist()[0] >= 1  # the NaN loss poisoned the weights, so later steps count too
+
+
+def test_nonfinite_loss_raises_at_its_step(quiet_trainer_kwargs):
+    trainer = pl.Trainer(max_steps=6, limit_val_batches=0, callbacks=[NaNAtStep(2)], **quiet_trainer_kwargs)
+    with pytest.raises(FloatingPointError, match="nan at step 2.*skip_step"):
+        trainer.fit(_digits_model(on_nonfinite="raise"), DigitsDataModule(batch_size=16))
+
+
+def test_nonfinite_loss_step_is_skipped(quiet_trainer_kwargs):
+    pl.seed_everything(0, verbose=False)
+    model = _digits_model(on_nonfinite="skip_step")
+    trainer = pl.Trainer(max_steps=5, limit_val_batches=0, callbacks=[NaNAtStep(2)], **quiet_trainer_kwargs)
+    with pytest.warns(UserWarning, match="first at step 2.*skipped"):
+        trainer.fit(model, DigitsDataModule(batch_size=16))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert model._nonfinite.tolist() == [1, 2] and trainer.global_step == 5  # 6 batches, one skipped
+
+
+def test_out_of_range_label_in_a_later_batch_gets_a_clear_error(quiet_trainer_kwargs):
+    targets = torch.randint(0, 10, (48,))
+    targets[40] = 12  # in the third batch of 16
+    loader = DataLoader(TensorDataset(torch.randn(48, 64), targets), batch_size=16)
+    trainer = pl.Trainer(max_epochs=1, **quiet_trainer_kwargs)
+    with pytest.raises(ValueError, match=r"class ids in \[\d+, 12\] but num_classes=10"):
+        trainer.fit(_digits_model(), loader)
+
+
+def test_on_nonfinite_is_checked():
+    with pytest.raises(ValueError, match="on_nonfinite must be"):
+        _digits_model(on_nonfinite="ignore")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lit_tricks.core.batch import StepOutput, TrickBatch
@@ -39,17 +40,33 @@ class TrickModule(RestoresRNG, pl.LightningModule):
     The checkpoint also holds the global random-number-generator states, restored when training resumes,
     so dropout and other randomness in the model continue exactly as in an uninterrupted run.
 
+    A non-finite training loss (NaN or inf, from the data or a blown-up step) is never silent: it is counted
+    (``train/nonfinite_steps``) and, by ``on_nonfinite``, warned about once with its step, raised, or skipped.
+
     Args:
         num_classes: number of classes ``C``.
         ece_bins: number of equal-width confidence bins of the expected calibration error.
+        on_nonfinite: what a non-finite training loss does. ``"warn"`` (default): train on, warn once with the
+            first such step; counted on the device and read at the logging interval, so it costs no host sync.
+            ``"raise"``: stop with a ``FloatingPointError`` at that step. ``"skip_step"``: skip that step's
+            backward pass and optimizer step (all ranks together under DDP). Both read the loss on the host every
+            step (one device synchronisation per step, free on CPU).
     """
 
-    def __init__(self, num_classes: int, ece_bins: int = 15) -> None:
+    def __init__(
+        self, num_classes: int, ece_bins: int = 15, on_nonfinite: Literal["warn", "raise", "skip_step"] = "warn"
+    ) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
         if not isinstance(ece_bins, int) or ece_bins < 1:
             raise ValueError(f"ece_bins must be a positive integer, got {ece_bins!r}.")
+        if on_nonfinite not in ("warn", "raise", "skip_step"):
+            raise ValueError(f"on_nonfinite must be 'warn', 'raise' or 'skip_step', got {on_nonfinite!r}.")
+        self.on_nonfinite = on_nonfinite
+        # [count of steps with a non-finite loss, first such step or -1], kept on the model's device
+        self.register_buffer("_nonfinite", torch.tensor([0, -1]), persistent=False)
+        self._nonfinite_warned = False
         self.num_classes = num_classes
         self.val_metrics = classification_metrics(num_classes, "val/", ece_bins)
         self.test_metrics = classification_metrics(num_classes, "test/", ece_bins)
@@ -89,10 +106,17 @@ class TrickModule(RestoresRNG, pl.LightningModule):
                 f"num_classes={self.num_classes}: make them agree."
             )
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        trainer = self._trainer
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         tb = TrickBatch.from_batch(batch)
         self._check_first_batch(tb, "train")
+        try:
+            return self._training_step(tb)
+        except (IndexError, RuntimeError):
+            TrickBatch.from_batch(batch).check(self.num_classes)  # a clear ValueError if the labels are at fault
+            raise
+
+    def _training_step(self, tb: TrickBatch) -> Tensor | None:
+        trainer = self._trainer
         for trick in self._tricks:
             tb = trick.before_forward(trainer, self, tb)
         if self._needs_features:
@@ -106,6 +130,7 @@ class TrickModule(RestoresRNG, pl.LightningModule):
         task_loss = weighted_mean(out.per_sample_loss, tb.weight)
         loss = task_loss + sum(out.aux_losses.values())
         n = len(tb)
+        keep = self._count_nonfinite(loss, trainer.global_step)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         # The other terms only feed the loggers: log them when Lightning writes, and on an epoch's last step
         # so that callbacks monitoring them at the epoch's end (ModelCheckpoint, EarlyStopping) see them.
@@ -115,8 +140,13 @@ class TrickModule(RestoresRNG, pl.LightningModule):
             if out.aux_losses:
                 terms["train/task_loss"] = task_loss
                 terms.update({f"train/{name}": value for name, value in out.aux_losses.items()})
+            terms["train/nonfinite_steps"] = self._nonfinite[0].float()
             self.log_dict(terms, batch_size=n)
-        return loss
+            self._warn_nonfinite()
+        return loss if keep else None
+
+    def on_train_end(self) -> None:
+        self._warn_nonfinite()
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, "val")
@@ -141,6 +171,39 @@ class TrickModule(RestoresRNG, pl.LightningModule):
         probs = self(tb.inputs).float().softmax(dim=-1)
         metrics.update(probs, tb.hard_targets)
         self.log_dict(metrics, batch_size=len(tb))
+
+    def _count_nonfinite(self, loss: Tensor, step: int) -> bool:
+        """Count a non-finite loss; return whether to train on this step (``False`` only for ``skip_step``)."""
+        bad = ~torch.isfinite(loss.detach())
+        if self.on_nonfinite != "warn":
+            if self._trainer.world_size > 1:
+                bad = self.all_gather(bad).any()  # every rank skips or raises together
+            if not bad:  # the host synchronisation these modes pay
+                return True
+            if self.on_nonfinite == "raise":
+                raise FloatingPointError(
+                    f"The training loss is {loss.item()} at step {step}: look for NaN/inf in the inputs or a too "
+                    "high learning rate, or pass on_nonfinite='skip_step' (skip such steps) or 'warn' (train on)."
+                )
+        count, first = self._nonfinite
+        count += bad
+        first.copy_(torch.where(bad & (first < 0), step, first))
+        if self.on_nonfinite == "skip_step":
+            self._warn_nonfinite()
+        return self.on_nonfinite == "warn"
+
+    def _warn_nonfinite(self) -> None:
+        """Warn once, when the count shows a non-finite loss (reads the device count: call it when logging)."""
+        if self._nonfinite_warned:
+            return
+        count, first = self._nonfinite.tolist()
+        if count:
+            self._nonfinite_warned = True
+            action = "those steps were skipped" if self.on_nonfinite == "skip_step" else "training went on"
+            rank_zero_warn(
+                f"The training loss was not finite (NaN or inf) first at step {first}, {count} step(s) so far; "
+                f"{action}. Logged as train/nonfinite_steps; on_nonfinite='raise' stops at the first one."
+            )
 
     def _check_first_batch(self, tb: TrickBatch, stage: str) -> None:
         if stage in self._checked_stages:

@@ -25,6 +25,8 @@ class Classifier(TrickModule):
         scheduler_interval: step the scheduler every ``"epoch"`` or every ``"step"``.
         scheduler_monitor: the metric ``ReduceLROnPlateau`` watches.
         ece_bins: bins of the expected calibration error.
+        on_nonfinite: what a NaN/inf training loss does: ``"warn"`` once and train on, ``"raise"``, or
+            ``"skip_step"`` (see :class:`~lit_tricks.TrickModule`).
 
     Example::
 
@@ -49,8 +51,9 @@ class Classifier(TrickModule):
         scheduler_interval: Literal["epoch", "step"] = "epoch",
         scheduler_monitor: str = "val/nll",
         ece_bins: int = 15,
+        on_nonfinite: Literal["warn", "raise", "skip_step"] = "warn",
     ) -> None:
-        super().__init__(num_classes=num_classes, ece_bins=ece_bins)
+        super().__init__(num_classes=num_classes, ece_bins=ece_bins, on_nonfinite=on_nonfinite)
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"backbone must be a torch.nn.Module, got {type(backbone).__name__}.")
         if scheduler_interval not in ("epoch", "step"):
