@@ -302,3 +302,13 @@ def test_out_of_range_label_in_a_later_batch_gets_a_clear_error(quiet_trainer_kw
 def test_on_nonfinite_is_checked():
     with pytest.raises(ValueError, match="on_nonfinite must be"):
         _digits_model(on_nonfinite="ignore")
+
+
+def test_out_of_range_label_in_a_later_validation_batch_gets_a_clear_error(quiet_trainer_kwargs):
+    targets = torch.randint(0, 10, (48,))
+    targets[40] = 11
+    val = DataLoader(TensorDataset(torch.randn(48, 64), targets), batch_size=16)
+    train = DataLoader(TensorDataset(torch.randn(16, 64), torch.randint(0, 10, (16,))), batch_size=16)
+    trainer = pl.Trainer(max_epochs=1, num_sanity_val_steps=0, **quiet_trainer_kwargs)
+    with pytest.raises(ValueError, match=r"class ids in \[\d+, 11\] but num_classes=10"):
+        trainer.fit(_digits_model(), train, val)

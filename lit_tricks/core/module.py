@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -109,11 +110,8 @@ class TrickModule(RestoresRNG, pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         tb = TrickBatch.from_batch(batch)
         self._check_first_batch(tb, "train")
-        try:
+        with self._labels_explain_errors(batch):
             return self._training_step(tb)
-        except (IndexError, RuntimeError):
-            TrickBatch.from_batch(batch).check(self.num_classes)  # a clear ValueError if the labels are at fault
-            raise
 
     def _training_step(self, tb: TrickBatch) -> Tensor | None:
         trainer = self._trainer
@@ -169,8 +167,19 @@ class TrickModule(RestoresRNG, pl.LightningModule):
         tb = TrickBatch.from_batch(batch)
         self._check_first_batch(tb, stage)
         probs = self(tb.inputs).float().softmax(dim=-1)
-        metrics.update(probs, tb.hard_targets)
+        with self._labels_explain_errors(batch):
+            metrics.update(probs, tb.hard_targets)
         self.log_dict(metrics, batch_size=len(tb))
+
+    @contextmanager
+    def _labels_explain_errors(self, batch: Any) -> Iterator[None]:
+        """Labels are checked on each stage's first batch only (a check costs a host sync); when a later
+        batch fails, raise the check's clear ``ValueError`` if its labels are the cause."""
+        try:
+            yield
+        except (IndexError, RuntimeError, ValueError):
+            TrickBatch.from_batch(batch).check(self.num_classes)
+            raise
 
     def _count_nonfinite(self, loss: Tensor, step: int) -> bool:
         """Count a non-finite loss; return whether to train on this step (``False`` only for ``skip_step``)."""
