@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from lit_tricks import RMT, AdaNPC, BNAdapt, Classifier, EcoTTA, Tent
 from lit_tricks.data import CORRUPTIONS, CorruptionStreamDataModule, DigitsDataModule, MNIST1DDataModule, corrupt
@@ -22,7 +23,7 @@ from lit_tricks.functional.tta import (
     softmax_entropy,
     symmetric_cross_entropy,
 )
-from lit_tricks.modules.tta import _MetaPart
+from lit_tricks.modules.tta import SourceOnly, _MetaPart
 from lit_tricks.nets import CNN1D, CNN2D
 
 
@@ -165,6 +166,35 @@ def test_errors():
         AdaNPC(nn.Linear(4, 3), torch.randn(5, 4), torch.zeros(5).long())
 
 
+def _mixed_norms():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Flatten(), nn.Linear(16, 6), nn.LayerNorm(6), nn.Linear(6, 3),
+    )  # fmt: skip
+
+
+def test_tent_norm_types_choose_the_adapted_layers():
+    def trainable(**kwargs):
+        return sorted(n for n, p in Tent(_mixed_norms(), **kwargs).named_parameters() if p.requires_grad)
+
+    assert trainable() == ["model.4.bias", "model.4.weight"]  # default: BatchNorm only (paper, official code)
+    assert trainable(norm_types="group") == ["model.1.bias", "model.1.weight"]
+    assert trainable(norm_types=["layer"]) == ["model.8.bias", "model.8.weight"]
+    assert len(trainable(norm_types=["batch", "layer", "group"])) == 6
+    tent = Tent(_mixed_norms(), norm_types=["layer"])
+    adapted = {id(p) for p in tent.tta_optimizer.param_groups[0]["params"]}
+    assert adapted == {id(tent.model[8].weight), id(tent.model[8].bias)}
+    assert tent.model[4].running_mean is None  # BatchNorm still normalises with the test batch
+    with pytest.raises(ValueError, match="norm_types must name one or more of 'batch', 'layer', 'group'"):
+        Tent(_mixed_norms(), norm_types=["instance"])
+    with pytest.raises(ValueError, match="norm_types must name"):
+        Tent(_mixed_norms(), norm_types=[])
+    gn_only = nn.Sequential(nn.Linear(4, 4), nn.GroupNorm(2, 4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"norm_types=\['batch'\], but the model has none"):
+        Tent(gn_only)
+
+
 def test_adanpc_memory_grows_with_confident_samples_and_resets():
     torch.manual_seed(0)
     source = torch.cat([torch.randn(50, 2) + 4, torch.randn(50, 2) - 4])
@@ -258,6 +288,74 @@ def test_rmt_teacher_is_an_ema_and_reset_restores_every_network():
     assert default_augment(x).shape == x.shape and default_augment(torch.rand(4, 40)).shape == (4, 40)
     with pytest.raises(ValueError, match="forward_features"):
         RMT(nn.Sequential(nn.Linear(4, 2), nn.BatchNorm1d(2)), prototypes=torch.randn(2, 2))
+
+
+def test_rmt_contrastive_term_projects_the_raw_nearest_prototype():
+    """As the authors' code: the nearest prototype is chosen by cosine similarity, and the raw class mean (not a
+    unit vector) goes through the projector beside the raw features of x and its augmented view."""
+    prototypes = torch.tensor([[10.0, 0.0], [0.0, 1.0]])  # width-1 CNN2D: 2 features
+    rmt = RMT(CNN2D(num_classes=2, width=1), prototypes=prototypes)
+    seen = []
+
+    class Shift(nn.Module):  # records its input; a shift, so that the loss depends on the views' norms
+        def forward(self, views):
+            seen.append(views)
+            return views + 1.0
+
+    rmt.projector = Shift()
+    f_x = torch.tensor([[0.2, 1.0], [1.0, 0.5]])  # by dot product both are nearest to [10, 0]; by cosine, not
+    f_aug = torch.tensor([[0.0, 2.0], [3.0, 0.0]])
+    loss = rmt._contrastive(f_x, f_aug)
+    expected_views = torch.stack([torch.tensor([[0.0, 1.0], [10.0, 0.0]]), f_x, f_aug], dim=1)
+    assert torch.equal(seen[0], expected_views)
+    torch.testing.assert_close(loss, prototype_contrastive_loss(expected_views + 1.0, rmt.temperature))
+    assert torch.equal(rmt.prototypes, prototypes)  # stored raw
+
+
+# ---------------------------------------------------------------- non-finite test batches
+def _adapting_methods():
+    torch.manual_seed(0)
+    net = CNN2D(num_classes=3, width=2)
+    source = torch.randn(12, 4)
+    return {
+        "Tent": Tent(copy.deepcopy(net), lr=0.1),
+        "RMT": RMT(copy.deepcopy(net), lr=0.1, prototypes=torch.randn(3, 4), augment=lambda x: x.flip(-1)),
+        "EcoTTA": EcoTTA(copy.deepcopy(net), ["body.0", "body.2"], input_shape=[1, 8, 8], lr=0.1),
+        "AdaNPC": AdaNPC(copy.deepcopy(net), source, torch.arange(12) % 3, k=3, beta=0.0),
+    }
+
+
+@pytest.mark.parametrize("name", ["Tent", "RMT", "EcoTTA", "AdaNPC"])
+def test_a_nonfinite_batch_leaves_the_adapted_state_untouched(name):
+    module, twin = _adapting_methods()[name], _adapting_methods()[name]
+    x1, x2 = torch.rand(8, 1, 8, 8), torch.rand(8, 1, 8, 8)
+    bad = x1.clone()
+    bad[0, 0, 0, 0], bad[1, 0, 3, 3] = float("nan"), float("inf")
+    module.adapt({"inputs": x1})
+    twin.adapt({"inputs": x1})
+    before = copy.deepcopy(module.state_dict())
+    optimizer = copy.deepcopy(module.tta_optimizer.state_dict()) if module.tta_optimizer else None
+    module.adapt({"inputs": bad})
+    assert module.nonfinite_batches == 1 and module._adapted_batches == 1
+    after = module.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), name
+    if optimizer is not None:
+        state = module.tta_optimizer.state_dict()["state"]
+        assert all(torch.equal(v, state[i][k]) for i, s in optimizer["state"].items() for k, v in s.items())
+    torch.testing.assert_close(module.adapt({"inputs": x2}), twin.adapt({"inputs": x2}), rtol=0, atol=0)
+
+
+def test_nonfinite_batches_are_counted_logged_and_scored_as_errors(quiet_trainer_kwargs):
+    torch.manual_seed(0)
+    x = torch.rand(3, 8, 1, 8, 8)
+    x[1, 2, 0, 1, 1] = float("nan")  # one NaN pixel: BatchNorm on batch statistics spreads it over the batch
+    batches = [{"inputs": x[i], "targets": torch.zeros(8).long(), "domain": torch.full((8,), i)} for i in range(3)]
+    tent = Tent(CNN2D(num_classes=3, width=2), lr=0.1)
+    metrics = pl.Trainer(inference_mode=False, **quiet_trainer_kwargs).test(
+        tent, dataloaders=DataLoader(batches, batch_size=None), verbose=False
+    )[0]
+    assert metrics["tricks/Tent/nonfinite"] == 1.0 and tent.nonfinite_batches == 1
+    assert metrics["test/error/domain1"] == 1.0  # NaN predictions are never right, even for class 0
 
 
 # ---------------------------------------------------------------- EcoTTA, shared losses, errors, DDP
@@ -418,3 +516,55 @@ def test_ecotta_warm_up_resumes_bit_exactly(tmp_path):
     expected = [s["momentum_buffer"] for s in full_trainer.optimizers[0].state.values()]
     assert momentum and all(torch.equal(a, b) for a, b in zip(momentum, expected, strict=True))
     assert all(torch.equal(v, resumed._source_state[k]) for k, v in resumed.state_dict().items())  # reset point
+
+
+def test_ecotta_warm_up_logs_its_loss_even_when_shorter_than_the_logging_interval(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    eco = EcoTTA(CNN2D(num_classes=10, width=4), ["body.0", "body.2"], input_shape=[1, 8, 8])
+    trainer = pl.Trainer(
+        max_epochs=2, limit_train_batches=3, log_every_n_steps=2, accelerator="cpu", devices=1,
+        logger=CSVLogger(tmp_path, name="warm"), enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(eco, DigitsDataModule(as_image=True, batch_size=32, val_fraction=0.0))
+    lines = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    rows = [dict(zip(header, line.split(","), strict=True)) for line in lines[1:]]
+    per_epoch = [float(r["warmup/loss_epoch"]) for r in rows if r["warmup/loss_epoch"]]
+    per_step = [int(r["step"]) for r in rows if r["warmup/loss_step"]]
+    assert len(per_epoch) == 2 and all(0 < v < 10 for v in per_epoch)
+    assert per_step == [1, 3, 5]  # every log_every_n_steps = 2 of the 6 steps
+
+
+def test_source_only_logs_the_methods_per_domain_errors(quiet_trainer_kwargs, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    net = CNN2D(num_classes=10, width=4)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    digits = DigitsDataModule(as_image=True, val_fraction=0.0)
+    stream = CorruptionStreamDataModule(digits, ["contrast", "fog"], batch_size=100)
+    stream.setup()
+    source = SourceOnly(copy.deepcopy(net))
+    assert not any(p.requires_grad for p in source.parameters())
+    metrics = pl.Trainer(**quiet_trainer_kwargs).test(source, datamodule=stream, verbose=False)[0]  # no gradients
+    with torch.no_grad():
+        wrong = (net.eval()(stream.stream.inputs).argmax(-1) != stream.stream.targets).float()
+    domain = stream.stream.extras["domain"]
+    for d, name in enumerate(stream.domain_names):  # the frozen model with its running statistics
+        assert metrics[f"test/error/{name}"] == pytest.approx(wrong[domain == d].mean().item())
+    source.adapt({"inputs": torch.rand(1, 1, 8, 8)})  # its own statistics: a batch of one is fine
+    # the YAML recipe, from a plain state dict
+    monkeypatch.chdir(tmp_path)
+    torch.save(net.state_dict(), tmp_path / "source.pt")
+    from lit_tricks.cli import LitTricksCLI
+
+    tta = Path(__file__).parents[1] / "configs" / "tta"
+    cli = LitTricksCLI(
+        args=["test", "--config", str(tta / "digits_c.yaml"), "--config", str(tta / "source_only.yaml"),
+              "--model.init_args.source_checkpoint=source.pt", "--model.init_args.model.init_args.width=4",
+              "--trainer.limit_test_batches=3", "--trainer.enable_progress_bar=false"],
+    )  # fmt: skip
+    assert "test/error/gaussian_noise_5" in cli.trainer.callback_metrics

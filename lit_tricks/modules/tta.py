@@ -23,6 +23,7 @@ from lit_tricks.functional.tta import (
 )
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_NORM_TYPES = {"batch": _NORMS, "layer": (nn.LayerNorm,), "group": (nn.GroupNorm,)}
 
 
 def use_batch_statistics(model: nn.Module) -> list[nn.Module]:
@@ -75,6 +76,9 @@ class TTAModule(pl.LightningModule):
 
     It logs the online accuracy as ``test/acc`` and, for batches with a ``domain`` key, ``test/error/<domain>``
     at the end, both summed over DDP ranks (each rank adapts its own copy on its share of the stream).
+    A batch with a NaN or infinite input is not adapted on (the adapted state stays as it was; its predictions,
+    from :meth:`forward`, may be non-finite and count as errors): :attr:`nonfinite_batches` counts them, and
+    ``tricks/<ClassName>/nonfinite`` logs the count of the test run.
     Methods that need gradients refuse to run under Lightning's default ``inference_mode=True`` and say to set
     ``Trainer(inference_mode=False)``.
 
@@ -117,6 +121,7 @@ class TTAModule(pl.LightningModule):
         self._optimizer_state = copy.deepcopy(self.tta_optimizer.state_dict()) if self.tta_optimizer else None
         self._batch_norms = any(isinstance(m, _NORMS) and not m.track_running_stats for m in self.modules())
         self._adapted_batches = 0
+        self.nonfinite_batches = 0
         self._records: list[tuple[Tensor, Tensor]] = []
 
     # ---------------------------------------------------------------- what a method defines
@@ -143,6 +148,7 @@ class TTAModule(pl.LightningModule):
 
     # ---------------------------------------------------------------- the machinery
     def forward(self, x: Tensor) -> Tensor:
+        """The method's prediction with its current state, without adapting (default: the model's logits)."""
         return self.model(x)
 
     def train(self, mode: bool = True) -> TTAModule:
@@ -161,11 +167,13 @@ class TTAModule(pl.LightningModule):
     def on_test_start(self) -> None:
         self._check_run()
         self._records = []
+        self.nonfinite_batches = 0
         if self.domain_names is None:  # the stream's names, when it has them
             self.domain_names = getattr(self.trainer.datamodule, "domain_names", None)
 
     def on_predict_start(self) -> None:
         self._check_run()
+        self.nonfinite_batches = 0
 
     def _check_run(self) -> None:
         if self.needs_grad and torch.is_inference_mode_enabled():
@@ -184,13 +192,19 @@ class TTAModule(pl.LightningModule):
             )
 
     def adapt(self, batch: Any) -> Tensor:
-        """Reset if due, adapt ``steps`` times, and return the logits of the adapted pass."""
+        """Reset if due, adapt ``steps`` times, and return the logits of the adapted pass. A batch with a
+        non-finite input is only predicted (:meth:`forward`), not adapted on, and counted."""
         x = batch["inputs"] if isinstance(batch, Mapping) else batch[0]
         self._check_batch_size(len(x))
+        finite = bool(torch.isfinite(x).all())  # one synchronisation per batch, like the reset flag's
         due = self.reset_every and self._adapted_batches and self._adapted_batches % self.reset_every == 0
         flagged = isinstance(batch, Mapping) and bool(torch.as_tensor(batch.get("reset", False)).any())
-        if self.episodic or due or flagged:
+        if self.episodic or (due and finite) or flagged:
             self.reset()
+        if not finite:
+            self.nonfinite_batches += 1
+            with torch.no_grad():
+                return self(x)
         logits = None
         with torch.enable_grad():
             for _ in range(max(self.steps, 1)):
@@ -201,7 +215,7 @@ class TTAModule(pl.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         logits = self.adapt(batch)
         y = batch["targets"] if isinstance(batch, Mapping) else batch[1]
-        hits = (logits.argmax(dim=-1) == y).float()
+        hits = ((logits.argmax(dim=-1) == y) & logits.isfinite().all(dim=-1)).float()
         self.log("test/acc", hits.mean(), batch_size=len(y), sync_dist=True)
         if isinstance(batch, Mapping) and "domain" in batch:
             self._records.append((batch["domain"], hits))
@@ -218,9 +232,31 @@ class TTAModule(pl.LightningModule):
         for d in counts[1].nonzero().flatten().tolist():
             name = self.domain_names[d] if self.domain_names else f"domain{d}"
             self.log(f"test/error/{name}", 1 - counts[0, d].item() / counts[1, d].item())
+        skipped = torch.tensor(float(self.nonfinite_batches), device=self.device)
+        self.log(f"tricks/{type(self).__name__}/nonfinite", self.trainer.strategy.reduce(skipped, reduce_op="sum"))
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self.adapt(batch).softmax(dim=-1)
+
+
+class SourceOnly(TTAModule):
+    """The unadapted source model (the rivals' "Source" / "BN-0" baseline): frozen, in eval mode with its own
+    running BatchNorm statistics. It logs the same ``test/acc`` and ``test/error/<domain>`` as the methods, so
+    that the baseline compares with them corruption by corruption. Arguments as :class:`TTAModule`."""
+
+    needs_grad = False
+
+    def __init__(
+        self, model: nn.Module, domain_names: Sequence[str] | None = None, source_checkpoint: str | None = None
+    ) -> None:
+        super().__init__(model, lr=1.0, steps=0, domain_names=domain_names, source_checkpoint=source_checkpoint)
+
+    def configure_model(self) -> None:
+        self.model.eval().requires_grad_(False)
+
+    def forward_and_adapt(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.model(x)
 
 
 class BNAdapt(TTAModule):
@@ -242,9 +278,10 @@ class BNAdapt(TTAModule):
 
 class Tent(TTAModule):
     r"""Tent (Wang et al., "Tent: Fully Test-Time Adaptation by Entropy Minimization", ICLR 2021): BatchNorm
-    uses test-batch statistics, and only its affine parameters are updated to minimise the mean prediction
-    entropy :math:`\frac1N\sum_i -\sum_c p_{ic}\log p_{ic}` of the same forward pass, whose outputs (before
-    the update) are the predictions. Official defaults: Adam, lr 1e-3, one step per batch.
+    uses test-batch statistics, and only the affine parameters of the ``norm_types`` layers (default: BatchNorm
+    only) are updated to minimise the mean prediction entropy :math:`\frac1N\sum_i -\sum_c p_{ic}\log p_{ic}`
+    of the same forward pass, whose outputs (before the update) are the predictions. Official defaults: Adam,
+    lr 1e-3, one step per batch.
 
     Example::
 
@@ -255,19 +292,46 @@ class Tent(TTAModule):
         >>> tent = Tent(net, lr=1e-3)
         >>> sorted(name for name, p in tent.named_parameters() if p.requires_grad)
         ['model.1.bias', 'model.1.weight']
+
+    Args:
+        norm_types: which normalisation layers adapt: ``"batch"`` (BatchNorm1d/2d/3d), ``"layer"``
+            (LayerNorm), ``"group"`` (GroupNorm), one name or a list. The default ``"batch"`` is the paper's
+            and the official code's choice; ``["batch", "layer", "group"]`` is the rivals' benchmark variant
+            (mariodoebler/test-time-adaptation), for models normalised by LayerNorm or GroupNorm.
+        model, lr, steps, episodic, reset_every, domain_names, source_checkpoint: as :class:`TTAModule`.
     """
+
+    def __init__(
+        self, model: nn.Module, lr: float = 1e-3, steps: int = 1, episodic: bool = False, reset_every: int = 0,
+        domain_names: Sequence[str] | None = None, source_checkpoint: str | None = None,
+        norm_types: str | Sequence[str] = "batch",
+    ) -> None:  # fmt: skip
+        names = [norm_types] if isinstance(norm_types, str) else list(norm_types)
+        if not names or any(name not in _NORM_TYPES for name in names):
+            raise ValueError(
+                f"norm_types must name one or more of {', '.join(map(repr, _NORM_TYPES))}, got {norm_types!r}: "
+                "e.g. norm_types='batch' (the paper) or ['batch', 'layer', 'group']."
+            )
+        self.norm_types = names
+        super().__init__(model, lr, steps, episodic, reset_every, domain_names, source_checkpoint)
+
+    def _adapted_norms(self) -> list[nn.Module]:
+        kinds = tuple(kind for name in self.norm_types for kind in _NORM_TYPES[name])
+        return [m for m in self.model.modules() if isinstance(m, kinds)]
 
     def configure_model(self) -> None:
         super().configure_model()
-        norms = [m for m in self.model.modules() if isinstance(m, (*_NORMS, nn.LayerNorm, nn.GroupNorm))]
+        norms = self._adapted_norms()
         if not norms:
-            raise ValueError("Tent adapts normalisation layers, but the model has none.")
+            raise ValueError(
+                f"Tent adapts normalisation layers of norm_types={self.norm_types}, but the model has none: "
+                "choose the kinds it has ('batch', 'layer', 'group')."
+            )
         for norm in norms:
             norm.requires_grad_(True)
 
     def collect_params(self) -> list[nn.Parameter]:
-        return [p for m in self.model.modules() if isinstance(m, (*_NORMS, nn.LayerNorm, nn.GroupNorm))
-                for p in (m.weight, m.bias) if p is not None]  # fmt: skip
+        return [p for m in self._adapted_norms() for p in (m.weight, m.bias) if p is not None]
 
     def forward_and_adapt(self, x: Tensor) -> Tensor:
         logits = self.model(x)
@@ -328,12 +392,18 @@ class AdaNPC(TTAModule):
     def features(self, x: Tensor) -> Tensor:
         return self._features(x) if self._features is not None else self.model.forward_features(x)
 
+    def _vote(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.features(x)
+        probs = knn_probabilities(features, self.memory, self.memory_labels, self.num_classes, self.k, self.temperature)
+        return features, probs
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Log of the kNN vote over the current memory (nothing joins it)."""
+        return self._vote(x)[1].clamp(min=1e-8).log()
+
     def forward_and_adapt(self, x: Tensor) -> Tensor:
         with torch.no_grad():
-            features = self.features(x)
-            probs = knn_probabilities(
-                features, self.memory, self.memory_labels, self.num_classes, self.k, self.temperature
-            )
+            features, probs = self._vote(x)
             confidence, label = probs.max(dim=1)
             keep = confidence >= self.beta
             self.memory = torch.cat([self.memory, F.normalize(features[keep], dim=1)])
@@ -356,7 +426,8 @@ class RMT(TTAModule):
 
     with the symmetric cross-entropy (:math:`\alpha = 0.5`, :func:`symmetric_cross_entropy`), :math:`\tilde x` an
     augmented view, and, when source class ``prototypes`` are given, the contrastive loss pulling the projected
-    features of :math:`x`, :math:`\tilde x` and :math:`x`'s nearest prototype together (temperature 0.1). The
+    features of :math:`x`, :math:`\tilde x` and :math:`x`'s nearest prototype (by cosine similarity; the raw class
+    mean goes through the projector, like the raw features) together (temperature 0.1). The
     prediction is the sum of student and teacher logits. The authors' repository replays labelled source data
     by default; here that term and the source warm-up are left out (source-free, as their maintainers advise
     for source-free use). Reset restores student, teacher, projector and optimizer.
@@ -401,7 +472,9 @@ class RMT(TTAModule):
         if self._source_prototypes is not None:
             d = self._source_prototypes.shape[1]
             self.projector = nn.Sequential(nn.Linear(d, 128), nn.ReLU(), nn.Linear(128, 128))
-            self.register_buffer("prototypes", F.normalize(self._source_prototypes.float(), dim=1))
+            weight = next(self.model.parameters())
+            # the raw class means (as the authors' code), in the model's dtype and on its device
+            self.register_buffer("prototypes", self._source_prototypes.to(weight.device, weight.dtype))
 
     def configure_model(self) -> None:
         self.model.eval().requires_grad_(True)
@@ -413,8 +486,14 @@ class RMT(TTAModule):
         params = list(self.model.parameters())
         return params + (list(self.projector.parameters()) if self.projector is not None else [])
 
+    def forward(self, x: Tensor) -> Tensor:
+        """The prediction: student plus teacher logits."""
+        return self.model(x) + self.teacher(x)
+
     def _contrastive(self, f_x: Tensor, f_aug: Tensor) -> Tensor:
-        nearest = (F.normalize(f_x.detach(), dim=1) @ self.prototypes.T).argmax(dim=1)
+        """SupCon over the views (nearest prototype, f(x), f(x~)), all three raw features through the projector;
+        the nearest prototype by cosine similarity."""
+        nearest = (F.normalize(f_x.detach(), dim=1) @ F.normalize(self.prototypes, dim=1).T).argmax(dim=1)
         views = torch.stack([self.prototypes[nearest], f_x, f_aug], dim=1)  # [B, 3, D]
         return prototype_contrastive_loss(self.projector(views), self.temperature)
 
@@ -604,7 +683,9 @@ class EcoTTA(TTAModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = (batch["inputs"], batch["targets"]) if isinstance(batch, Mapping) else batch[:2]
         loss = F.cross_entropy(self.model(x), y)
-        self.log("warmup/loss", loss, prog_bar=True)
+        # at the logging interval (warmup/loss_step) and per epoch (warmup/loss_epoch), so that a warm-up shorter
+        # than the interval (Lightning's default: 50 steps) still logs
+        self.log("warmup/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.warmed_up.fill_(True)
         return loss
 
