@@ -126,8 +126,10 @@ def test_sampling_levels_and_errors():
 
 
 def test_constructor_errors():
-    with pytest.raises(ValueError, match="sigma_min < sigma_max"):
+    with pytest.raises(ValueError, match=r"sigma_min must be a finite number in \(0.0, 0.5\)"):
         _model(sigma_min=1.0, sigma_max=0.5)
+    with pytest.raises(ValueError, match="sigma_max must be a finite number"):
+        _model(sigma_max=float("inf"))
     with pytest.raises(ValueError, match="s0"):
         _model(s0=20, s1=10)
     with pytest.raises(ValueError, match="loss"):

@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 from lit_tricks.callbacks.ema_teacher import EMATeacher
+from lit_tricks.core.checks import check_number
 from lit_tricks.core.rng import RestoresRNG
 from lit_tricks.functional import consistency as ct
 from lit_tricks.metrics.sample_quality import (
@@ -57,8 +58,8 @@ class GenerativeModule(RestoresRNG, pl.LightningModule):
             )
         if not data_shape or min(data_shape) < 1:
             raise ValueError(f"data_shape must be the shape of one sample, e.g. [2] or [1, 8, 8]; got {data_shape}.")
-        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1) or None, got {ema_decay}.")
+        if ema_decay is not None:
+            check_number("ema_decay", ema_decay, above=0.0, below=1.0, hint="Or None for no EMA.")
         if not eval_steps or min(eval_steps) < 1 or predict_steps < 1:
             raise ValueError(f"eval_steps and predict_steps must be >= 1, got {eval_steps}, {predict_steps}.")
         self.net, self.data_shape = net, tuple(data_shape)
@@ -97,8 +98,8 @@ class GenerativeModule(RestoresRNG, pl.LightningModule):
 
     @staticmethod
     def check_sigmas(sigma_min: float, sigma_max: float) -> None:
-        if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"Need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}.")
+        check_number("sigma_max", sigma_max, above=0.0)
+        check_number("sigma_min", sigma_min, above=0.0, below=sigma_max)
 
     def preconditioned(self, x: Tensor, sigma: Tensor | float, sigma_data: float, sigma_min: float) -> Tensor:
         r""":math:`c_\text{skip} x + c_\text{out} F_\theta(c_\text{in} x, \tfrac14 \ln\sigma)` with the boundary
