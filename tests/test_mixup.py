@@ -37,15 +37,39 @@ def test_mixup_and_targets_by_hand():
     )
 
 
+class FixedCentres:
+    """A stand-in for the numpy generator: hands out the given centres, one array per axis, in order."""
+
+    def __init__(self, *centres):
+        self.centres = iter(centres)
+
+    def integers(self, low, high, size):
+        return np.asarray(next(self.centres))
+
+
+def test_cutmix_box_follows_the_official_rand_bbox_by_hand():
+    # half-side int(S * sqrt(1 - lam)) // 2 (CutMix-PyTorch and timm), not round(S * sqrt(1 - lam) / 2)
+    lam = 1 - (15 / 32) ** 2  # side 15 exactly: half 7 (rounding would give 8)
+    box, corrected = cutmix_box((32, 32), lam, FixedCentres([10], [30]))
+    assert box == (slice(3, 17), slice(23, 32))  # columns 23:37 clipped to 32
+    assert corrected == 1 - 14 * 9 / 1024
+    # one row per sample; 31 * sqrt(0.25) = 15.5: half 7; lam 1: nothing pasted
+    mask, corrected = cutmix_masks(
+        (32, 31), torch.tensor([lam, 0.75, 1.0], dtype=torch.float64), FixedCentres([10, 0, 5], [30, 15, 5])
+    )
+    expected = torch.zeros(3, 32, 31, dtype=torch.bool)
+    expected[0, 3:17, 23:31] = True  # side 15 along both axes (15 * 31 / 32 = 14.53: 14 along the 31 one)
+    expected[1, 0:8, 8:22] = True  # 32 * 0.5 = 16: half 8, rows -8:8 clipped; 31 * 0.5: half 7
+    assert torch.equal(mask, expected)
+    torch.testing.assert_close(corrected, torch.tensor([1 - 14 * 8 / 992, 1 - 8 * 14 / 992, 1.0]))
+
+
 def test_cutmix_segment_by_hand():
-    lam = torch.tensor([0.6])
-    mask, corrected = cutmix_masks((10,), lam, np.random.default_rng(0))
-    centre = int(np.random.default_rng(0).integers(0, 10))  # the same draw
-    half = round(0.4 * 10 / 2)  # side (1 - lam) * L = 4
-    expected = torch.zeros(10, dtype=torch.bool)
-    expected[max(centre - half, 0) : min(centre + half, 10)] = True
-    assert torch.equal(mask[0], expected)
-    assert corrected.item() == pytest.approx(1 - expected.float().mean().item())
+    # 10 * (1 - 0.45) = 5.5: half 2 (rounding would give 3); centres 1 and 9
+    mask, corrected = cutmix_masks((10,), torch.tensor([0.45, 0.45], dtype=torch.float64), FixedCentres([1, 9]))
+    assert mask.int().tolist() == [[1, 1, 1, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 1, 1, 1]]
+    torch.testing.assert_close(corrected, torch.tensor([0.7, 0.7]))
+    assert cutmix_box((10,), 0.45, FixedCentres([1]))[0] == (slice(0, 3),)
 
 
 def test_cutmix_boxes_are_boxes_and_lambda_is_the_kept_area():
@@ -66,7 +90,7 @@ def test_cutmix_boxes_are_boxes_and_lambda_is_the_kept_area():
 @pytest.mark.parametrize("sizes", [(8, 8), (7, 5), (12,)])
 def test_batch_box_by_slicing_equals_the_mask(sizes):
     for seed, lam in enumerate([0.05, 0.3, 0.5, 0.93, 1.0]):
-        mask, corrected = cutmix_masks(sizes, torch.tensor([lam]), np.random.default_rng(seed))
+        mask, corrected = cutmix_masks(sizes, torch.tensor([lam], dtype=torch.float64), np.random.default_rng(seed))
         box, box_lam = cutmix_box(sizes, lam, np.random.default_rng(seed))
         from_box = torch.zeros(sizes, dtype=torch.bool)
         from_box[box] = True
@@ -150,7 +174,9 @@ def test_early_stopped_mixup(quiet_trainer_kwargs):
 )
 def test_cutmix_on_images_and_signals(trick, net, datamodule, quiet_trainer_kwargs):
     spy = Spy()
-    trainer = _fit([trick, spy], quiet_trainer_kwargs, net=net, datamodule=datamodule, max_steps=4)
+    trainer = _fit(
+        [trick, spy], quiet_trainer_kwargs, net=net, datamodule=datamodule, max_steps=4, log_every_n_steps=2
+    )  # tricks log only on the steps Lightning writes
     assert trainer.global_step == 4
     for _, targets in spy.seen:
         torch.testing.assert_close(targets.sum(dim=1), torch.ones(len(targets)))

@@ -37,8 +37,10 @@ class Mixup(Trick):
 
     with one :math:`\lambda` per batch (``mode="batch"``) or one per sample (``mode="elem"``, vectorised).
     With ``cutmix_alpha > 0`` a batch is instead cut-mixed with probability ``switch_prob``: a box (images
-    ``[N, C, H, W]``) or a segment (signals ``[N, L]`` / ``[N, C, L]``) of side :math:`\sqrt[d]{1-\lambda}`
-    is pasted from the partner and :math:`\lambda` is corrected to the pasted area.
+    ``[N, C, H, W]``) or a segment (signals ``[N, L]`` / ``[N, C, L]``) of side about
+    :math:`S\sqrt[d]{1-\lambda}` is pasted from the partner and :math:`\lambda` is corrected to the pasted
+    area. The box is the official code's and timm's ``rand_bbox`` (half-side ``int(S * sqrt(1 - lam)) // 2``,
+    uniform centre, clipped; see :func:`~lit_tricks.functional.cutmix_masks`).
 
     ``stop_at`` gives early-stopped mixup ("The Benefits of Mixup for Feature Learning"): no mixing after
     that fraction of the training steps. Labels become probabilities (optionally smoothed by

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -12,10 +14,10 @@ def sample_mixing(
 ) -> tuple[Tensor, Tensor]:
     r"""Partners and weights of one batch: ``perm`` ``[N]`` on ``device`` (a random permutation, so odd batch
     sizes work) and :math:`\lambda \sim \mathrm{Beta}(\alpha, \alpha)`, one for the batch (shape ``[1]``) or
-    one per sample (``[N]``), left on the host (the mixing functions move it; a batch's box is computed from
-    it without a device synchronisation). Drawn from ``rng``."""
+    one per sample (``[N]``), left on the host in float64 as numpy drew it (the mixing functions move it; a
+    batch's box is computed from it, as the references do, without a device synchronisation). Drawn from ``rng``."""
     perm = torch.as_tensor(rng.permutation(n), device=device)
-    lam = torch.as_tensor(rng.beta(alpha, alpha, size=n if per_sample else 1), dtype=torch.float32)
+    lam = torch.as_tensor(rng.beta(alpha, alpha, size=n if per_sample else 1), dtype=torch.float64)
     return perm, lam
 
 
@@ -30,12 +32,19 @@ def mixup_(inputs: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
 def cutmix_masks(
     sizes: tuple[int, ...], lam: Tensor, rng: np.random.Generator, device: torch.device | None = None
 ) -> tuple[Tensor, Tensor]:
-    r"""CutMix regions (Yun et al., 2019): per row of ``lam``, a box (or a segment for 1-D signals) with sides
-    :math:`\sqrt[d]{1 - \lambda}` of the input's, centred uniformly and clipped to the input.
+    r"""CutMix regions (Yun et al., 2019): per row of ``lam``, a box (or a segment for 1-D signals) of side
+    about :math:`S\sqrt[d]{1 - \lambda}` along each axis of size :math:`S`, centred uniformly and clipped.
+
+    The box follows ``rand_bbox`` of the official code (clovaai/CutMix-PyTorch) and of timm: along each axis,
+    in order, a centre :math:`c \sim \mathcal U\{0, \dots, S-1\}`, a half-side
+    :math:`h = \lfloor \lfloor S \sqrt[d]{1-\lambda} \rfloor / 2 \rfloor` and the region
+    :math:`[\max(c - h, 0), \min(c + h, S))`. Its side :math:`2h` is even, on average one pixel shorter than
+    the paper's :math:`S\sqrt{1-\lambda}` before clipping; the corrected :math:`\lambda` below keeps the
+    labels equal to the pasted fraction either way.
 
     Args:
         sizes: the spatial sizes, ``(L,)`` for signals or ``(H, W)`` for images.
-        lam: ``[B]`` drawn weights (``B`` = 1 for one box per batch).
+        lam: ``[B]`` drawn weights on the host (``B`` = 1 for one box per batch).
         rng: the generator of the centres.
         device: where to build the masks (default: ``lam``'s device).
 
@@ -43,29 +52,35 @@ def cutmix_masks(
         ``mask`` ``[B, *sizes]`` (True inside the pasted region) and the corrected
         :math:`\lambda = 1 - \text{area}/\text{total}` ``[B]`` of the clipped regions.
     """
-    lam = lam.to(device) if device is not None else lam
-    d = len(sizes)
-    cut = (1.0 - lam).clamp(0, 1) ** (1.0 / d)  # [B], the side fraction of the region
-    mask = torch.ones(len(lam), *sizes, dtype=torch.bool, device=lam.device)
+    device = lam.device if device is None else device
+    d, rows = len(sizes), len(lam)
+    # the side fraction in float64 with numpy's (correctly rounded) sqrt, so that the floor below matches the
+    # references' arithmetic exactly (torch's float64 sqrt and pow(x, 0.5) can be one ulp off)
+    kept = np.clip(1.0 - lam.detach().cpu().double().numpy(), 0.0, 1.0)
+    ratio = np.sqrt(kept) if d == 2 else kept ** (1.0 / d)  # [B]
+    mask = torch.ones(rows, *sizes, dtype=torch.bool, device=device)
     for axis, size in enumerate(sizes):
-        centre = torch.as_tensor(rng.integers(0, size, size=len(lam)), device=lam.device)
-        half = (cut * size / 2).round().long()
-        low, high = (centre - half).clamp(0, size), (centre + half).clamp(0, size)
-        coords = torch.arange(size, device=lam.device)
+        centre = rng.integers(0, size, size=rows)
+        half = np.floor(ratio * size).astype(np.int64) // 2
+        low = torch.as_tensor(np.clip(centre - half, 0, size), device=device)
+        high = torch.as_tensor(np.clip(centre + half, 0, size), device=device)
+        coords = torch.arange(size, device=device)
         inside = (coords >= low[:, None]) & (coords < high[:, None])  # [B, size]
-        mask &= inside.view(len(lam), *[size if a == axis else 1 for a in range(d)])
+        mask &= inside.view(rows, *[size if a == axis else 1 for a in range(d)])
     area = mask.flatten(1).float().mean(dim=1)
     return mask, 1.0 - area
 
 
 def cutmix_box(sizes: tuple[int, ...], lam: float, rng: np.random.Generator) -> tuple[tuple[slice, ...], float]:
     r"""One CutMix region for the whole batch, as slices, computed on the host: the same region and corrected
-    :math:`\lambda` as :func:`cutmix_masks` with one row (and the same draws from ``rng``)."""
-    cut = min(max(1.0 - lam, 0.0), 1.0) ** (1.0 / len(sizes))
+    :math:`\lambda` as :func:`cutmix_masks` with one row (and the same draws from ``rng``), i.e. the official
+    code's and timm's ``rand_bbox`` with half-side ``int(S * (1 - lam) ** (1 / d)) // 2``."""
+    kept = min(max(1.0 - lam, 0.0), 1.0)
+    ratio = math.sqrt(kept) if len(sizes) == 2 else kept ** (1.0 / len(sizes))
     region, area = [], 1.0
     for size in sizes:
         centre = int(rng.integers(0, size, size=1)[0])
-        half = round(cut * size / 2)
+        half = int(ratio * size) // 2
         low, high = min(max(centre - half, 0), size), min(max(centre + half, 0), size)
         region.append(slice(low, high))
         area *= (high - low) / size
