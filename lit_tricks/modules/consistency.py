@@ -40,6 +40,9 @@ class ConsistencyModel(GenerativeModule):
     ``ot_coupling`` pairs noise and data by exact minibatch optimal transport (and re-noises multistep sampling
     with coupled noise). Non-scaling LayerNorm is a net option (``TimeMLP(norm="nonscaling")``).
 
+    It logs ``train/loss``, ``train/consistency_loss`` and the curriculum (``consistency/num_levels``, ``/c``,
+    ``/weight_mean``) every ``log_every_n_steps`` and at the first step, so that a short run shows them too.
+
     Args:
         net: ``F_theta(x, c_noise)``, returning x's shape (e.g. :class:`~lit_tricks.nets.TimeMLP`).
         data_shape: the shape of one sample (``[2]``, ``[1, 8, 8]``).
@@ -179,6 +182,7 @@ class ConsistencyModel(GenerativeModule):
         weight = 1.0 / (sigma_student - sigma_teacher).float()
         consistency = (weight * distance).mean()
         loss = consistency
+        logged: dict[str, Tensor | float] = {}
         if self.diffusion_loss_weight > 0:
             # pairs whose student level is in the lowest quarter of the grid (a masked mean: never empty-NaN)
             low = (i + 1) <= num_levels - 1 - int(0.75 * num_levels)
@@ -186,12 +190,17 @@ class ConsistencyModel(GenerativeModule):
             scale = 1.0 / sigma_student.float() ** 2 + 1.0 / self.sigma_data**2
             diffusion = (low * scale * mse).sum() / low.sum().clamp(min=1)
             loss = loss + self.diffusion_loss_weight * diffusion
-            self.log("train/diffusion_loss", diffusion)
+            logged["train/diffusion_loss"] = diffusion
+        logged.update({"train/loss": loss, "train/consistency_loss": consistency, "consistency/c": c})
+        logged.update({"consistency/num_levels": float(num_levels), "consistency/weight_mean": weight.mean()})
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/consistency_loss", consistency)
-        self.log("consistency/num_levels", float(num_levels))
-        self.log("consistency/c", c)
-        self.log("consistency/weight_mean", weight.mean())
+        self.log_dict({key: value for key, value in logged.items() if key != "train/loss"})
+        trainer = self.trainer
+        if self.global_step == batch_idx == 0 and trainer.log_every_n_steps > 1 and not trainer.fast_dev_run:
+            # Lightning writes first at step log_every_n_steps; write step 0 too, so short runs show training.
+            values = {key: float(torch.as_tensor(value).detach()) for key, value in logged.items()}
+            for logger in self.loggers:
+                logger.log_metrics(values, step=0)
         return loss
 
     # ------------------------------------------------------------------ sampling
