@@ -70,7 +70,7 @@ class Mixup(Trick):
         >>> from lit_tricks import Classifier, Mixup
         >>> from lit_tricks.data import DigitsDataModule
         >>> from lit_tricks.nets import MLP
-        >>> trainer = L.Trainer(max_epochs=1, callbacks=[Mixup(alpha=0.4)], logger=False,
+        >>> trainer = L.Trainer(max_epochs=1, callbacks=[Mixup(alpha=0.4)], logger=False, log_every_n_steps=10,
         ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
         >>> trainer.fit(Classifier(MLP(64, 10), num_classes=10), DigitsDataModule())
         >>> 0.0 <= float(trainer.callback_metrics["tricks/Mixup/lam"]) <= 1.0
