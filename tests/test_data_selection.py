@@ -5,6 +5,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lit_tricks import Classifier, DataDietScores, SelectiveBackprop, Trick, TrickBatch
@@ -205,6 +206,28 @@ def test_data_diet_scores_are_the_el2n_of_the_model_at_that_epoch(quiet_trainer_
     assert scorer.scores[noisy].mean() > 1.5 * scorer.scores[~noisy].mean()
 
 
+def test_data_diet_scores_go_to_the_run_directory(quiet_trainer_kwargs, tmp_path, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    root = quiet_trainer_kwargs["default_root_dir"]
+
+    def fit(save_to, **kwargs):
+        scorer = DataDietScores("el2n", epoch=0, save_to=save_to)
+        trainer = _trainer({**quiet_trainer_kwargs, **kwargs}, [scorer], max_steps=1)
+        trainer.fit(Classifier(MLP(64, 10), num_classes=10), DigitsDataModule())
+        return scorer
+
+    relative = fit("data_diet/el2n.pt")  # no logger: under the default_root_dir
+    assert relative.saved_to == root / "data_diet" / "el2n.pt"
+    torch.testing.assert_close(load_scores(relative.saved_to), relative.scores)
+    logged = fit("el2n.pt", logger=CSVLogger(root / "logs"))  # a logger's versioned directory, as checkpoints
+    assert logged.saved_to == root / "logs" / "lightning_logs" / "version_0" / "el2n.pt" and logged.saved_to.is_file()
+    absolute = fit(tmp_path / "elsewhere" / "el2n.pt")  # kept as it is
+    assert absolute.saved_to == tmp_path / "elsewhere" / "el2n.pt" and absolute.saved_to.is_file()
+    assert not any(cwd.iterdir())  # nothing written to the current directory
+
+
 def test_data_diet_scoring_leaves_training_unchanged(quiet_trainer_kwargs):
     def fit(callbacks):
         pl.seed_everything(0, verbose=False)
@@ -258,6 +281,8 @@ def test_pruning_errors(tmp_path):
         DataDietScores("forgetting")
     with pytest.raises(ValueError, match="epoch"):
         DataDietScores(epoch=-1)
+    with pytest.raises(TypeError, match="save_to must be a str or Path"):
+        DataDietScores(save_to=3)
 
 
 def test_rs2_datamodule_trains_on_fresh_subsets(quiet_trainer_kwargs):

@@ -36,12 +36,16 @@ class DataDietScores(Callback):
 
     Scoring is one pass over the training set in eval mode with a sequential loader (no global RNG draw, so
     training is unchanged); under DDP each rank scores a strided shard and the scores are all-gathered. The
-    result is ``self.scores`` (``[N]``, training-set order), in the checkpoint, and saved to ``save_to``.
+    result is ``self.scores`` (``[N]``, training-set order), in the checkpoint, and saved to ``save_to``:
+    like Lightning's checkpoints, a relative path is taken under the run's directory (``trainer.log_dir``,
+    else ``trainer.default_root_dir``), an absolute one as it is. The file's path is printed once (rank 0)
+    and kept in ``self.saved_to`` for the pruning run's ``prune_scores``.
 
     Args:
         score: ``"el2n"`` or ``"grand"``.
         epoch: score after this many training epochs (0: at the start of training).
-        save_to: a ``.pt`` file for :func:`load_scores` (written by rank 0), or ``None``.
+        save_to: a ``.pt`` file for :func:`load_scores` (written by rank 0), relative to the run's directory
+            unless absolute; or ``None``.
         batch_size: batch size of the scoring pass (GraNd holds one gradient per sample of a batch).
 
     Example::
@@ -67,9 +71,12 @@ class DataDietScores(Callback):
             raise ValueError(f"epoch must be >= 0 (0 scores at initialisation), got {epoch}.")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if save_to is not None and not isinstance(save_to, (str, Path)):
+            raise TypeError(f"save_to must be a str or Path (a .pt file), got {type(save_to).__name__}.")
         self.score, self.epoch, self.batch_size = score, epoch, batch_size
-        self.save_to = None if save_to is None else Path(save_to)
+        self.save_to = None if save_to is None else Path(save_to).expanduser()
         self.scores: Tensor | None = None
+        self.saved_to: Path | None = None  # where the scores were written, once they are
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.epoch == 0 and self.scores is None:
@@ -94,11 +101,18 @@ class DataDietScores(Callback):
         scores[shard] = local
         self.scores = scores.cpu()
         pl_module.log(log_tag(self, f"{self.score}_mean"), self.scores.mean(), rank_zero_only=True)
-        if self.save_to is not None and trainer.is_global_zero:
-            self.save_to.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"scores": self.scores, "score": self.score, "epoch": self.epoch}, self.save_to)
-            rank_zero_info(f"DataDietScores: {self.score} scores of {n} samples saved to {self.save_to}")
+        if self.save_to is not None:
+            self._save(trainer, n)
         return self.scores
+
+    def _save(self, trainer: pl.Trainer, n: int) -> None:
+        """Write the scores to ``save_to`` (under the run's directory when relative), on rank 0."""
+        run_dir = trainer.log_dir or trainer.default_root_dir  # log_dir is a broadcast: every rank asks
+        self.saved_to = self.save_to if self.save_to.is_absolute() else Path(run_dir) / self.save_to
+        if trainer.is_global_zero:
+            self.saved_to.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"scores": self.scores, "score": self.score, "epoch": self.epoch}, self.saved_to)
+            rank_zero_info(f"DataDietScores: {self.score} scores of {n} samples saved to {self.saved_to}")
 
     def _score_batch(self, module: pl.LightningModule, batch: Any) -> Tensor:
         tb = TrickBatch.from_batch(batch)

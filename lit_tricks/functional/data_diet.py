@@ -42,7 +42,8 @@ def grand_scores(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
 
 def keep_by_scores(scores: Tensor, fraction: float, offset: int = 0) -> Tensor:
     """Indices of the samples to keep, ascending: the ``round(fraction * N)`` highest scores after skipping
-    the ``offset`` highest (which, under label noise, are mostly mislabelled samples).
+    the ``offset`` highest (which, under label noise, are mostly mislabelled samples). The reference code's
+    offset counts from the lowest score instead (``argsort()[offset : offset + size]``): it is ``N - size - offset``.
 
     Example::
 
