@@ -188,8 +188,9 @@ def test_tent_norm_types_choose_the_adapted_layers():
     assert tent.model[4].running_mean is None  # BatchNorm still normalises with the test batch
     with pytest.raises(ValueError, match="norm_types must name one or more of 'batch', 'layer', 'group'"):
         Tent(_mixed_norms(), norm_types=["instance"])
-    with pytest.raises(ValueError, match="norm_types must name"):
-        Tent(_mixed_norms(), norm_types=[])
+    for bad in ([], None, [["batch"]], [nn.BatchNorm2d]):
+        with pytest.raises(ValueError, match="norm_types must name"):
+            Tent(_mixed_norms(), norm_types=bad)
     gn_only = nn.Sequential(nn.Linear(4, 4), nn.GroupNorm(2, 4), nn.Linear(4, 2))
     with pytest.raises(ValueError, match=r"norm_types=\['batch'\], but the model has none"):
         Tent(gn_only)

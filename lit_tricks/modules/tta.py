@@ -306,8 +306,8 @@ class Tent(TTAModule):
         domain_names: Sequence[str] | None = None, source_checkpoint: str | None = None,
         norm_types: str | Sequence[str] = "batch",
     ) -> None:  # fmt: skip
-        names = [norm_types] if isinstance(norm_types, str) else list(norm_types)
-        if not names or any(name not in _NORM_TYPES for name in names):
+        names = [norm_types] if isinstance(norm_types, str) else list(norm_types or ())
+        if not names or any(name not in list(_NORM_TYPES) for name in names):
             raise ValueError(
                 f"norm_types must name one or more of {', '.join(map(repr, _NORM_TYPES))}, got {norm_types!r}: "
                 "e.g. norm_types='batch' (the paper) or ['batch', 'layer', 'group']."
