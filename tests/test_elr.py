@@ -51,7 +51,7 @@ def test_elr_in_a_real_fit(quiet_trainer_kwargs):
     expected_targets = 0.7 * previous + 0.3 * p / p.sum(dim=1, keepdim=True)
     torch.testing.assert_close(elr.targets.values[index], expected_targets)
     expected_term = 3.0 * torch.log(1 - (expected_targets * p).sum(dim=1)).mean()
-    torch.testing.assert_close(trainer.callback_metrics["train/elr"], expected_term)
+    torch.testing.assert_close(trainer.callback_metrics["train/elr_log_regulariser"], expected_term)
 
 
 def test_elr_needs_index_and_good_arguments(quiet_trainer_kwargs):

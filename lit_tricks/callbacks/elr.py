@@ -3,13 +3,14 @@ corrupted."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 
 from lit_tricks.core.batch import StepOutput, TrickBatch
-from lit_tricks.core.sample_table import SampleTable
-from lit_tricks.core.trick import Trick
+from lit_tricks.core.sample_table import SampleTable, TableDevice, check_table_options
+from lit_tricks.core.trick import Trick, logging_due
 from lit_tricks.functional.elr import elr_penalty, elr_probabilities, elr_targets
 
 
@@ -26,11 +27,18 @@ class ELR(Trick):
     with :math:`p_i = \mathrm{clamp}(\sigma(z_i), 10^{-4}, 1 - 10^{-4})`, :math:`\hat p_i` its renormalised
     copy without gradient, and :math:`t_i` starting at 0 (as in the authors' code). The targets live in a
     table indexed by dataset index (batches must carry ``index``), filled from all ranks under DDP and saved
-    in checkpoints.
+    in checkpoints; a target that is not finite is never stored (``tricks/ELR/nonfinite`` counts them).
+
+    The regulariser is the log of a number below 1, so it is never positive: it is logged as
+    ``train/elr_log_regulariser`` and makes ``train/loss`` (task loss plus regulariser) smaller than
+    ``train/task_loss``, even negative.
 
     Args:
         beta: :math:`\beta`, the momentum of the targets (paper: 0.7 for CIFAR-10, 0.9 for CIFAR-100).
         lam: :math:`\lambda`, the weight of the regulariser (paper: 3 for CIFAR-10, 7 for CIFAR-100).
+        table_dtype: ``"float32"`` or ``"float16"`` storage of the targets.
+        table_device: ``"module"`` (the model's device) or ``"cpu"`` (host memory) for the targets.
+        num_samples: rows of the table (``None``: the index range of the training set).
 
     Example::
 
@@ -42,19 +50,27 @@ class ELR(Trick):
         >>> trainer = L.Trainer(max_epochs=1, callbacks=[elr], logger=False, enable_checkpointing=False,
         ...                     enable_progress_bar=False, enable_model_summary=False)
         >>> trainer.fit(Classifier(MLP(64, 10), num_classes=10), DigitsDataModule(label_noise=0.4))
-        >>> "train/elr" in trainer.callback_metrics
+        >>> float(trainer.callback_metrics["train/elr_log_regulariser"]) <= 0.0
         True
     """
 
     needs_index = True
 
-    def __init__(self, beta: float = 0.7, lam: float = 3.0) -> None:
+    def __init__(
+        self,
+        beta: float = 0.7,
+        lam: float = 3.0,
+        table_dtype: Literal["float32", "float16"] = "float32",
+        table_device: TableDevice = "module",
+        num_samples: int | None = None,
+    ) -> None:
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"beta must be in [0, 1), got {beta}; the paper uses 0.7 (CIFAR-10) or 0.9 (CIFAR-100).")
         if lam < 0:
             raise ValueError(f"lam must be >= 0, got {lam}; the paper uses 3 (CIFAR-10) or 7 (CIFAR-100).")
+        check_table_options(table_dtype, table_device, num_samples)
         self.beta, self.lam = beta, lam
-        self.targets = SampleTable()
+        self.targets = SampleTable(getattr(torch, table_dtype), table_device, num_samples)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.targets.allocate(trainer, pl_module, owner="ELR")
@@ -63,9 +79,12 @@ class ELR(Trick):
         self, trainer: pl.Trainer, module: pl.LightningModule, batch: TrickBatch, out: StepOutput
     ) -> StepOutput:
         probs = elr_probabilities(out.logits)
-        targets = elr_targets(self.targets.values[batch.index], probs, self.beta)
+        previous, _ = self.targets.read(batch.index)
+        targets = elr_targets(previous, probs, self.beta)
         self.targets.write(module, batch.index, targets)
-        out.aux_losses["elr"] = self.lam * elr_penalty(probs, targets).mean()
+        out.aux_losses["elr_log_regulariser"] = self.lam * elr_penalty(probs, targets).mean()
+        if logging_due(trainer):
+            module.log(self.tag("nonfinite"), self.targets.nonfinite.float())
         return out
 
     def state_dict(self) -> dict[str, Any]:

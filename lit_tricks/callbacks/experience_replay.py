@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from lit_tricks.core.batch import TrickBatch
+from lit_tricks.core.distributed import all_gather_rows
 from lit_tricks.core.trick import Trick, logging_due
 
 
@@ -40,8 +41,8 @@ class ExperienceReplay(Trick):
 
     (:math:`w` = ``new_weight``; plain :math:`\overline{\ell}_{\text{new}}` while the memory is empty); then the
     new samples enter the memory by reservoir sampling, so it holds a uniform sample of everything seen. Under
-    DDP the new samples of all ranks enter one memory, identical on every rank, and each rank replays its own
-    slice of one global draw. Fine-tuning is the same run without this trick.
+    DDP the new samples of all ranks enter one memory, identical on every rank (the ranks' batches may differ
+    in size), and each rank replays its own slice of one global draw. Fine-tuning is the same run without this trick.
 
     Memory (inputs, class-id targets and, when the batch has them, ``task`` and ``index``) lives on the
     module's device and in checkpoints. It runs first (``order = -30``) so that the tricks after it (e.g.
@@ -88,8 +89,10 @@ class ExperienceReplay(Trick):
         if batch.targets.ndim != 1:
             raise ValueError("ExperienceReplay stores class ids: run it before tricks that make soft targets.")
         new = self._fields(batch)
-        combined = self._with_replay(trainer, batch, new) if self.seen else batch
-        self._remember(module, new)
+        names = list(new)
+        gathered, sizes = all_gather_rows(module, *new.values())  # one memory, identical on every rank
+        combined = self._with_replay(trainer, batch, new, sizes) if self.seen else batch
+        self._remember(dict(zip(names, gathered, strict=True)))
         if logging_due(trainer):
             module.log(self.tag("memory_fill"), min(self.seen, self.memory_size) / self.memory_size)
         return combined
@@ -102,12 +105,15 @@ class ExperienceReplay(Trick):
             fields["task"] = batch.extras["task"]
         return fields
 
-    def _with_replay(self, trainer: pl.Trainer, batch: TrickBatch, new: dict[str, Tensor]) -> TrickBatch:
+    def _with_replay(
+        self, trainer: pl.Trainer, batch: TrickBatch, new: dict[str, Tensor], sizes: list[int]
+    ) -> TrickBatch:
         n = len(batch)
-        r = self.replay_batch_size or n
+        replay_sizes = [self.replay_batch_size or size for size in sizes]  # of every rank
         filled = min(self.seen, self.memory_size)
-        draw = torch.randint(filled, (r * trainer.world_size,), generator=self._generator)  # same on every rank
-        rows = draw[trainer.global_rank * r : (trainer.global_rank + 1) * r].to(batch.inputs.device)
+        draw = torch.randint(filled, (sum(replay_sizes),), generator=self._generator)  # same on every rank
+        start, r = sum(replay_sizes[: trainer.global_rank]), replay_sizes[trainer.global_rank]
+        rows = draw[start : start + r].to(batch.inputs.device)
         if set(new) != set(self.memory):
             raise ValueError(f"Batches changed fields ({sorted(new)} vs the memory's {sorted(self.memory)}).")
         replay = {name: self.memory[name][rows] for name in new}
@@ -125,9 +131,7 @@ class ExperienceReplay(Trick):
             extras["task"] = joined["task"]
         return TrickBatch(joined["inputs"], joined["targets"], joined.get("index"), weight, extras)
 
-    def _remember(self, module: pl.LightningModule, new: dict[str, Tensor]) -> None:
-        if module.trainer.world_size > 1:  # one memory, identical on every rank
-            new = {name: module.all_gather(value).flatten(0, 1) for name, value in new.items()}
+    def _remember(self, new: dict[str, Tensor]) -> None:
         if not self.memory:
             self.memory = {
                 name: torch.zeros(self.memory_size, *value.shape[1:], dtype=value.dtype, device=value.device)

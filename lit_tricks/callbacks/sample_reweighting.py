@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 
 from lit_tricks.core.batch import StepOutput, TrickBatch
+from lit_tricks.core.distributed import all_gather_rows
 from lit_tricks.core.trick import Trick, logging_due
 from lit_tricks.functional.reweighting import Strategy, reweighting_weights
 
@@ -13,7 +14,8 @@ class SampleReweighting(Trick):
     r"""Loss-based sample reweighting ("Dynamic Loss-Based Sample Reweighting for Improved Large Language Model
     Pretraining", Sow et al., ICLR 2025).
 
-    The per-sample losses of the **global** batch (all-gathered under DDP) are mapped onto
+    The per-sample losses of the **global** batch (all-gathered under DDP, where the ranks' batches may
+    differ in size) are mapped onto
     :math:`[-\delta, \delta]`, scored by a strategy :math:`f`, and turned into weights
 
     .. math:: w_i = N\,\frac{\exp(f_i / r)}{\sum_j \exp(f_j / r)}, \qquad
@@ -22,7 +24,8 @@ class SampleReweighting(Trick):
     with mean weight 1 (so a uniform :math:`f` gives the plain mean). Strategies: ``linupper``
     :math:`\min(x + \delta, \delta)` (down-weights the easiest samples), ``quadratic``
     :math:`1 - x^2/\delta^2` (favours medium losses), ``extremes`` :math:`|x|`. During the first
-    ``warmup_steps`` optimizer steps the weights are uniform. Weights multiply any weights already on the batch.
+    ``warmup_steps`` optimizer steps the weights are uniform (``tricks/SampleReweighting/warmup_remaining``
+    counts the steps left). Weights multiply any weights already on the batch.
 
     Args:
         strategy: ``"linupper"``, ``"quadratic"`` or ``"extremes"``.
@@ -36,8 +39,9 @@ class SampleReweighting(Trick):
         >>> from lit_tricks import Classifier, SampleReweighting
         >>> from lit_tricks.data import DigitsDataModule
         >>> from lit_tricks.nets import MLP
-        >>> trainer = L.Trainer(max_epochs=1, callbacks=[SampleReweighting("linupper")], logger=False,
-        ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer = L.Trainer(max_epochs=1, callbacks=[SampleReweighting("linupper")], log_every_n_steps=10,
+        ...                     logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        ...                     enable_model_summary=False)
         >>> trainer.fit(Classifier(MLP(64, 10), num_classes=10), DigitsDataModule())
         >>> float(trainer.callback_metrics["tricks/SampleReweighting/weight_max"]) >= 1.0
         True
@@ -57,17 +61,18 @@ class SampleReweighting(Trick):
     def after_loss(
         self, trainer: pl.Trainer, module: pl.LightningModule, batch: TrickBatch, out: StepOutput
     ) -> StepOutput:
+        log_now = logging_due(trainer)
+        if self.warmup_steps and log_now:
+            module.log(self.tag("warmup_remaining"), float(max(self.warmup_steps - trainer.global_step, 0)))
         if trainer.global_step < self.warmup_steps:
             return out
         losses = out.per_sample_loss.detach()
-        if trainer.world_size > 1:  # weights over the global batch; keep this rank's slice
-            everything = module.all_gather(losses)  # [world, N]
-            weights = reweighting_weights(everything.flatten(), self.strategy, self.temperature, self.delta)
-            weights = weights.view_as(everything)[trainer.global_rank]
-        else:
-            weights = reweighting_weights(losses, self.strategy, self.temperature, self.delta)
+        (everything,), sizes = all_gather_rows(module, losses)  # the global batch, rank 0's samples first
+        weights = reweighting_weights(everything, self.strategy, self.temperature, self.delta)
+        start = sum(sizes[: trainer.global_rank])
+        weights = weights[start : start + len(losses)]  # this rank's slice
         batch.weight = weights if batch.weight is None else batch.weight * weights
-        if logging_due(trainer):
+        if log_now:
             module.log(self.tag("weight_max"), weights.max())
             module.log(self.tag("weight_min"), weights.min())
         return out

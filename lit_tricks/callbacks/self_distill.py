@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from lit_tricks.callbacks.ema_teacher import EMATeacher
+from lit_tricks.callbacks.mixup import Mixup
 from lit_tricks.core.batch import StepOutput, TrickBatch
-from lit_tricks.core.sample_table import SampleTable
+from lit_tricks.core.sample_table import SampleTable, TableDevice, check_table_options
 from lit_tricks.core.trick import Trick, logging_due
 from lit_tricks.functional.distillation import distillation_kl, pskd_alpha, pskd_targets, sigmoid_rampup
 
@@ -21,14 +22,16 @@ class SelfDistill(Trick):
     ``teacher="past_predictions"`` is **PS-KD** ("Self-Knowledge Distillation with Progressive Refinement of
     Targets", Kim et al., ICCV 2021). The target of sample :math:`i` in epoch :math:`t` (0-based) is
 
-    .. math:: \tilde y_i = (1 - \alpha_t)\,\mathrm{onehot}(y_i) + \alpha_t\, p_{t-1}(x_i),
+    .. math:: \tilde y_i = (1 - \alpha_t)\,y_i + \alpha_t\, p_{t-1}(x_i),
               \qquad \alpha_t = \alpha_T \frac{t + 1}{T},
 
-    trained with soft-target cross-entropy, where :math:`p_{t-1}(x_i)` is the softmax the model gave sample
-    :math:`i` when it last saw it (in the previous epoch) and :math:`T` the number of epochs; epoch 0 uses
-    the one-hot targets. The predictions live in a table indexed by dataset index (so batches must carry
-    ``index``), filled from all ranks under DDP and saved in checkpoints; it costs no extra forward pass and
-    :math:`N \times C` numbers of memory (``table_dtype="float16"`` halves it).
+    trained with soft-target cross-entropy, where :math:`y_i` is the one-hot label (or the given probability
+    target, e.g. smoothed labels), :math:`p_{t-1}(x_i)` the softmax the model gave sample :math:`i` when it
+    last saw it (in the previous epoch) and :math:`T` the number of epochs; epoch 0 uses :math:`y_i`. The
+    predictions live in a table indexed by dataset index (so batches must carry ``index``), filled from all
+    ranks under DDP and saved in checkpoints; it costs no extra forward pass and :math:`N \times C` numbers
+    of memory (``table_dtype="float16"`` halves it; ``table_device="cpu"`` keeps it in host memory). A
+    prediction that is not finite is never stored (``tricks/SelfDistill/nonfinite`` counts them).
 
     ``teacher="ema"`` is **mean-teacher distillation**: the loss gains
 
@@ -41,13 +44,16 @@ class SelfDistill(Trick):
 
     With Mixup/CutMix: SelfDistill runs first (``order = -10``), so the PS-KD targets of each sample are
     built before the mixing trick mixes inputs and targets with one permutation; the table then stores the
-    predictions for the mixed inputs, and the EMA teacher sees the mixed inputs the student sees.
+    predictions for the mixed inputs, and the EMA teacher sees the mixed inputs the student sees. Mixup mixes
+    ``inputs`` only, so ``view_key`` together with Mixup/CutMix is refused at setup.
 
     Args:
         teacher: ``"past_predictions"`` (PS-KD) or ``"ema"``.
         alpha_T: PS-KD's final weight of the past predictions :math:`\alpha_T` (0.8 in the paper).
         total_epochs: PS-KD's :math:`T`; default ``Trainer(max_epochs=...)``.
         table_dtype: ``"float32"`` or ``"float16"`` storage of the PS-KD table.
+        table_device: ``"module"`` (the model's device) or ``"cpu"`` (host memory) for the PS-KD table.
+        num_samples: rows of the PS-KD table (``None``: the index range of the training set).
         temperature: EMA distillation temperature :math:`T`.
         weight: EMA distillation weight :math:`w`.
         rampup_steps: optimizer steps :math:`S` of the sigmoid ramp-up of :math:`w` (0: no ramp-up).
@@ -79,6 +85,8 @@ class SelfDistill(Trick):
         weight: float = 1.0,
         rampup_steps: int = 0,
         view_key: str | None = None,
+        table_device: TableDevice = "module",
+        num_samples: int | None = None,
     ) -> None:
         if teacher not in ("past_predictions", "ema"):
             raise ValueError(f"teacher must be 'past_predictions' (PS-KD) or 'ema', got {teacher!r}.")
@@ -86,14 +94,13 @@ class SelfDistill(Trick):
             raise ValueError(f"alpha_T must be in [0, 1], got {alpha_T}.")
         if total_epochs is not None and total_epochs < 1:
             raise ValueError(f"total_epochs must be >= 1, got {total_epochs}.")
-        if table_dtype not in ("float32", "float16"):
-            raise ValueError(f"table_dtype must be 'float32' or 'float16', got {table_dtype!r}.")
+        check_table_options(table_dtype, table_device, num_samples)
         if temperature <= 0 or weight < 0 or rampup_steps < 0:
             raise ValueError(
                 f"temperature must be > 0 and weight, rampup_steps >= 0; got {temperature}, {weight}, {rampup_steps}."
             )
         self.teacher, self.alpha_T, self.total_epochs = teacher, alpha_T, total_epochs
-        self.table = SampleTable(getattr(torch, table_dtype))  # each sample's last softmax
+        self.table = SampleTable(getattr(torch, table_dtype), table_device, num_samples)  # each sample's last softmax
         self.temperature, self.weight, self.rampup_steps, self.view_key = temperature, weight, rampup_steps, view_key
         self.needs_index = teacher == "past_predictions"
         self._alpha = 0.0
@@ -105,6 +112,14 @@ class SelfDistill(Trick):
             return
         if self.teacher == "ema":
             EMATeacher.of(trainer)  # a clear error now if there is none
+            mixing = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, Mixup)]
+            if mixing and self.view_key is not None:
+                raise ValueError(
+                    f"SelfDistill(view_key={self.view_key!r}) with {mixing[0]}: {mixing[0]} mixes batch['inputs'] "
+                    f"but not batch[{self.view_key!r}], so the teacher would see other samples than the student. "
+                    f"Drop view_key (the teacher then sees the mixed inputs) or drop {mixing[0]}; mixing every "
+                    "view with one permutation is a feature of the mixing trick, not of SelfDistill."
+                )
         elif self.total_epochs is None and (trainer.max_epochs is None or trainer.max_epochs < 1):
             raise ValueError(
                 "PS-KD's alpha schedule needs the number of epochs: set Trainer(max_epochs=...) or "
@@ -121,10 +136,10 @@ class SelfDistill(Trick):
             return batch
         epoch = trainer.current_epoch
         self._alpha = 0.0 if epoch == 0 else pskd_alpha(epoch, self.total_epochs or trainer.max_epochs, self.alpha_T)
-        onehot = F.one_hot(batch.hard_targets, module.num_classes).float()
-        table = self.table
-        past = torch.where(table.seen[batch.index, None], table.values[batch.index].float(), onehot)
-        batch.targets = pskd_targets(onehot, past, self._alpha)
+        targets = batch.targets  # class ids, or probabilities that PS-KD blends as they are
+        given = (targets if targets.ndim == 2 else F.one_hot(targets, module.num_classes)).float()
+        past, seen = self.table.read(batch.index)
+        batch.targets = pskd_targets(given, torch.where(seen[:, None], past, given), self._alpha)
         return batch
 
     def after_loss(
@@ -132,9 +147,10 @@ class SelfDistill(Trick):
     ) -> StepOutput:
         log_now = logging_due(trainer)
         if self.teacher == "past_predictions":
-            self.table.write(module, batch.index, out.logits.detach().softmax(dim=-1))
+            self.table.write(module, batch.index, out.logits.detach().float().softmax(dim=-1))
             if log_now:
                 module.log(self.tag("alpha"), self._alpha)
+                module.log(self.tag("nonfinite"), self.table.nonfinite.float())
             return out
         inputs = batch.inputs if self.view_key is None else batch.extras[self.view_key]
         teacher_logits = EMATeacher.of(trainer).teacher(inputs)

@@ -2,53 +2,140 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+from torch.utils.data import Dataset, Subset
+
+from lit_tricks.core.distributed import all_gather_rows
+
+TableDevice = Literal["module", "cpu"]
+
+
+def index_range(dataset: Dataset) -> int:
+    """How many rows a table needs for the indices a dataset's items carry: the length of the dataset under any
+    ``Subset`` wrappers (``random_split(IndexedDataset(full))`` keeps the indices of ``full``)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    try:
+        return len(dataset)
+    except TypeError:
+        raise ValueError(
+            f"Cannot size a per-sample table from a {type(dataset).__name__} without a length: pass num_samples= "
+            "(one more than the largest dataset index)."
+        ) from None
+
+
+def check_table_options(table_dtype: str, table_device: str, num_samples: int | None) -> None:
+    """Raise a clear ``ValueError`` for a bad ``table_dtype``, ``table_device`` or ``num_samples``."""
+    if table_dtype not in ("float32", "float16"):
+        raise ValueError(f"table_dtype must be 'float32' or 'float16', got {table_dtype!r}.")
+    if table_device not in ("module", "cpu"):
+        raise ValueError(f"table_device must be 'module' (the model's device) or 'cpu', got {table_device!r}.")
+    if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
+        raise ValueError(f"num_samples must be a positive integer (or None: from the data), got {num_samples!r}.")
 
 
 class SampleTable:
-    """Rows ``[N, C]`` indexed by dataset index, with a ``seen`` mask, on the module's device.
+    """Rows ``[N, C]`` indexed by dataset index, with a ``seen`` mask.
 
-    :meth:`write` gathers the rows of every rank under DDP, so every rank holds the whole table; the table
-    travels in the owning callback's ``state_dict``.
+    :meth:`write` gathers the rows of every rank under DDP (batches may differ in size), so every rank holds
+    the whole table; the table travels in the owning callback's ``state_dict``. Rows that are not finite are
+    never stored: they are skipped and counted in :attr:`nonfinite` (on the device, no host synchronisation).
+
+    Args:
+        dtype: storage type (``torch.float32`` or ``torch.float16``); a restored table is converted to it.
+        device: ``"module"`` (the model's device) or ``"cpu"`` (host memory, pinned when CUDA is available;
+            rows travel with non-blocking copies, and the batch's indices are copied to the host each step).
+        num_samples: rows of the table; ``None``: the index range of the training set (see :func:`index_range`),
+            the largest over ranks.
     """
 
-    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
-        self.dtype = dtype
+    def __init__(
+        self, dtype: torch.dtype = torch.float32, device: TableDevice = "module", num_samples: int | None = None
+    ) -> None:
+        self.dtype, self.device, self.num_samples = dtype, device, num_samples
         self.values: Tensor | None = None
         self.seen: Tensor | None = None
+        self.nonfinite: Tensor | None = None  # rows refused because they were not finite
+        self._owner = "SampleTable"
 
     def allocate(self, trainer: pl.Trainer, module: pl.LightningModule, owner: str) -> None:
-        """One row of ``module.num_classes`` per training sample, on the module's device: zero rows, or the
-        restored ones after checking their shape. Logs the table's memory once."""
-        num_samples, width, device = len(trainer.train_dataloader.dataset), module.num_classes, module.device
+        """One row of ``module.num_classes`` per dataset index: zero rows, or the restored ones after checking their
+        shape (converted to ``dtype``). Logs the table's memory once."""
+        self._owner = owner
+        num_samples = self.num_samples or index_range(trainer.train_dataloader.dataset)
+        if trainer.world_size > 1 and self.num_samples is None:  # rank-local shards: the widest range
+            num_samples = int(module.all_gather(torch.tensor(num_samples, device=module.device)).max())
+        width = module.num_classes
+        device = module.device if self.device == "module" else torch.device("cpu")
         if self.values is None:
             self.values = torch.zeros(num_samples, width, dtype=self.dtype, device=device)
             self.seen = torch.zeros(num_samples, dtype=torch.bool, device=device)
         elif self.values.shape != (num_samples, width):
             raise ValueError(
                 f"The {owner} table in the checkpoint is {tuple(self.values.shape)} but the data has {num_samples} "
-                f"samples of {width} classes: resume with the same training set."
+                f"sample indices of {width} classes: resume with the same training set (or the same num_samples)."
             )
         else:
-            self.values, self.seen = self.values.to(device), self.seen.to(device)
+            self.values, self.seen = self.values.to(device, self.dtype), self.seen.to(device)
+        if device.type == "cpu" and torch.cuda.is_available():
+            self.values, self.seen = self.values.pin_memory(), self.seen.pin_memory()
+        self.nonfinite = (self.nonfinite if self.nonfinite is not None else torch.zeros((), dtype=torch.long)).to(
+            module.device
+        )
         megabytes = self.values.numel() * self.values.element_size() / 2**20
-        rank_zero_info(f"{owner}: per-sample table {num_samples} x {width} {self.dtype}, {megabytes:.1f} MiB")
+        rank_zero_info(
+            f"{owner}: per-sample table {num_samples} x {width} {self.dtype} on {device}, {megabytes:.1f} MiB"
+        )
+
+    def read(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """The rows at ``index`` as float32 and their ``seen`` flags, on ``index``'s device."""
+        table_index = self._table_index(index)
+        values, seen = self.values[table_index], self.seen[table_index]
+        if values.device != index.device:
+            if values.device.type == "cpu" and index.is_cuda:
+                values, seen = values.pin_memory(), seen.pin_memory()
+            values, seen = values.to(index.device, non_blocking=True), seen.to(index.device, non_blocking=True)
+        return values.float(), seen
 
     def write(self, module: pl.LightningModule, index: Tensor, rows: Tensor) -> None:
-        """Store ``rows`` at ``index``, from every rank under DDP."""
-        if module.trainer.world_size > 1:
-            index, rows = module.all_gather(index).flatten(), module.all_gather(rows).flatten(0, 1)
-        self.values[index] = rows.to(self.values.dtype)
-        self.seen[index] = True
+        """Store ``rows`` at ``index``, from every rank under DDP; rows that are not finite are skipped and counted."""
+        (index, rows), _ = all_gather_rows(module, index, rows)
+        rows = rows.detach().to(self.dtype)
+        finite = torch.isfinite(rows).all(dim=1)
+        self.nonfinite += (~finite).sum()
+        if self.values.device != rows.device:  # queue the copies; the index copy below waits for all of them
+            host = self.values.device
+            rows, finite = rows.to(host, non_blocking=True), finite.to(host, non_blocking=True)
+        index = self._table_index(index)
+        self.values[index] = torch.where(finite[:, None], rows, self.values[index])
+        self.seen[index] = self.seen[index] | finite
+
+    def _table_index(self, index: Tensor) -> Tensor:
+        """``index`` on the table's device, after a range check (on CUDA an asynchronous assertion)."""
+        n = len(self.values)
+        message = (
+            f"{self._owner}: a batch holds a dataset index outside [0, {n}), the rows of its per-sample table: "
+            f"pass num_samples= (one more than the largest index, e.g. the size of the full dataset the indices "
+            f"count in), or give indices that count from 0 within the training set."
+        )
+        if index.device.type == "cpu":
+            if len(index) and (int(index.min()) < 0 or int(index.max()) >= n):
+                raise ValueError(f"{message} Got indices in [{int(index.min())}, {int(index.max())}].")
+        else:
+            torch._assert_async(((index >= 0) & (index < n)).all(), message)
+        return index.to(self.values.device)
 
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.values is None else {"values": self.values, "seen": self.seen}
+        if self.values is None:
+            return {}
+        return {"values": self.values, "seen": self.seen, "nonfinite": self.nonfinite}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             self.values, self.seen = state["values"], state["seen"]
+            self.nonfinite = state.get("nonfinite")

@@ -35,3 +35,18 @@ def ema_update_(averages: list[Tensor], values: list[Tensor], decay: float) -> N
     so there is no host-device synchronisation."""
     if averages:
         torch._foreach_lerp_(averages, values, 1.0 - decay)
+
+
+@torch.no_grad()
+def ema_update_finite_(averages: list[Tensor], values: list[Tensor], decay: float) -> Tensor:
+    r""":func:`ema_update_`, skipped as a whole when any value is NaN or infinite, so the averages never take a
+    non-finite value. Decided on the device (no host-device synchronisation): the update is computed into new
+    tensors and kept only if every value is finite. Returns the decision, a 0-dim bool tensor."""
+    if not values:
+        return torch.tensor(True)
+    device = values[0].device
+    largest = torch.stack([norm.to(device) for norm in torch._foreach_norm(values, float("inf"))])
+    finite = largest.isfinite().all()
+    for average, updated in zip(averages, torch._foreach_lerp(averages, values, 1.0 - decay), strict=True):
+        torch.where(finite.to(average.device), updated, average, out=average)
+    return finite
