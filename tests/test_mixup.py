@@ -4,10 +4,11 @@ import pytest
 import torch
 from conftest import PlainModule
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from lit_tricks import Classifier, CutMix, Mixup, Trick
-from lit_tricks.data import DigitsDataModule, MNIST1DDataModule
+from lit_tricks.data import DigitsDataModule, IndexedDataset, MNIST1DDataModule
 from lit_tricks.functional import (
     cutmix_,
     cutmix_box,
@@ -205,20 +206,53 @@ def test_plain_lightning_module_errors(quiet_trainer_kwargs):
 @pytest.mark.parametrize(
     ("build", "match"),
     [
-        (lambda: Mixup(alpha=-0.1), "alpha and cutmix_alpha must be >= 0"),
-        (lambda: Mixup(alpha=0.0), "not both 0"),
-        (lambda: CutMix(alpha=0.0), "alpha must be > 0"),
+        (lambda: Mixup(alpha=-0.1), r"alpha must be a finite number in \[0.0, inf\)"),
+        (lambda: Mixup(alpha=float("nan")), "alpha must be a finite number"),
+        (lambda: Mixup(alpha=float("inf")), "alpha must be a finite number"),
+        (lambda: Mixup(alpha=0.0), "both 0"),
+        (lambda: CutMix(alpha=0.0), r"alpha must be a finite number in \(0.0, inf\)"),
         (lambda: Mixup(mode="pair"), "mode must be"),
-        (lambda: Mixup(prob=1.5), r"prob must be in \[0, 1\]"),
+        (lambda: Mixup(prob=1.5), r"prob must be a finite number in \[0.0, 1.0\]"),
         (lambda: Mixup(switch_prob=-1), "switch_prob"),
         (lambda: Mixup(label_smoothing=1.0), "label_smoothing"),
         (lambda: Mixup(stop_at=0.0), "stop_at"),
+        (lambda: Mixup(stop_at=float("nan")), "stop_at"),
         (lambda: Mixup(num_classes=1), "num_classes"),
     ],
 )
 def test_bad_arguments(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_integer_inputs_and_unbounded_runs_are_refused_clearly(quiet_trainer_kwargs):
+    images = DataLoader(IndexedDataset(TensorDataset(torch.randint(0, 255, (16, 1, 8, 8), dtype=torch.uint8),
+                                                     torch.randint(0, 10, (16,)))), batch_size=8)  # fmt: skip
+
+    class FromBytes(nn.Linear):
+        def forward(self, x):
+            return super().forward(x.flatten(1).float() / 255)
+
+    model = Classifier(FromBytes(64, 10), num_classes=10)
+    with pytest.raises(TypeError, match=r"torch.uint8: convert them to floating point"):
+        pl.Trainer(max_steps=1, callbacks=[Mixup()], **quiet_trainer_kwargs).fit(model, images)
+    pl.Trainer(max_steps=1, callbacks=[CutMix()], **quiet_trainer_kwargs).fit(model, images)  # pasting needs no floats
+    unbounded = pl.Trainer(
+        max_epochs=-1, max_time="00:00:00:05", callbacks=[Mixup(stop_at=0.5)], **quiet_trainer_kwargs
+    )
+    with pytest.raises(ValueError, match=r"no step budget.*set max_steps or max_epochs"):
+        unbounded.fit(model, images)
+
+
+def test_mixed_one_hot_is_float32_under_a_low_precision_default_dtype():
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # what precision="bf16-true" does around the step
+    try:
+        probs = mixed_one_hot(torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([0.25]), 3)
+    finally:
+        torch.set_default_dtype(default)
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(probs, torch.tensor([[0.25, 0.75, 0.0], [0.75, 0.25, 0.0]]))
 
 
 def test_mixed_one_hot_equals_mixing_one_hot_targets():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import MutableMapping, MutableSequence
 from typing import Any, Literal
 
@@ -11,6 +12,7 @@ import torch
 from torch import Tensor
 
 from lit_tricks.core.batch import TrickBatch
+from lit_tricks.core.checks import check_number
 from lit_tricks.core.module import TrickModule
 from lit_tricks.core.trick import Trick, logging_due
 from lit_tricks.functional.mixing import (
@@ -91,22 +93,20 @@ class Mixup(Trick):
         num_classes: int | None = None,
         seed: int = 0,
     ) -> None:
-        if alpha < 0 or cutmix_alpha < 0 or alpha == cutmix_alpha == 0:
-            raise ValueError(
-                f"alpha and cutmix_alpha must be >= 0 and not both 0 (got {alpha}, {cutmix_alpha}); "
-                "e.g. Mixup(alpha=0.2) or CutMix(alpha=1.0)."
-            )
-        for name, value in {"switch_prob": switch_prob, "prob": prob}.items():
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}.")
+        check_number("alpha", alpha, at_least=0.0, hint="E.g. Mixup(alpha=0.2).")
+        check_number("cutmix_alpha", cutmix_alpha, at_least=0.0, hint="E.g. CutMix(alpha=1.0).")
+        if alpha == cutmix_alpha == 0:
+            raise ValueError("alpha and cutmix_alpha are both 0: e.g. Mixup(alpha=0.2) or CutMix(alpha=1.0).")
+        check_number("switch_prob", switch_prob, at_least=0.0, at_most=1.0)
+        check_number("prob", prob, at_least=0.0, at_most=1.0)
         if mode not in ("batch", "elem"):
             raise ValueError(f"mode must be 'batch' (one lambda per batch) or 'elem' (one per sample), got {mode!r}.")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
-        if stop_at is not None and not 0.0 < stop_at <= 1.0:
-            raise ValueError(f"stop_at must be a fraction of training in (0, 1], got {stop_at}.")
-        if num_classes is not None and num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
+        check_number("label_smoothing", label_smoothing, at_least=0.0, below=1.0)
+        if stop_at is not None:
+            check_number("stop_at", stop_at, above=0.0, at_most=1.0, hint="It is a fraction of the training steps.")
+        if num_classes is not None:
+            check_number("num_classes", num_classes, at_least=2, integer=True)
+        check_number("seed", seed, integer=True)
         self.alpha, self.cutmix_alpha, self.switch_prob = alpha, cutmix_alpha, switch_prob
         self.mode, self.prob, self.label_smoothing = mode, prob, label_smoothing
         self.stop_at, self.num_classes = stop_at, num_classes
@@ -128,7 +128,13 @@ class Mixup(Trick):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.stop_at is not None:
-            self._stop_step = int(self.stop_at * trainer.estimated_stepping_batches)
+            total = trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise ValueError(
+                    f"{type(self).__name__}(stop_at={self.stop_at}) stops at a fraction of the run, but this run has "
+                    "no step budget (max_epochs=-1 or only max_time): set max_steps or max_epochs, or stop_at=None."
+                )
+            self._stop_step = int(self.stop_at * total)
 
     def before_forward(self, trainer: pl.Trainer, module: pl.LightningModule, batch: TrickBatch) -> TrickBatch:
         batch.targets = self._apply(trainer, module, batch.inputs, batch.targets)
@@ -168,6 +174,11 @@ class Mixup(Trick):
             return smooth_labels(probs, self.label_smoothing) if self.label_smoothing else probs
         use_cutmix = self.cutmix_alpha > 0 and (self.alpha == 0 or self._rng.random() < self.switch_prob)
         alpha = self.cutmix_alpha if use_cutmix else self.alpha
+        if not (use_cutmix or inputs.is_floating_point()):
+            raise TypeError(
+                f"Mixup blends inputs, but they are {inputs.dtype}: convert them to floating point in the dataset "
+                "or a transform (e.g. images as x.float() / 255)."
+            )
         per_sample = self.mode == "elem"
         perm, lam = sample_mixing(self._rng, len(inputs), alpha, per_sample, inputs.device)
         spatial = tuple(inputs.shape[2:] if inputs.ndim == 4 else inputs.shape[-1:])
@@ -211,6 +222,5 @@ class CutMix(Mixup):
         num_classes: int | None = None,
         seed: int = 0,
     ) -> None:
-        if alpha <= 0:
-            raise ValueError(f"alpha must be > 0, got {alpha}; e.g. CutMix(alpha=1.0).")
+        check_number("alpha", alpha, above=0.0, hint="E.g. CutMix(alpha=1.0).")
         super().__init__(0.0, alpha, 0.5, mode, prob, label_smoothing, stop_at, num_classes, seed)

@@ -105,16 +105,17 @@ def cutmix_(inputs: Tensor, perm: Tensor, mask: Tensor) -> Tensor:
 
 
 def one_hot(targets: Tensor, num_classes: int) -> Tensor:
-    """Class ids ``[N]`` to float32 one-hot probabilities ``[N, C]``, in one allocation."""
-    probs = torch.zeros(len(targets), num_classes, device=targets.device)
+    """Class ids ``[N]`` to float32 one-hot probabilities ``[N, C]`` (whatever the default dtype), in one allocation."""
+    probs = torch.zeros(len(targets), num_classes, dtype=torch.float32, device=targets.device)
     return probs.scatter_(1, targets.view(-1, 1), 1.0)
 
 
 def mixed_one_hot(targets: Tensor, perm: Tensor, lam: Tensor, num_classes: int) -> Tensor:
     r"""Mixed one-hot targets :math:`\lambda_i e_{y_i} + (1 - \lambda_i) e_{y_{\pi(i)}}` ``[N, C]`` from class ids,
-    written with two scatters: the same as ``mixup_(one_hot(targets, C), perm, lam)`` at a fraction of its cost."""
+    written with two scatters: the same as ``mixup_(one_hot(targets, C), perm, lam)`` at a fraction of its cost.
+    Float32 whatever the default dtype (``precision="bf16-true"`` sets it to bfloat16)."""
     lam = lam.to(targets.device, torch.float32).expand(len(targets)).view(-1, 1)
-    probs = torch.zeros(len(targets), num_classes, device=targets.device)
+    probs = torch.zeros(len(targets), num_classes, dtype=torch.float32, device=targets.device)
     probs.scatter_(1, targets.view(-1, 1), lam)
     return probs.scatter_add_(1, targets[perm].view(-1, 1), 1.0 - lam)
 
