@@ -1,52 +1,59 @@
-"""lit_tricks: training techniques from recent deep-learning papers as PyTorch Lightning parts."""
+"""lit_tricks: training techniques from recent deep-learning papers as PyTorch Lightning parts.
 
-from lit_tricks.callbacks import (
-    ELR,
-    ContinualEvaluation,
-    CutMix,
-    DataDietScores,
-    EMATeacher,
-    ExperienceReplay,
-    Mixup,
-    SampleReweighting,
-    SelectiveBackprop,
-    SelfDistill,
-)
-from lit_tricks.core import StepOutput, Trick, TrickBatch, TrickModule
-from lit_tricks.modules import (
-    Classifier,
-    ConceptBottleneckModel,
-    ConceptEmbeddingModel,
-    ConsistencyModel,
-    PostHocCBM,
-)
-from lit_tricks.modules.tta import RMT, AdaNPC, BNAdapt, EcoTTA, Tent
+Public names are imported on first use (``from lit_tricks import Mixup`` works as usual), so that
+``python -m lit_tricks --help`` answers without importing torch and Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Mapping
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdaNPC",
-    "BNAdapt",
-    "Classifier",
-    "ConceptBottleneckModel",
-    "ConceptEmbeddingModel",
-    "ConsistencyModel",
-    "ContinualEvaluation",
-    "CutMix",
-    "DataDietScores",
-    "EcoTTA",
-    "ELR",
-    "EMATeacher",
-    "ExperienceReplay",
-    "Mixup",
-    "PostHocCBM",
-    "RMT",
-    "SampleReweighting",
-    "SelectiveBackprop",
-    "SelfDistill",
-    "StepOutput",
-    "Tent",
-    "Trick",
-    "TrickBatch",
-    "TrickModule",
-]
+_SUBPACKAGES = ("callbacks", "cli", "core", "data", "functional", "metrics", "modules", "nets")
+
+
+def lazy_exports(package: str, exports: Mapping[str, tuple[str, ...]]) -> tuple[Callable, Callable]:
+    """A module-level ``__getattr__`` and ``__dir__`` for ``package`` that import each public name from its
+    module (``exports``: module -> names) on first access, and the package's subpackages likewise."""
+    where = {name: module for module, names in exports.items() for name in names}
+
+    def __getattr__(name: str) -> object:
+        if name in where:
+            value = getattr(importlib.import_module(where[name]), name)
+        elif package == __name__ and name in _SUBPACKAGES:
+            value = importlib.import_module(f"{package}.{name}")
+        else:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        setattr(sys.modules[package], name, value)  # later look-ups skip __getattr__
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted({*vars(sys.modules[package]), *where})
+
+    return __getattr__, __dir__
+
+
+_EXPORTS = {
+    "lit_tricks.callbacks.continual_evaluation": ("ContinualEvaluation",),
+    "lit_tricks.callbacks.data_diet": ("DataDietScores",),
+    "lit_tricks.callbacks.elr": ("ELR",),
+    "lit_tricks.callbacks.ema_teacher": ("EMATeacher",),
+    "lit_tricks.callbacks.experience_replay": ("ExperienceReplay",),
+    "lit_tricks.callbacks.mixup": ("CutMix", "Mixup"),
+    "lit_tricks.callbacks.sample_reweighting": ("SampleReweighting",),
+    "lit_tricks.callbacks.selective_backprop": ("SelectiveBackprop",),
+    "lit_tricks.callbacks.self_distill": ("SelfDistill",),
+    "lit_tricks.core.batch": ("StepOutput", "TrickBatch"),
+    "lit_tricks.core.module": ("TrickModule",),
+    "lit_tricks.core.trick": ("Trick",),
+    "lit_tricks.modules.classifier": ("Classifier",),
+    "lit_tricks.modules.concept_bottleneck": ("ConceptBottleneckModel", "ConceptEmbeddingModel", "PostHocCBM"),
+    "lit_tricks.modules.consistency": ("ConsistencyModel",),
+    "lit_tricks.modules.tta": ("AdaNPC", "BNAdapt", "EcoTTA", "RMT", "Tent"),
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)

@@ -1,49 +1,27 @@
-"""Offline, seeded LightningDataModules and dataset wrappers."""
+"""Offline, seeded LightningDataModules and dataset wrappers (each imported on first use)."""
 
-from lit_tricks.data.array_datamodule import ArrayDataModule
-from lit_tricks.data.concepts import (
-    ConceptToyDataModule,
-    DigitsConceptDataModule,
-    ShapesDataModule,
-    concept_toy,
-    render_shapes,
-)
-from lit_tricks.data.continual import ContinualDataModule, split_classes, task_stream
-from lit_tricks.data.corruption_stream import CorruptionStreamDataModule
-from lit_tricks.data.corruptions import CORRUPTIONS, corrupt, corrupt_signals
-from lit_tricks.data.digits import DigitsDataModule
-from lit_tricks.data.indexed import ArrayDataset, IndexedDataset, dataset_tensors
-from lit_tricks.data.label_noise import LabelNoise, flip_labels
-from lit_tricks.data.mnist1d import MNIST1DDataModule, generate_mnist1d
-from lit_tricks.data.rs2 import RS2Sampler, rs2_indices
-from lit_tricks.data.sampler import EpochRandomSampler
-from lit_tricks.data.toy2d import Toy2DDataModule, toy_2d
+from lit_tricks import lazy_exports
 
-__all__ = [
-    "ArrayDataModule",
-    "ArrayDataset",
-    "ConceptToyDataModule",
-    "CORRUPTIONS",
-    "ContinualDataModule",
-    "CorruptionStreamDataModule",
-    "DigitsConceptDataModule",
-    "DigitsDataModule",
-    "EpochRandomSampler",
-    "IndexedDataset",
-    "LabelNoise",
-    "MNIST1DDataModule",
-    "RS2Sampler",
-    "ShapesDataModule",
-    "Toy2DDataModule",
-    "flip_labels",
-    "generate_mnist1d",
-    "concept_toy",
-    "dataset_tensors",
-    "corrupt",
-    "corrupt_signals",
-    "render_shapes",
-    "rs2_indices",
-    "split_classes",
-    "task_stream",
-    "toy_2d",
-]
+_EXPORTS = {
+    "lit_tricks.data.array_datamodule": ("ArrayDataModule",),
+    "lit_tricks.data.concepts": (
+        "ConceptToyDataModule",
+        "DigitsConceptDataModule",
+        "ShapesDataModule",
+        "concept_toy",
+        "render_shapes",
+    ),
+    "lit_tricks.data.continual": ("ContinualDataModule", "split_classes", "task_stream"),
+    "lit_tricks.data.corruption_stream": ("CorruptionStreamDataModule",),
+    "lit_tricks.data.corruptions": ("CORRUPTIONS", "corrupt", "corrupt_signals"),
+    "lit_tricks.data.digits": ("DigitsDataModule",),
+    "lit_tricks.data.indexed": ("ArrayDataset", "IndexedDataset", "dataset_tensors"),
+    "lit_tricks.data.label_noise": ("LabelNoise", "flip_labels"),
+    "lit_tricks.data.loader": ("ResumableDataLoader",),
+    "lit_tricks.data.mnist1d": ("MNIST1DDataModule", "generate_mnist1d"),
+    "lit_tricks.data.rs2": ("RS2Sampler", "rs2_indices"),
+    "lit_tricks.data.sampler": ("EpochRandomSampler",),
+    "lit_tricks.data.toy2d": ("Toy2DDataModule", "toy_2d"),
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)

@@ -1,30 +1,19 @@
-"""LightningModules: one file per family."""
+"""LightningModules: one file per family (each imported on first use)."""
 
-from lit_tricks.modules.classifier import Classifier
-from lit_tricks.modules.concept_bottleneck import (
-    ConceptBottleneckModel,
-    ConceptEmbeddingModel,
-    PostHocCBM,
-    SparseCBM,
-)
-from lit_tricks.modules.consistency import ConsistencyModel
-from lit_tricks.modules.edm import EDMDiffusion
-from lit_tricks.modules.generative import GenerativeModule
-from lit_tricks.modules.tta import RMT, AdaNPC, BNAdapt, EcoTTA, Tent, TTAModule
+from lit_tricks import lazy_exports
 
-__all__ = [
-    "Classifier",
-    "ConceptBottleneckModel",
-    "ConceptEmbeddingModel",
-    "ConsistencyModel",
-    "EDMDiffusion",
-    "GenerativeModule",
-    "PostHocCBM",
-    "SparseCBM",
-    "TTAModule",
-    "AdaNPC",
-    "BNAdapt",
-    "EcoTTA",
-    "RMT",
-    "Tent",
-]
+_EXPORTS = {
+    "lit_tricks.modules.classifier": ("Classifier",),
+    "lit_tricks.modules.concept_bottleneck": (
+        "ConceptBottleneckModel",
+        "ConceptEmbeddingModel",
+        "PostHocCBM",
+        "SparseCBM",
+    ),
+    "lit_tricks.modules.consistency": ("ConsistencyModel",),
+    "lit_tricks.modules.edm": ("EDMDiffusion",),
+    "lit_tricks.modules.generative": ("GenerativeModule",),
+    "lit_tricks.modules.tta": ("RMT", "AdaNPC", "BNAdapt", "EcoTTA", "Tent", "TTAModule"),
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)

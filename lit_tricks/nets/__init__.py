@@ -1,7 +1,11 @@
 """Small reference networks. Each has ``forward_features`` and ``forward_head`` besides ``forward``."""
 
-from lit_tricks.nets.cnn import CNN1D, CNN2D
-from lit_tricks.nets.mlp import MLP
-from lit_tricks.nets.time_conditioned import NonScalingLayerNorm, TimeCNN, TimeMLP
+from lit_tricks import lazy_exports
 
-__all__ = ["CNN1D", "CNN2D", "MLP", "NonScalingLayerNorm", "TimeCNN", "TimeMLP"]
+_EXPORTS = {
+    "lit_tricks.nets.cnn": ("CNN1D", "CNN2D"),
+    "lit_tricks.nets.mlp": ("MLP",),
+    "lit_tricks.nets.time_conditioned": ("NonScalingLayerNorm", "TimeCNN", "TimeMLP"),
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)
