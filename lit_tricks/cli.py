@@ -2,83 +2,465 @@
 
 Later ``--config`` files override earlier ones key by key; add-on snippets in ``configs/tricks/`` append
 their callbacks with ``trainer: callbacks+: [...]`` (a plain ``callbacks:`` would replace the list).
+
+On top of LightningCLI: runs are named after the recipe and its snippets (``lightning_logs/quickstart+mixup/
+version_0``); ``fit`` ends with a summary; ``validate``/``test``/``predict`` refuse to run an untrained model and
+accept ``--ckpt_path last`` / ``best`` for the newest run of the recipe; errors name the key, the bad value and
+the accepted names first. ``--help``, a mistyped command, a missing config file and an unknown ``lit_tricks``
+class are answered before torch and Lightning are imported (which takes seconds).
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import inspect
-from collections.abc import Sequence
+import re
+import sys
+import textwrap
+import traceback
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
-import lightning.pytorch as pl
-from jsonargparse import DefaultHelpFormatter
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.cli import LightningCLI
-from torch import nn
+PROG = "python -m lit_tricks"
+COMMANDS = {
+    "fit": "train (and validate); ends with a summary: metrics, run directory, checkpoints",
+    "validate": "one pass over the validation set with a trained model (--ckpt_path PATH, last or best)",
+    "test": "one pass over the test set with a trained model (--ckpt_path PATH, last or best)",
+    "predict": "predictions on the predict set with a trained model (--ckpt_path PATH, last or best)",
+}
+# Every public part by kind, as the `class_path` a config names; tests/test_cli.py checks it against the classes.
+CATALOGUE: dict[str, tuple[str, ...]] = {
+    "tricks": (
+        "lit_tricks.CutMix",
+        "lit_tricks.ELR",
+        "lit_tricks.ExperienceReplay",
+        "lit_tricks.Mixup",
+        "lit_tricks.SampleReweighting",
+        "lit_tricks.SelectiveBackprop",
+        "lit_tricks.SelfDistill",
+    ),
+    "callbacks": ("lit_tricks.ContinualEvaluation", "lit_tricks.DataDietScores", "lit_tricks.EMATeacher"),
+    "modules": (
+        "lit_tricks.AdaNPC",
+        "lit_tricks.BNAdapt",
+        "lit_tricks.Classifier",
+        "lit_tricks.ConceptBottleneckModel",
+        "lit_tricks.ConceptEmbeddingModel",
+        "lit_tricks.ConsistencyModel",
+        "lit_tricks.EcoTTA",
+        "lit_tricks.PostHocCBM",
+        "lit_tricks.RMT",
+        "lit_tricks.Tent",
+        "lit_tricks.modules.EDMDiffusion",
+        "lit_tricks.modules.SparseCBM",
+    ),
+    "data": (
+        "lit_tricks.data.ArrayDataModule",
+        "lit_tricks.data.ConceptToyDataModule",
+        "lit_tricks.data.ContinualDataModule",
+        "lit_tricks.data.CorruptionStreamDataModule",
+        "lit_tricks.data.DigitsConceptDataModule",
+        "lit_tricks.data.DigitsDataModule",
+        "lit_tricks.data.MNIST1DDataModule",
+        "lit_tricks.data.ShapesDataModule",
+        "lit_tricks.data.Toy2DDataModule",
+    ),
+    "nets": (
+        "lit_tricks.nets.CNN1D",
+        "lit_tricks.nets.CNN2D",
+        "lit_tricks.nets.MLP",
+        "lit_tricks.nets.NonScalingLayerNorm",
+        "lit_tricks.nets.TimeCNN",
+        "lit_tricks.nets.TimeMLP",
+    ),
+    "bases": (
+        "lit_tricks.Trick",
+        "lit_tricks.TrickModule",
+        "lit_tricks.modules.GenerativeModule",
+        "lit_tricks.modules.TTAModule",
+    ),
+}
+# Parts whose arguments a YAML file cannot give, with what to do instead.
+PYTHON_ONLY = {
+    "lit_tricks.AdaNPC": "its memory (source_features, source_labels) is tensors: build it in Python (docs/tta.md)",
+}
+_CHECKED_PACKAGES = ("lit_tricks", "lit_tricks.data", "lit_tricks.modules", "lit_tricks.nets")
 
-import lit_tricks
-import lit_tricks.data
-import lit_tricks.nets
-from lit_tricks.core.trick import Trick
+
+class ConfigError(ValueError):
+    """A problem with the configuration, reported to the user as one short message (no traceback)."""
 
 
 def catalogue() -> str:
     """The public parts of lit_tricks, by kind, as the ``class_path`` names a config uses."""
-    kinds: dict[str, list[str]] = {"tricks": [], "callbacks": [], "modules": [], "data": [], "nets": []}
-    for package in (lit_tricks, lit_tricks.data, lit_tricks.nets):
-        for name in package.__all__:
-            obj = getattr(package, name)
-            if not inspect.isclass(obj):
-                continue
-            path = f"{package.__name__}.{name}"
-            if issubclass(obj, Trick):
-                kind = "callbacks" if obj is Trick else "tricks"
-            elif issubclass(obj, Callback):
-                kind = "callbacks"
-            elif issubclass(obj, pl.LightningModule):
-                kind = "modules"
-            elif issubclass(obj, pl.LightningDataModule):
-                kind = "data"
-            elif issubclass(obj, nn.Module):
-                kind = "nets"
-            else:
-                continue
-            if obj is not Trick:
-                kinds[kind].append(path)
     lines = ["lit_tricks parts (use as class_path in a --config file):"]
-    for kind, paths in kinds.items():
-        lines.append(f"  {kind:<10} {', '.join(sorted(paths)) or '(none yet)'}")
-    lines.append("Example: python -m lit_tricks fit --config configs/quickstart.yaml")
+    for kind, paths in CATALOGUE.items():
+        names = ", ".join(f"{path} (Python only)" if path in PYTHON_ONLY else path for path in paths)
+        label = f"  {kind}{' (subclass these in Python)' if kind == 'bases' else ''}: "
+        lines.append(textwrap.fill(names, 116, initial_indent=label, subsequent_indent=" " * 4))
+    lines.append(f"Example: {PROG} fit --config configs/quickstart.yaml --config configs/tricks/mixup.yaml")
     return "\n".join(lines)
 
 
-class _RawEpilogFormatter(DefaultHelpFormatter):
-    """Keep the line breaks of the description and the epilog."""
+def help_text() -> str:
+    """``python -m lit_tricks --help``, written without importing Lightning."""
+    commands = "\n".join(f"  {name:<10} {text}" for name, text in COMMANDS.items())
+    return f"""usage: {PROG} [-h] COMMAND --config RECIPE.yaml [--config SNIPPET.yaml ...] [--key value ...]
 
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        return "".join(indent + line for line in text.splitlines(keepends=True))
+Train and evaluate lit_tricks recipes (a LightningCLI).
+
+commands:
+{commands}
+
+options (after the command):
+  -h, --help                      every option of the command, e.g. `{PROG} fit --help`
+  -c, --config FILE               a recipe, then snippets; later files override earlier ones key by key
+  --print_config                  print the merged config and exit
+  --ckpt_path PATH|last|best      validate/test/predict: the trained weights (last, best: of the recipe's runs)
+  --trainer.callbacks.help CLASS  the arguments of a trick, e.g. lit_tricks.Mixup (--model.help, --data.help)
+
+Runs are named after the recipe and its snippets: lightning_logs/quickstart+mixup/version_0. After `fit`,
+evaluate its newest checkpoint with `{PROG} test --config configs/quickstart.yaml --ckpt_path last`.
+
+{catalogue()}"""
 
 
-class LitTricksCLI(LightningCLI):
-    """LightningCLI for any LightningModule and LightningDataModule given by ``class_path``.
+def suggest(word: str, choices: Sequence[str]) -> str:
+    """`` (did you mean X?)`` for the closest of ``choices``, else an empty string."""
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
-    ``--help`` ends with the catalogue of lit_tricks' tricks, modules, data modules and nets.
-    """
 
-    def __init__(self, args: Sequence[str] | None = None, **kwargs) -> None:
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", {})
-        kwargs["parser_kwargs"].setdefault("epilog", catalogue())
-        kwargs["parser_kwargs"].setdefault("formatter_class", _RawEpilogFormatter)
-        super().__init__(
-            model_class=pl.LightningModule,
-            datamodule_class=pl.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            args=args,
-            **kwargs,
+def _class_problem(class_path: str) -> str | None:
+    """Why ``class_path`` names no lit_tricks part, checked without importing the part; None if it does or if it
+    is not a ``lit_tricks.<Name>`` / ``lit_tricks.{data,modules,nets}.<Name>`` path."""
+    if class_path in PYTHON_ONLY:
+        return f"{class_path} cannot be built from a config file: {PYTHON_ONLY[class_path]}."
+    package, _, name = class_path.rpartition(".")
+    if package not in _CHECKED_PACKAGES or name in importlib.import_module(package).__all__:
+        return None
+    known = [path for paths in CATALOGUE.values() for path in paths]
+    same_name = [path for path in known if path.rpartition(".")[2] == name]
+    hint = f" (did you mean {same_name[0]}?)" if same_name else suggest(class_path, known)
+    return f"{class_path!r} is not a lit_tricks part{hint}; `{PROG} --help` lists them."
+
+
+def _class_paths(node: Any, key: str = "") -> Iterator[tuple[str, str]]:
+    """``(key, class_path)`` of every ``class_path`` in a loaded YAML tree."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            sub = f"{key}.{k}" if key else str(k)
+            if k == "class_path" and isinstance(v, str):
+                yield key, v
+            else:
+                yield from _class_paths(v, sub)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _class_paths(v, f"{key}[{i}]")
+
+
+def preflight(argv: Sequence[str]) -> str | None:
+    """The first problem in the command line that needs no Lightning to find: an unknown command, a missing or
+    invalid config file, an unknown lit_tricks class in a config file; None if there is none."""
+    import yaml  # a light import, unlike Lightning's
+
+    if not argv or argv[0].startswith("-"):
+        return None  # options before the command: jsonargparse's business
+    command = argv[0]
+    if command not in COMMANDS:
+        return f"unknown command {command!r}{suggest(command, list(COMMANDS))}; choose one of {', '.join(COMMANDS)}."
+    configs = [value for flag, value in zip(argv, argv[1:], strict=False) if flag in ("-c", "--config")]
+    configs += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+    for config in configs:
+        path = Path(config)
+        if not path.is_file():
+            siblings = [str(p) for p in path.parent.glob("*.yaml")] if path.parent.is_dir() else []
+            return f"--config {config}: no such file{suggest(config, siblings)}."
+        try:
+            tree = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            return f"--config {config} is not valid YAML: {error}"
+        for key, class_path in _class_paths(tree):
+            problem = _class_problem(class_path)
+            if problem:
+                return f"{config}: {key}.class_path: {problem}"
+    return None
+
+
+def condense_error(message: str) -> str:
+    """The cause of a jsonargparse error, short: the key, the class, what is wrong and the accepted names,
+    without the union-type noise; other messages unchanged."""
+    problems = re.findall(r"Problem with given class_path '([^']+)':\s*\n\s*(.+)", message)
+    if not problems:
+        return message
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    where = ".".join(keys) + ": " if keys else ""
+    class_path, reason = problems[-1]  # the innermost part
+    option = re.fullmatch(r"Option '([^']+)' is not accepted", reason.strip())
+    if option:
+        accepted = init_arguments(class_path)
+        name = option.group(1)
+        return (
+            f"{where}{class_path} has no argument {name!r}{suggest(name, accepted)}; it accepts: {', '.join(accepted)}."
         )
+    if "has no attribute" in reason or "No module named" in reason or "Unable to" in reason:
+        return f"{where}{_class_problem(class_path) or f'{class_path!r} cannot be imported: {reason.strip()}'}"
+    return f"{where}{class_path}: {reason.strip()}"
+
+
+def init_arguments(class_path: str) -> list[str]:
+    """The argument names ``class_path``'s constructor accepts (with those its ``**kwargs`` pass to its bases)."""
+    module, _, name = class_path.rpartition(".")
+    accepted: list[str] = []
+    for cls in inspect.getmro(getattr(importlib.import_module(module), name)):
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        accepted += [
+            p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in accepted
+        ]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return accepted
+
+
+def refusal(error: BaseException) -> str:
+    """``Class refused its arguments: ErrorType: message`` of the constructor error jsonargparse wrapped."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    frames = traceback.walk_tb(error.__traceback__)
+    refuser = next(
+        (f.f_locals["self"] for f, _ in frames if f.f_code.co_name == "__init__" and "self" in f.f_locals), None
+    )
+    where = f"{type(refuser).__name__} refused its arguments: " if refuser is not None else ""
+    return f"{where}{type(error).__name__}: {error}"
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    raise SystemExit(2)
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of ``python -m lit_tricks`` and the ``lit-tricks`` script."""
-    LitTricksCLI(args=args)
+    """Entry point of ``python -m lit_tricks`` and the ``lit-tricks`` script: answers ``--help`` and the
+    mistakes :func:`preflight` finds before importing Lightning, then runs :class:`LitTricksCLI`."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv in ([], ["-h"], ["--help"]):
+        print(help_text())
+        if not argv:
+            _fail(f"choose a command: {', '.join(COMMANDS)}.")
+        return
+    problem = preflight(argv)
+    if problem:
+        _fail(problem)
+    try:
+        __getattr__("LitTricksCLI")(args=None if args is None else argv)
+    except ConfigError as error:
+        _fail(str(error))
+
+
+def __getattr__(name: str) -> Any:
+    """``LitTricksCLI`` is defined on first use: it subclasses LightningCLI, whose import takes seconds."""
+    if name != "LitTricksCLI":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    cli = globals()[name] = _define_cli()
+    return cli
+
+
+# ---------------------------------------------------------------------------- the parsed config
+def run_name(config: Any) -> None:
+    """Name the run after the config files (``lightning_logs/quickstart+mixup/version_N``) when the logger keeps
+    Lightning's default name and directory (``name: lightning_logs``, ``save_dir: .``); other names stay."""
+    args = _logger_args(config)
+    files = config.get("config") or []
+    if files and args is not None and args.get("name") == "lightning_logs" and str(args.get("save_dir")) == ".":
+        args.save_dir = "lightning_logs"
+        args.name = "+".join(Path(str(file)).stem for file in files)
+
+
+def _logger_args(config: Any) -> Any:
+    """The ``init_args`` of the configured logger if it has a ``name`` and a ``save_dir``, else None."""
+    logger = config.get("trainer.logger")
+    args = logger.get("init_args") if hasattr(logger, "get") else None
+    return args if args is not None and "name" in args and "save_dir" in args else None
+
+
+def _checkpoints(config: Any) -> list[Path]:
+    """The checkpoint files the configured run writes, newest last: ``ModelCheckpoint(dirpath=...)`` files, else
+    ``<save_dir>/<name>/version_*/checkpoints/*.ckpt`` of the logger."""
+    found: list[Path] = []
+    for callback in config.get("trainer.callbacks") or []:
+        args = callback.get("init_args") if hasattr(callback, "get") else None
+        if str(callback.get("class_path", "")).endswith("ModelCheckpoint") and args and args.get("dirpath"):
+            stem = (args.get("filename") or "").split("{")[0]
+            found += Path(args.dirpath).glob(f"{stem}*.ckpt")
+            found += Path(args.dirpath).glob("last*.ckpt") if args.get("save_last") else []
+    logger = _logger_args(config)
+    if not found and logger is not None:
+        found += Path(str(logger.save_dir), str(logger.name)).glob("version_*/checkpoints/*.ckpt")
+    return sorted(set(found), key=lambda path: path.stat().st_mtime)
+
+
+def resolve_checkpoint(config: Any, command: str) -> None:
+    """``--ckpt_path last`` -> the newest checkpoint of the recipe's runs; ``best`` -> the best one that checkpoint
+    records. No ``--ckpt_path`` is an error unless the model needs no trained checkpoint
+    (:func:`needs_fit_checkpoint`): it would evaluate an untrained model."""
+    ckpt_path, files = config.get("ckpt_path"), config.get("config") or []
+    rerun = f"{PROG} {command} {' '.join(f'--config {file}' for file in files)}".rstrip()
+    if ckpt_path is None and not needs_fit_checkpoint(config.get("model")):
+        return
+    if ckpt_path not in (None, "last", "best"):
+        return
+    found = _checkpoints(config)
+    if ckpt_path is None:
+        newest = f"  # now {found[-1]}" if found else ""
+        raise ConfigError(
+            f"{command} needs a trained model, but no --ckpt_path was given (it would {command} untrained weights). "
+            f"Pass the checkpoint of your last fit:\n  {rerun} --ckpt_path last{newest}\n"
+            "or --ckpt_path best (the best checkpoint of that fit), or --ckpt_path PATH/TO/FILE.ckpt."
+        )
+    if not found:
+        raise ConfigError(
+            f"--ckpt_path {ckpt_path}: this recipe has no checkpoint yet; train it first with "
+            f"`{rerun.replace(f' {command} ', ' fit ', 1)}`."
+        )
+    config.ckpt_path = str(found[-1] if ckpt_path == "last" else _best_of(found[-1]))
+
+
+def _best_of(checkpoint: Path) -> Path:
+    """The best checkpoint that ``checkpoint``'s ModelCheckpoint state records (Lightning itself only knows the
+    best checkpoint of a fit in the same process, hence its misleading "not configured" error)."""
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False).get("callbacks", {})
+    best = [v.get("best_model_path") for k, v in state.items() if k.startswith("ModelCheckpoint")]
+    best = [Path(path) for path in best if path and Path(path).is_file()]
+    if not best:
+        raise ConfigError(
+            f"--ckpt_path best: {checkpoint} records no best checkpoint that still exists (its ModelCheckpoint "
+            "has no monitor?). Use --ckpt_path last or give the file."
+        )
+    return best[0]
+
+
+def needs_fit_checkpoint(model: Any) -> bool:
+    """Whether evaluating the configured model needs the checkpoint of a ``fit``. A module class may declare it
+    (``needs_fit_checkpoint = False``); otherwise a module that loads its trained weights itself
+    (``source_checkpoint``, e.g. the test-time adaptation methods) and has no training step needs none."""
+    module, _, name = str(model.class_path).rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    declared = getattr(cls, "needs_fit_checkpoint", None)
+    if declared is not None:
+        return bool(declared)
+    import lightning.pytorch as pl
+
+    loads_weights = (model.get("init_args") or {}).get("source_checkpoint") is not None
+    return not loads_weights or cls.training_step is not pl.LightningModule.training_step
+
+
+def check_source_checkpoint(config: Any) -> None:
+    """A missing ``source_checkpoint`` says how to train the source model."""
+    path = (config.get("model.init_args") or {}).get("source_checkpoint")
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(
+            f"model.init_args.source_checkpoint: {path!r} does not exist. Train the source model first: "
+            f"`{PROG} fit --config configs/tta/digits_c.yaml --config configs/tta/source.yaml` (writes "
+            "checkpoints/tta/source.ckpt), or point source_checkpoint to your own trained checkpoint."
+        )
+
+
+def fit_summary(trainer: Any, files: Sequence[Any]) -> str:
+    """The end-of-``fit`` summary: last and best validation metrics, run directory, checkpoints, TensorBoard."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    def short(path: str) -> str:  # relative to the working directory when inside it
+        absolute = Path(path).resolve()
+        return str(absolute.relative_to(Path.cwd())) if absolute.is_relative_to(Path.cwd()) else path
+
+    val = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")}
+    last = ", ".join(f"{k} {v:.4g}" for k, v in val.items()) or "none (no validation ran)"
+    lines = [f"fit done after {trainer.current_epoch} epochs, {trainer.global_step} steps.", f"  last: {last}"]
+    for callback in trainer.checkpoint_callbacks:
+        if callback.monitor and callback.best_model_path:
+            score = float(callback.best_model_score)
+            lines.append(
+                f"  best: {callback.monitor} {score:.4g} ({callback.mode}) in {short(callback.best_model_path)}"
+            )
+        elif callback.best_model_path:
+            lines.append(f"  checkpoint: {short(callback.best_model_path)}")
+        if callback.last_model_path:
+            lines.append(f"  last checkpoint: {short(callback.last_model_path)}")
+    if trainer.log_dir:
+        lines.append(f"  run directory: {short(trainer.log_dir)}")
+    boards = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+    if boards:
+        lines.append(f"  TensorBoard: tensorboard --logdir {short(boards[0].save_dir)}")
+    if files and trainer.checkpoint_callbacks:
+        configs = " ".join(f"--config {file}" for file in files)
+        lines.append(f"  test it: {PROG} test {configs} --ckpt_path best  (or last)")
+    return "\n".join(lines)
+
+
+def _define_cli() -> type:
+    import lightning.pytorch as pl
+    from jsonargparse import DefaultHelpFormatter
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+    class RawEpilogFormatter(DefaultHelpFormatter):
+        """Keep the line breaks of the description and the epilog."""
+
+        def _fill_text(self, text: str, width: int, indent: str) -> str:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+
+    class Parser(LightningArgumentParser):
+        """Errors print their cause, short (:func:`condense_error`), not the usage."""
+
+        def error(self, message: str, ex: Exception | None = None) -> None:
+            if not self.exit_on_error:
+                super().error(message, ex)
+            prog = self.prog.replace(" [options]", "")
+            _fail(f"{condense_error(message)}\n(`{prog} --help` lists the options.)")
+
+    class LitTricksCLI(LightningCLI):
+        """LightningCLI for any LightningModule and LightningDataModule given by ``class_path``, with named runs,
+        checkpoint checks, short errors and an end-of-fit summary (see the module's docstring).
+
+        ``--help`` ends with the catalogue of lit_tricks' tricks, modules, data modules and nets.
+        """
+
+        def __init__(self, args: Sequence[str] | None = None, **kwargs: Any) -> None:
+            kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+            kwargs.setdefault("parser_kwargs", {})
+            kwargs["parser_kwargs"].setdefault("prog", PROG)
+            kwargs["parser_kwargs"].setdefault("epilog", catalogue())
+            kwargs["parser_kwargs"].setdefault("formatter_class", RawEpilogFormatter)
+            kwargs.setdefault("parser_class", Parser)
+            super().__init__(
+                model_class=pl.LightningModule,
+                datamodule_class=pl.LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                args=args,
+                **kwargs,
+            )
+
+        def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+            super().parse_arguments(parser, args)
+            command = self.config.get("subcommand")
+            config = self.config[command] if command else self.config
+            run_name(config)
+            check_source_checkpoint(config)
+            if command in ("validate", "test", "predict"):
+                resolve_checkpoint(config, command)
+
+        def instantiate_classes(self) -> None:
+            try:
+                super().instantiate_classes()
+            except (ValueError, TypeError) as error:
+                raise ConfigError(refusal(error)) from error
+
+        def after_fit(self) -> None:
+            if self.trainer.is_global_zero:
+                print(fit_summary(self.trainer, self.config[self.subcommand].get("config") or []))
+
+    return LitTricksCLI
