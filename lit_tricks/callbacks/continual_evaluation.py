@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lit_tricks.core.batch import TrickBatch
+from lit_tricks.core.checks import check_number
 from lit_tricks.core.eval_mode import eval_mode
 from lit_tricks.core.trick import log_tag
 from lit_tricks.data.indexed import dataset_tensors
@@ -86,16 +87,14 @@ class ContinualEvaluation(Callback):
         batch_size: int = 500,
         seed: int = 0,
     ) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1 (1: after every optimizer step), got {every_n_steps}.")
-        if subset_size is not None and subset_size < 1:
-            raise ValueError(f"subset_size must be >= 1 (or None for up to 1000), got {subset_size}.")
-        if dense_steps is not None and dense_steps < 1:
-            raise ValueError(f"dense_steps must be >= 1 (or None), got {dense_steps}.")
+        check_number("every_n_steps", every_n_steps, at_least=1, integer=True, hint="1: after every optimizer step.")
+        if subset_size is not None:
+            check_number("subset_size", subset_size, at_least=1, integer=True, hint="Or None for up to 1000.")
+        if dense_steps is not None:
+            check_number("dense_steps", dense_steps, at_least=1, integer=True, hint="Or None.")
         if not windows or min(windows) < 2:
             raise ValueError(f"windows must be evaluation counts >= 2, e.g. (10, 100); got {windows}.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        check_number("batch_size", batch_size, at_least=1, integer=True)
         self.every_n_steps, self.subset_size, self.dense_steps = every_n_steps, subset_size, dense_steps
         self.windows, self.eval_sets, self.task_incremental = tuple(windows), eval_sets, task_incremental
         self.batch_size, self.seed = batch_size, seed

@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from lit_tricks.core.batch import TrickBatch
+from lit_tricks.core.checks import check_number
 from lit_tricks.core.eval_mode import eval_mode
 from lit_tricks.core.trick import log_tag
 from lit_tricks.functional.data_diet import el2n_scores, grand_scores
@@ -67,10 +68,8 @@ class DataDietScores(Callback):
     ) -> None:
         if score not in ("el2n", "grand"):
             raise ValueError(f"score must be 'el2n' or 'grand', got {score!r}.")
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0 (0 scores at initialisation), got {epoch}.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        check_number("epoch", epoch, at_least=0, integer=True, hint="0 scores at initialisation.")
+        check_number("batch_size", batch_size, at_least=1, integer=True)
         if save_to is not None and not isinstance(save_to, (str, Path)):
             raise TypeError(f"save_to must be a str or Path (a .pt file), got {type(save_to).__name__}.")
         self.score, self.epoch, self.batch_size = score, epoch, batch_size

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 
 from lit_tricks.core.batch import TrickBatch
+from lit_tricks.core.checks import check_number
 from lit_tricks.core.eval_mode import eval_mode
 from lit_tricks.core.trick import Trick, logging_due
 from lit_tricks.functional.selective_backprop import select_by_loss
@@ -62,8 +63,7 @@ class SelectiveBackprop(Trick):
             raise ValueError(f"keep must be in (0, 1], got {keep}.")
         if not 0.0 <= start < end <= 1.0:
             raise ValueError(f"start and end must satisfy 0 <= start < end <= 1, got start={start}, end={end}.")
-        if interrupt < 0:
-            raise ValueError(f"interrupt must be >= 0 (0: select on every batch), got {interrupt}.")
+        check_number("interrupt", interrupt, at_least=0, integer=True, hint="0: select on every batch.")
         self.keep, self.start, self.end, self.interrupt = keep, start, end, interrupt
         self._generator = torch.Generator().manual_seed(seed)
 

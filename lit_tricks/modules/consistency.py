@@ -10,6 +10,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 
+from lit_tricks.core.checks import check_number
 from lit_tricks.core.eval_mode import eval_mode
 from lit_tricks.functional import consistency as ct
 from lit_tricks.modules.generative import GenerativeModule
@@ -114,20 +115,20 @@ class ConsistencyModel(GenerativeModule):
         self.check_sigmas(sigma_min, sigma_max)
         if not 0 < mid_sigma < sigma_max:
             raise ValueError(f"mid_sigma must be in (0, sigma_max), got {mid_sigma}.")
-        if sigma_data <= 0 or rho <= 0 or p_std <= 0:
-            raise ValueError(f"sigma_data, rho and p_std must be > 0, got {sigma_data}, {rho}, {p_std}.")
-        if not 1 <= s0 <= s1:
-            raise ValueError(f"Need 1 <= s0 <= s1, got s0={s0}, s1={s1}.")
-        if total_steps is not None and total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1 (or None for the run's length), got {total_steps}.")
+        for name, value in {"sigma_data": sigma_data, "rho": rho, "p_std": p_std}.items():
+            check_number(name, value, above=0.0)
+        check_number("p_mean", p_mean)
+        check_number("s0", s0, at_least=1, integer=True)
+        check_number("s1", s1, at_least=s0, integer=True, hint="The curriculum grows from s0 to s1 steps.")
+        if total_steps is not None:
+            check_number("total_steps", total_steps, at_least=1, integer=True, hint="Or None for the run's length.")
         if loss not in ("pseudo_huber", "cauchy"):
             raise ValueError(f"loss must be 'pseudo_huber' or 'cauchy', got {loss!r}.")
         if huber_reduction not in ("vector", "elementwise"):
             raise ValueError(f"huber_reduction must be 'vector' or 'elementwise', got {huber_reduction!r}.")
-        if c is not None and c <= 0:
-            raise ValueError(f"c must be > 0 (or None for 0.00054 sqrt(d)), got {c}.")
-        if diffusion_loss_weight < 0:
-            raise ValueError(f"diffusion_loss_weight must be >= 0, got {diffusion_loss_weight}.")
+        if c is not None:
+            check_number("c", c, above=0.0, hint="Or None for 0.00054 sqrt(d).")
+        check_number("diffusion_loss_weight", diffusion_loss_weight, at_least=0.0)
         if clamp is not None and (len(clamp) != 2 or clamp[0] >= clamp[1]):
             raise ValueError(f"clamp must be [low, high] with low < high, or None; got {clamp}.")
         self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"])
