@@ -296,3 +296,15 @@ def test_rs2_datamodule_trains_on_fresh_subsets(quiet_trainer_kwargs):
     seen = torch.cat(recorder.indices)
     assert seen.numel() == 4 * round(0.25 * n)
     assert seen.unique().numel() >= n - 1  # all of it (K may not divide N: the last round wraps round)
+
+
+def test_data_diet_scoring_epoch_out_of_reach(quiet_trainer_kwargs):
+    model = Classifier(MLP(64, 10, hidden=(16,)), num_classes=10)
+    with pytest.raises(ValueError, match=r"epoch=3\) scores after epoch 3, but the run stops after max_epochs=2"):
+        trainer = pl.Trainer(max_epochs=2, callbacks=[DataDietScores(epoch=3)], **quiet_trainer_kwargs)
+        trainer.fit(model, DigitsDataModule())
+    scorer = DataDietScores(epoch=2)
+    trainer = pl.Trainer(max_epochs=2, max_steps=3, limit_val_batches=0, callbacks=[scorer], **quiet_trainer_kwargs)
+    with pytest.warns(UserWarning, match=r"saved no scores: training stopped before the end of epoch 2"):
+        trainer.fit(model, DigitsDataModule())
+    assert scorer.scores is None

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
@@ -76,6 +76,20 @@ class DataDietScores(Callback):
         self.save_to = None if save_to is None else Path(save_to).expanduser()
         self.scores: Tensor | None = None
         self.saved_to: Path | None = None  # where the scores were written, once they are
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.max_epochs is not None and 0 <= trainer.max_epochs < self.epoch:
+            raise ValueError(
+                f"DataDietScores(epoch={self.epoch}) scores after epoch {self.epoch}, but the run stops after "
+                f"max_epochs={trainer.max_epochs}: lower epoch or raise max_epochs."
+            )
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.scores is None:
+            rank_zero_warn(
+                f"DataDietScores(epoch={self.epoch}) saved no scores: training stopped before the end of epoch "
+                f"{self.epoch} (max_steps, max_time or early stopping); lower epoch."
+            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.epoch == 0 and self.scores is None:
