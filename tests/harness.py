@@ -2,7 +2,8 @@
 
 Every stateful part of lit_tricks registers a case here: a function that builds, from scratch and with the
 global seed already set, ``(module, datamodule, callbacks)`` for a short run. The harnesses then check that
-fit(N) equals fit(N/2) + resume(N) bit for bit, and that two DDP ranks agree.
+fit(N) equals fit(N/2) + resume(N) and a resume from a mid-epoch checkpoint bit for bit, and that two DDP
+ranks agree.
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ from lit_tricks.nets import CNN2D, MLP, TimeMLP
 
 Build = Callable[[], tuple[pl.LightningModule, pl.LightningDataModule, list[Callback]]]
 CASES: dict[str, Build] = {}
+
+#: Cases whose mid-epoch resume is known to diverge, with the reason (the resume test expects them to fail, and
+#: fails once they are fixed, so this list shrinks).
+MID_EPOCH_XFAIL: dict[str, str] = {
+    "consistency_moons": "GenerativeModule.inputs' one-off shape probe runs the net in training mode on the first "
+    "batch after a resume, drawing dropout masks from the restored global RNG (fix: probe under isolate_rng)",
+}
 
 
 def case(name: str) -> Callable[[Build], Build]:

@@ -6,11 +6,15 @@ import torch
 from torch.utils.data import TensorDataset
 
 from lit_tricks.data import (
+    ArrayDataset,
+    ContinualDataModule,
     DigitsDataModule,
     EpochRandomSampler,
     IndexedDataset,
     LabelNoise,
     MNIST1DDataModule,
+    ResumableDataLoader,
+    RS2Sampler,
     flip_labels,
     generate_mnist1d,
 )
@@ -83,6 +87,108 @@ def test_epoch_sampler_depends_only_on_seed_and_epoch():
     assert second != first
     torch.manual_seed(0)  # the global RNG plays no part
     assert list(EpochRandomSampler(range(50), seed=7)) == first
+
+
+# ---------------------------------------------------------------- mid-epoch resume
+def _indices(batches) -> list[list[int]]:
+    return [batch["index"].tolist() for batch in batches]
+
+
+def _lightning_loader(sampler, world: int = 1, rank: int = 0, distributed_wrapper: bool = False, **kwargs):
+    """A ResumableDataLoader as Lightning prepares it: built while Lightning records the init arguments and, for
+    world > 1, rebuilt with the distributed sampler Lightning would inject."""
+    from lightning.fabric.utilities.data import _replace_dunder_methods
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    with _replace_dunder_methods(DataLoader, "dataset"):
+        loader = ResumableDataLoader(sampler.data_source, batch_size=3, sampler=sampler, **kwargs)
+    if world > 1:
+        options = {"num_replicas": world, "rank": rank, "shuffle": True, "seed": 5}
+        if distributed_wrapper:  # what Lightning does with a sampler of its own kind (RS2Sampler)
+            loader = _update_dataloader(loader, DistributedSamplerWrapper(sampler, **options))
+        else:  # a RandomSampler (EpochRandomSampler) is replaced
+            loader = _update_dataloader(loader, DistributedSampler(loader.dataset, **options))
+    return loader
+
+
+DATA = ArrayDataset(torch.arange(20.0), torch.zeros(20, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    ("make_sampler", "world", "wrapper"),
+    [
+        (lambda: EpochRandomSampler(DATA, seed=1), 1, False),
+        (lambda: RS2Sampler(DATA, fraction=0.6, seed=1), 1, False),
+        (lambda: EpochRandomSampler(DATA, seed=1), 2, False),
+        (lambda: RS2Sampler(DATA, fraction=0.6, seed=1), 2, True),
+    ],
+    ids=["random", "rs2", "random-ddp", "rs2-ddp"],
+)
+def test_resumable_loader_continues_the_epoch_after_the_served_batches(make_sampler, world, wrapper):
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+    from lightning.fabric.utilities.types import _Stateful
+
+    for rank in range(world):
+        loader = _lightning_loader(make_sampler(), world, rank, wrapper)
+        assert isinstance(loader, (ResumableDataLoader, _Stateful))
+        _set_sampler_epoch(loader, 1)
+        uninterrupted = _indices(loader)
+        served = iter(loader)
+        _indices([next(served), next(served)])
+        state = loader.state_dict()
+        assert state == {"epoch": 1, "batches": 2}
+
+        resumed = _lightning_loader(make_sampler(), world, rank, wrapper)  # a fresh process
+        resumed.load_state_dict(state)
+        assert resumed.state_dict() == state  # loaded, not yet iterated
+        batches = iter(resumed)  # Lightning creates the iterator before it sets the epoch
+        _set_sampler_epoch(resumed, 1)
+        assert _indices(batches) == uninterrupted[2:]
+        assert resumed.state_dict() == {"epoch": 1, "batches": len(uninterrupted)}
+        _set_sampler_epoch(resumed, 2)
+        assert len(_indices(resumed)) == len(uninterrupted)  # the next epoch is whole
+
+        after_epoch = _lightning_loader(make_sampler(), world, rank, wrapper)  # an end-of-epoch checkpoint
+        after_epoch.load_state_dict(state)
+        _set_sampler_epoch(after_epoch, 2)
+        epoch_2 = _indices(after_epoch)
+        assert len(epoch_2) == len(uninterrupted) and epoch_2 != uninterrupted
+
+
+def test_resumable_loader_with_workers_draws_the_resumed_epoch():
+    """The iterator starts at the first batch, so workers see the epoch Lightning sets after creating it."""
+    loader = _lightning_loader(EpochRandomSampler(DATA, seed=1), num_workers=1)
+    loader.sampler.set_epoch(3)
+    expected = _indices(loader)
+    resumed = _lightning_loader(EpochRandomSampler(DATA, seed=1), num_workers=1)
+    resumed.load_state_dict({"epoch": 3, "batches": 4})
+    batches = iter(resumed)
+    resumed.sampler.set_epoch(3)
+    assert _indices(batches) == expected[4:]
+
+
+def test_resumable_loader_rejects_bad_states_and_samplers():
+    loader = ResumableDataLoader(DATA, batch_size=4)
+    with pytest.raises(ValueError, match="epoch.*batches"):
+        loader.load_state_dict({"batches": 2})
+    with pytest.raises(TypeError, match="sampler with an integer `epoch`"):
+        next(iter(loader))  # a SequentialSampler has no epoch
+
+
+def test_continual_stream_keeps_its_order_on_every_rank():
+    """Without DDP the stream is served in order; under DDP rank r serves positions r, r + W, ... (Lightning keeps a
+    DistributedSampler as it is, instead of shuffling the stream)."""
+    from types import SimpleNamespace
+
+    stream = ContinualDataModule(DigitsDataModule(batch_size=8, val_fraction=0.0), num_tasks=5)
+    stream.setup()
+    assert torch.equal(next(iter(stream.train_dataloader()))["index"], torch.arange(8))
+    stream.trainer = SimpleNamespace(world_size=2, global_rank=1)
+    loader = stream.train_dataloader()
+    assert torch.equal(next(iter(loader))["index"], torch.arange(1, 16, 2))
+    assert isinstance(loader, ResumableDataLoader)
 
 
 # ---------------------------------------------------------------- data modules

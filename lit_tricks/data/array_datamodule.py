@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from lit_tricks.data.indexed import ArrayDataset
 from lit_tricks.data.label_noise import NoiseKind, flip_labels
+from lit_tricks.data.loader import ResumableDataLoader
 from lit_tricks.data.rs2 import RS2Sampler
 from lit_tricks.data.sampler import EpochRandomSampler
 from lit_tricks.functional.data_diet import keep_by_scores, load_scores
@@ -19,8 +20,9 @@ class ArrayDataModule(pl.LightningDataModule):
 
     Subclasses implement :meth:`load_arrays`. The validation split is carved from the training split
     with a seeded permutation; label noise (if any) is applied to the training split only, and the clean
-    labels travel along as ``batch["clean_targets"]``. Shuffling is a function of ``(seed, epoch)`` and no
-    loader draws from the global RNG, so runs are reproducible and resume exactly.
+    labels travel along as ``batch["clean_targets"]``. Shuffling is a function of ``(seed, epoch)``, no loader
+    draws from the global RNG, and the training loader is a :class:`~lit_tricks.data.ResumableDataLoader`, so runs
+    are reproducible and resume exactly, from end-of-epoch and mid-epoch checkpoints alike.
 
     Args:
         batch_size: training batch size (evaluation uses ``eval_batch_size``).
@@ -110,7 +112,7 @@ class ArrayDataModule(pl.LightningDataModule):
             sampler = EpochRandomSampler(self.train_set, seed=self.seed)
         else:
             sampler = RS2Sampler(self.train_set, self.rs2_fraction, seed=self.seed)
-        return self._loader(self.train_set, self.batch_size, sampler=sampler)
+        return self._loader(self.train_set, self.batch_size, sampler=sampler, loader=ResumableDataLoader)
 
     def val_dataloader(self) -> DataLoader | list:
         return [] if self.val_set is None else self._loader(self.val_set, self.eval_batch_size)
@@ -121,8 +123,10 @@ class ArrayDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
 
-    def _loader(self, dataset: ArrayDataset, batch_size: int, **kwargs) -> DataLoader:
-        return DataLoader(
+    def _loader(
+        self, dataset: ArrayDataset, batch_size: int, loader: type[DataLoader] = DataLoader, **kwargs
+    ) -> DataLoader:
+        return loader(
             dataset,
             batch_size=batch_size,
             num_workers=self.num_workers,

@@ -7,10 +7,11 @@ from typing import Literal
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from lit_tricks.data.array_datamodule import ArrayDataModule
 from lit_tricks.data.indexed import ArrayDataset
+from lit_tricks.data.loader import ResumableDataLoader
 
 Scenario = Literal["class", "task", "domain"]
 
@@ -145,7 +146,17 @@ class ContinualDataModule(pl.LightningDataModule):
         return [data.subset((tasks == k).nonzero().flatten()) for k in range(self.num_tasks)]
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size)  # already in training order: no shuffling
+        # Already in training order: no shuffling. An unshuffled DistributedSampler (one replica without DDP) keeps
+        # the order under DDP too (rank r takes stream positions r, r + W, ...), where Lightning would otherwise
+        # replace a sequential sampler by a shuffling one; its epoch lets the loader resume mid-epoch.
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=False)
+        return ResumableDataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         return [] if self.val_set is None else self._loader(self.val_set, self.dataset.eval_batch_size)

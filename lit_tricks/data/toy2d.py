@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lit_tricks.data.indexed import ArrayDataset
+from lit_tricks.data.loader import ResumableDataLoader
 from lit_tricks.data.sampler import EpochRandomSampler
 
 Toy = Literal["moons", "8gaussians", "swissroll", "checkerboard"]
@@ -78,7 +79,7 @@ class Toy2DDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         sampler = EpochRandomSampler(self.train_set, seed=self.seed)
-        return DataLoader(self.train_set, self.batch_size, sampler=sampler, generator=torch.Generator())
+        return ResumableDataLoader(self.train_set, self.batch_size, sampler=sampler, generator=torch.Generator())
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, self.eval_samples, generator=torch.Generator())
