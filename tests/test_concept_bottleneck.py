@@ -1,5 +1,8 @@
 """Concept bottlenecks: interventions and policies by hand, the toy data, CBM / CEM behaviour, post-hoc models."""
 
+import math
+import warnings
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -214,11 +217,40 @@ def test_cbm_errors():
         ConceptBottleneckModel(nn.Linear(2, 2), nn.Linear(2, 2), 2, mode="independent", bottleneck="logit")
     with pytest.raises(ValueError, match="concept_pos_weight"):
         ConceptBottleneckModel(nn.Linear(2, 2), nn.Linear(2, 2), 2, concept_pos_weight=[1.0])
+    with pytest.raises(ValueError, match="concept_weight needs 2 values >= 0"):
+        ConceptBottleneckModel(nn.Linear(2, 2), nn.Linear(2, 2), 2, concept_weight=[1.0, -1.0])
     model = ConceptBottleneckModel(nn.Linear(2, 3), nn.Linear(2, 2), 2)
     with pytest.raises(ValueError, match="n_concepts \\+ extra_dims"):
         model.concept_logits(torch.randn(1, 2))
     with pytest.raises(ValueError, match="'concepts'"):
         model.training_step({"inputs": torch.randn(1, 2), "targets": torch.zeros(1).long()}, 0)
+
+
+def test_concept_loss_is_a_weighted_mean_over_concepts():
+    # BCE(0, 1) = ln 2 and BCE(ln 3, 0) = ln 4: the mean over the two concepts is 1.5 ln 2 (Koh's joint code sums
+    # them: 3 ln 2, so their lambda is lambda / k here)
+    ln2 = math.log(2)
+    c_logits, c = torch.tensor([[0.0, math.log(3)]]), torch.tensor([[1.0, 0.0]])
+    model = ConceptBottleneckModel(nn.Identity(), nn.Linear(2, 2), 2)
+    assert model.concept_loss(c_logits, c).item() == pytest.approx(1.5 * ln2)
+    # concept_weight scales a concept's whole term (Koh's and cem's `weight`): (2 ln 2 + 2 ln 2) / 2
+    weighted = ConceptBottleneckModel(nn.Identity(), nn.Linear(2, 2), 2, concept_weight=[2.0, 1.0])
+    assert weighted.concept_loss(c_logits, c).item() == pytest.approx(2 * ln2)
+    assert weighted.concept_loss(c_logits, 1 - c).item() == pytest.approx(  # negatives scale too: BCE(0, 0) = ln 2
+        (2 * ln2 + math.log(4 / 3)) / 2
+    )
+    # concept_pos_weight scales only the positive part: (3 ln 2 + 2 ln 2) / 2, and BCE(0, 0) stays ln 2
+    positive = ConceptBottleneckModel(nn.Identity(), nn.Linear(2, 2), 2, concept_pos_weight=[3.0, 1.0])
+    assert positive.concept_loss(c_logits, c).item() == pytest.approx(2.5 * ln2)
+    assert positive.concept_loss(c_logits, 1 - c).item() == pytest.approx((ln2 + math.log(4 / 3)) / 2)
+    # the training loss: CE of a zero head (ln 2) + lambda * the mean
+    weighted.concept_loss_weight = 0.5
+    nn.init.zeros_(weighted.task_head.weight)
+    nn.init.zeros_(weighted.task_head.bias)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log outside a Trainer
+        loss = weighted.training_step((c_logits, c, torch.tensor([0])), 0)
+    assert loss.item() == pytest.approx(ln2 + 0.5 * 2 * ln2)
 
 
 # ---------------------------------------------------------------- post-hoc
@@ -243,14 +275,89 @@ def test_post_hoc_cbm_concept_bank_sparsity_and_hybrid(quiet_trainer_kwargs):
             return e[:1600], y[:1600], e[1600:], y[1600:]
 
     data = Embeddings(batch_size=200, val_fraction=0.0)
-    model = PostHocCBM(bank, n_classes=4, intercepts=intercepts, lam=0.5, lr=0.5)
+    model = PostHocCBM(bank, n_classes=4, intercepts=intercepts, lam=0.03, lr=0.5)
     pl.seed_everything(0, verbose=False)
     pl.Trainer(max_epochs=30, **quiet_trainer_kwargs).fit(model, data)
     with torch.no_grad():
         acc = (model(e[1600:]).argmax(-1) == y[1600:]).float().mean()
     assert acc > 0.85 and (model.head.weight == 0).float().mean() > 0.2  # sparse: unused concepts drop out
     hybrid = model.hybrid()
-    assert not hybrid.head.weight.requires_grad and torch.equal(hybrid(e[:5]), model(e[:5]))
+    assert not hybrid.head.weight.requires_grad and torch.equal(hybrid.head.weight, model.head.weight)
+    # the authors' PCBM-h: the residual keeps nn.Linear's default initialisation and trains with Adam at 0.01
+    assert hybrid.residual.weight.abs().sum() > 0 and hybrid.configure_optimizers().defaults["lr"] == 0.01
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        model.hybrid(lr=0.0)
+
+
+def test_cavs_are_linear_kernel_svc_vectors():
+    # four points, all support vectors at the bound C: w = C * (sum of positives - sum of negatives) = (0.4, 0)
+    # (scikit-learn's SVC(kernel="linear"), as the authors; LinearSVC's squared hinge gives 0.444)
+    positives, negatives = [torch.tensor([[1.0, 0.0], [1.0, 1.0]])], [torch.tensor([[-1.0, 0.0], [-1.0, 1.0]])]
+    bank, intercepts = PostHocCBM.concept_bank_from_examples(positives, negatives, C=0.1)
+    assert bank.tolist() == [[pytest.approx(0.4), pytest.approx(0.0)]] and intercepts.abs().item() < 1e-6
+    with pytest.raises(ValueError, match="C must be > 0"):
+        PostHocCBM.concept_bank_from_examples(positives, negatives, C=0.0)
+
+
+def test_post_hoc_objective_is_scikit_learns_elastic_net():
+    # projections = embeddings (unit concept vectors, no intercepts); zero inputs and bias: every logit is 0, so
+    # each of the C = 2 one-vs-rest BCE terms is ln 2
+    model = PostHocCBM(torch.eye(2), n_classes=2, lam=0.1, l1_ratio=0.5)
+    with torch.no_grad():
+        model.head.weight.copy_(torch.tensor([[1.0, -2.0], [0.0, 0.5]]))
+        model.head.bias.zero_()
+    e, y = torch.zeros(3, 2), torch.tensor([0, 1, 1])
+    # lam * (l1_ratio * |W|_1 + (1 - l1_ratio) / 2 * |W|_2^2) = 0.1 * (0.5 * 3.5 + 0.25 * 5.25), unscaled by C k
+    assert model.objective(e, y).item() == pytest.approx(2 * math.log(2) + 0.30625)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log outside a Trainer
+        loss = model.training_step({"inputs": e, "targets": y}, 0)  # the l1 part is left to the cumulative step
+    assert loss.item() == pytest.approx(2 * math.log(2) + 0.1 * 0.25 * 5.25)
+
+
+def test_cumulative_l1_penalty_by_hand():
+    # scikit-learn's l1penalty (Tsuruoka et al. 2009): each step offers lr * lam * l1_ratio = 0.1 to every weight;
+    # a weight moves toward 0 (never across) by what it was offered so far minus what it has received
+    model = PostHocCBM(torch.eye(2), n_classes=1, lam=0.1, l1_ratio=1.0, lr=1.0)
+    no_gradient = model.configure_optimizers()  # the SGD step itself does nothing without gradients
+    with torch.no_grad():
+        model.head.weight.copy_(torch.tensor([[0.25, -0.05]]))
+    model.optimizer_step(0, 0, no_gradient)  # offered 0.1: 0.25 -> 0.15; -0.05 -> 0 (received 0.05)
+    assert model.head.weight.tolist() == [[pytest.approx(0.15), 0.0]]
+    with torch.no_grad():
+        model.head.weight[0, 1] = 0.12  # a (noisy) gradient step pushes the zero weight out again
+    model.optimizer_step(0, 1, no_gradient)  # offered 0.2: 0.15 - (0.2 - 0.1) = 0.05; 0.12 - (0.2 - 0.05) < 0 -> 0
+    assert model.head.weight.tolist() == [[pytest.approx(0.05), 0.0]]
+
+
+def test_post_hoc_lam_is_scikit_learns_alpha(quiet_trainer_kwargs):
+    # with l1_ratio = 1, W = 0 is optimal iff lam >= lam_max = max |dData/dW| at W = 0 (intercepts at the class
+    # log-odds), whatever the solver: ours and SGDClassifier(alpha=lam) zero the same weights around lam_max
+    from sklearn.linear_model import SGDClassifier
+
+    from lit_tricks.data import ArrayDataModule
+
+    s = torch.randn(300, 4, generator=torch.Generator().manual_seed(0))
+    y = (s[:, 0] > 0).long() + (s[:, 1] > 0.5).long()
+    prior = y.bincount(minlength=3).float() / len(y)
+    lam_max = ((prior - nn.functional.one_hot(y, 3).float()).T @ s / len(y)).abs().max().item()
+
+    class Scores(ArrayDataModule):
+        num_classes = 3
+
+        def load_arrays(self):
+            return s, y, s[:10], y[:10]
+
+    for factor in (1.1, 0.9):
+        torch.manual_seed(0)
+        model = PostHocCBM(torch.eye(4), n_classes=3, lam=factor * lam_max, l1_ratio=1.0, lr=0.1)
+        pl.seed_everything(0, verbose=False)
+        pl.Trainer(max_epochs=20, **quiet_trainer_kwargs).fit(model, Scores(batch_size=50, val_fraction=0.0))
+        sgd = SGDClassifier(loss="log_loss", penalty="elasticnet", alpha=factor * lam_max, l1_ratio=1.0,
+                            max_iter=10_000, random_state=0).fit(s.numpy(), y.numpy())  # fmt: skip
+        nonzero = model.head.weight != 0
+        assert torch.equal(nonzero, torch.from_numpy(sgd.coef_ != 0))
+        assert nonzero.sum() == (0 if factor > 1 else 2)
 
 
 def test_sparse_cbm_trains(quiet_trainer_kwargs):

@@ -45,6 +45,7 @@ class _ConceptModule(RestoresRNG, pl.LightningModule):
         n_concepts: int,
         concept_loss_weight: float,
         concept_pos_weight: Sequence[float] | None,
+        concept_weight: Sequence[float] | None,
         concept_groups: Sequence[Sequence[int]] | None,
         optimizer: OptimizerCallable | None,
     ) -> None:
@@ -53,10 +54,12 @@ class _ConceptModule(RestoresRNG, pl.LightningModule):
             raise ValueError(f"n_concepts must be >= 1, got {n_concepts}.")
         if concept_loss_weight < 0:
             raise ValueError(f"concept_loss_weight must be >= 0, got {concept_loss_weight}.")
-        if concept_pos_weight is not None and len(concept_pos_weight) != n_concepts:
-            raise ValueError(f"concept_pos_weight needs {n_concepts} values, got {len(concept_pos_weight)}.")
+        for name, values in (("concept_pos_weight", concept_pos_weight), ("concept_weight", concept_weight)):
+            if values is not None and (len(values) != n_concepts or min(values) < 0):
+                raise ValueError(f"{name} needs {n_concepts} values >= 0 (one per concept), got {list(values)}.")
         self.n_concepts, self.concept_loss_weight, self.optimizer = n_concepts, concept_loss_weight, optimizer
         self.register_buffer("pos_weight", None if concept_pos_weight is None else torch.tensor(concept_pos_weight))
+        self.register_buffer("concept_weight", None if concept_weight is None else torch.tensor(concept_weight))
         self.register_buffer("groups", cf.group_matrix(n_concepts, concept_groups), persistent=False)
         metrics = MetricCollection(
             {
@@ -100,7 +103,8 @@ class _ConceptModule(RestoresRNG, pl.LightningModule):
         return self.optimizer(self.parameters())
 
     def concept_loss(self, c_logits: Tensor, c: Tensor) -> Tensor:
-        return F.binary_cross_entropy_with_logits(c_logits, c, pos_weight=self.pos_weight)
+        """The (weighted) BCE averaged over samples **and concepts**."""
+        return F.binary_cross_entropy_with_logits(c_logits, c, weight=self.concept_weight, pos_weight=self.pos_weight)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, c, y = _unpack(batch)
@@ -221,7 +225,15 @@ class ConceptBottleneckModel(_ConceptModule):
     r"""Concept bottleneck models ("Concept Bottleneck Models", Koh et al., ICML 2020): inputs :math:`x \to`
     concept logits :math:`g(x) \to` bottleneck :math:`z \to` task logits :math:`f(z)`.
 
-    .. math:: \mathcal L = \mathrm{CE}(f(z), y) + \lambda \textstyle\sum_j \mathrm{BCE}(g_j(x), c_j)
+    .. math:: \mathcal L = \mathrm{CE}(f(z), y) + \frac{\lambda}{k} \textstyle\sum_j w_j \mathrm{BCE}(g_j(x), c_j)
+
+    (:math:`w_j` = ``concept_weight``, 1 by default). The concept term is the **mean** over the :math:`k`
+    concepts, as in cem's ``ConceptBottleneckModel`` (``BCELoss``, mean reduction) and Koh's own concept-model
+    training (``sum(losses) / n_attributes``), so :math:`\lambda` does not grow with :math:`k` and cem's values
+    carry over. Koh's *joint* code (``CUB/train.py``) instead **sums** one BCE per concept, each times
+    ``attr_loss_weight``: their :math:`\lambda_\text{Koh}` is :math:`\lambda = k \lambda_\text{Koh}` here (CUB:
+    :math:`112 \times 0.01 = 1.12`). Their ``-normalize_loss`` also divides the total by
+    :math:`1 + k \lambda_\text{Koh}`, which rescales the step size only.
 
     Modes: ``"joint"`` (both terms train everything), ``"sequential"`` (the head learns from the *predicted*
     bottleneck, detached, so only the concept loss trains :math:`g`) and ``"independent"`` (the head learns
@@ -240,10 +252,17 @@ class ConceptBottleneckModel(_ConceptModule):
         task_head: ``[N, n_concepts + extra_dims] -> [N, n_classes]`` (a linear layer or an MLP).
         n_concepts: number of supervised concepts.
         mode: ``"joint"``, ``"sequential"`` or ``"independent"``.
-        concept_loss_weight: :math:`\lambda` (cem's configs: 1; Koh's CUB joint: 0.01).
+        concept_loss_weight: :math:`\lambda`, on the mean over concepts (cem's configs: 1; Koh's CUB joint 0.01
+            is a weight on the sum, i.e. :math:`0.01 k` = 1.12 here).
         bottleneck: ``"prob"``, ``"logit"`` or ``"hard"``.
         extra_dims: unsupervised encoder outputs passed to the head (hybrid CBM; 0 for a pure CBM).
-        concept_pos_weight: per-concept positive-class weights of the BCE (Koh: :math:`n/n_\text{pos} - 1`).
+        concept_pos_weight: per-concept weights of the *positive* term of the BCE (PyTorch's ``pos_weight``;
+            :math:`n_\text{neg}/n_\text{pos}` balances the two classes of each concept).
+        concept_weight: per-concept weights :math:`w_j` of the *whole* BCE term of concept :math:`j` (PyTorch's
+            ``weight``). Koh's ``-weighted_loss multiple`` and cem's ``weight_loss`` pass :math:`n/n_\text{pos} - 1`
+            here, not as ``pos_weight``: it scales rare concepts' positive and negative terms alike (and
+            down-weights concepts positive in over half the samples); it does not balance positives against
+            negatives.
         concept_groups: lists of concept indices intervened together (e.g. CUB's attribute groups).
         optimizer: ``None``: Adam, lr 1e-2 (cem's toy configs).
 
@@ -272,10 +291,11 @@ class ConceptBottleneckModel(_ConceptModule):
         bottleneck: Bottleneck = "prob",
         extra_dims: int = 0,
         concept_pos_weight: Sequence[float] | None = None,
+        concept_weight: Sequence[float] | None = None,
         concept_groups: Sequence[Sequence[int]] | None = None,
         optimizer: OptimizerCallable | None = None,
     ) -> None:
-        super().__init__(n_concepts, concept_loss_weight, concept_pos_weight, concept_groups, optimizer)
+        super().__init__(n_concepts, concept_loss_weight, concept_pos_weight, concept_weight, concept_groups, optimizer)
         if mode not in ("joint", "sequential", "independent"):
             raise ValueError(f"mode must be 'joint', 'sequential' or 'independent', got {mode!r}.")
         if bottleneck not in ("prob", "logit", "hard"):
@@ -373,7 +393,8 @@ class ConceptEmbeddingModel(_ConceptModule):
         emb_size: :math:`m`, each embedding's size (the authors: 16).
         training_intervention_prob: RandInt probability (the authors: 0.25; 0 disables it).
         task_head: ``[N, n_concepts * emb_size] -> [N, n_tasks]``; default a linear layer.
-        concept_loss_weight, concept_pos_weight, concept_groups, optimizer: as :class:`ConceptBottleneckModel`.
+        concept_loss_weight, concept_pos_weight, concept_weight, concept_groups, optimizer: as
+            :class:`ConceptBottleneckModel`.
     """
 
     def __init__(
@@ -387,10 +408,11 @@ class ConceptEmbeddingModel(_ConceptModule):
         task_head: nn.Module | None = None,
         concept_loss_weight: float = 1.0,
         concept_pos_weight: Sequence[float] | None = None,
+        concept_weight: Sequence[float] | None = None,
         concept_groups: Sequence[Sequence[int]] | None = None,
         optimizer: OptimizerCallable | None = None,
     ) -> None:
-        super().__init__(n_concepts, concept_loss_weight, concept_pos_weight, concept_groups, optimizer)
+        super().__init__(n_concepts, concept_loss_weight, concept_pos_weight, concept_weight, concept_groups, optimizer)
         if not 0.0 <= training_intervention_prob <= 1.0:
             raise ValueError(f"training_intervention_prob must be in [0, 1], got {training_intervention_prob}.")
         if emb_size < 1 or latent_dim < 1 or n_tasks < 2:
@@ -431,24 +453,34 @@ class PostHocCBM(RestoresRNG, pl.LightningModule):
     on precomputed embeddings :math:`e = f(x)` of a frozen model (batches ``{"inputs": e, "targets": y}``).
 
     A concept bank :math:`V` ``[k, d]`` (with intercepts :math:`b`) comes from concept examples
-    (:meth:`concept_bank_from_examples`: a linear SVM per concept, i.e. CAVs) or from given concept vectors
+    (:meth:`concept_bank_from_examples`: a linear-kernel SVM per concept, i.e. CAVs) or from given concept vectors
     (e.g. text embeddings). The projection is the signed margin :math:`(V e + b) / \lVert v \rVert`
-    (``"margin"``, the authors' code) or :math:`\langle e, v \rangle / \lVert v \rVert^2` (``"paper"``), and a
-    sparse linear head :math:`g` is trained with the elastic net
-    :math:`\mathrm{CE} + \frac{\lambda}{C k}(\alpha \lVert W \rVert_1 + (1 - \alpha)\lVert W \rVert_2^2)`, the
-    :math:`\ell_1` part by a proximal (soft-threshold) step after each SGD step, so weights reach exact zeros
-    (the authors fit scikit-learn's ``SGDClassifier`` with the same penalty). :meth:`hybrid` returns PCBM-h:
-    :math:`g` frozen plus a residual linear layer on :math:`e`, trained
-    with CE + ``residual_l2`` :math:`\cdot \overline{W_r^2}`.
+    (``"margin"``, the authors' code) or :math:`\langle e, v \rangle / \lVert v \rVert^2` (``"paper"``). The
+    sparse linear head :math:`g(s) = W s + b_g` minimises the authors' code's objective (``train_pcbm.py``:
+    scikit-learn's ``SGDClassifier(loss="log_loss", penalty="elasticnet", alpha=lam, l1_ratio)``, one-vs-rest):
+
+    .. math:: \sum_{c=1}^{C} \frac1N \sum_i \mathrm{BCE}(g_c(s_i), \mathbb 1[y_i = c])
+              + \lambda \big(\alpha \lVert W \rVert_1 + \tfrac{1 - \alpha}{2} \lVert W \rVert_2^2\big)
+
+    (a sum of :math:`C` independent binary logistic regressions, intercepts unpenalised; for :math:`C = 2`
+    scikit-learn fits one, here a second row solves its mirror image), trained by SGD with the
+    :math:`\ell_1` part applied as scikit-learn applies it, the cumulative penalty of Tsuruoka et al. (2009): after
+    each step every weight moves toward zero, never across it, by the total :math:`\ell_1` penalty
+    :math:`\sum_t \eta \lambda \alpha` so far minus what it has already received, so weights reach exact zeros
+    (a plain proximal step leaves most of them hovering around zero under minibatch noise). The paper writes the
+    penalty as :math:`\frac{\lambda'}{C k}(\alpha\lVert W\rVert_1 + (1 - \alpha)\lVert W\rVert_2^2)` with a mean
+    loss; the code's ``lam`` (what ``lam`` is here) enters unscaled (:math:`\lambda' \approx C k \lambda`).
+    :meth:`hybrid` returns PCBM-h: :math:`g` frozen plus a residual linear layer on :math:`e` (``train_pcbm_h.py``),
+    trained with CE + ``residual_l2`` :math:`\cdot \overline{W_r^2}`.
 
     Args:
         concept_bank: ``[k, d]`` concept vectors.
         n_classes: number of classes.
         intercepts: ``[k]`` (``None``: zeros, as for text embeddings).
         projection: ``"margin"`` or ``"paper"``.
-        lam: :math:`\lambda` (the authors: 1e-5 .. 2e-4).
+        lam: :math:`\lambda`, scikit-learn's ``alpha`` (the authors: 1e-5 by default, 2e-4 on CUB).
         l1_ratio: :math:`\alpha` (the authors: 0.99).
-        lr: learning rate (SGD for the sparse head; Adam for PCBM-h's residual, the authors: 0.01).
+        lr: SGD learning rate of the sparse head.
         residual_l2: PCBM-h's penalty on the residual weights (the authors: 1e-3).
     """
 
@@ -458,7 +490,7 @@ class PostHocCBM(RestoresRNG, pl.LightningModule):
         n_classes: int,
         intercepts: Tensor | None = None,
         projection: Literal["margin", "paper"] = "margin",
-        lam: float = 1e-4,
+        lam: float = 1e-5,
         l1_ratio: float = 0.99,
         lr: float = 0.1,
         residual_l2: float = 1e-3,
@@ -470,27 +502,35 @@ class PostHocCBM(RestoresRNG, pl.LightningModule):
             raise ValueError(f"projection must be 'margin' or 'paper', got {projection!r}.")
         if lam < 0 or not 0.0 <= l1_ratio <= 1.0:
             raise ValueError(f"Need lam >= 0 and l1_ratio in [0, 1], got {lam}, {l1_ratio}.")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}.")
         k = concept_bank.shape[0]
         self.register_buffer("bank", concept_bank.float())
         self.register_buffer("intercepts", torch.zeros(k) if intercepts is None else intercepts.float().view(k))
         self.projection, self.lam, self.l1_ratio, self.lr, self.residual_l2 = projection, lam, l1_ratio, lr, residual_l2
         self.head = nn.Linear(k, n_classes)
         self.residual: nn.Linear | None = None
+        # the cumulative l1 penalty: the total offered so far (u) and what each weight has received (q)
+        self.register_buffer("l1_offered", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("l1_received", torch.zeros(n_classes, k))
 
     @staticmethod
     def concept_bank_from_examples(
         positives: Sequence[Tensor], negatives: Sequence[Tensor], C: float = 0.1
     ) -> tuple[Tensor, Tensor]:
-        """CAVs: for each concept a linear SVM (scikit-learn ``LinearSVC``) separating its positive from its negative
-        example embeddings; returns ``(vectors [k, d], intercepts [k])``."""
-        from sklearn.svm import LinearSVC
+        """CAVs: for each concept a linear-kernel SVM (scikit-learn ``SVC(kernel="linear", C=C)``, as the authors'
+        ``concepts/concept_utils.py``) separating its positive from its negative example embeddings; returns
+        ``(vectors [k, d], intercepts [k])``."""
+        from sklearn.svm import SVC
 
+        if C <= 0:
+            raise ValueError(f"C must be > 0, got {C}.")
         vectors, intercepts = [], []
         for pos, neg in zip(positives, negatives, strict=True):
             x = torch.cat([pos, neg]).double().numpy()
             y = [1] * len(pos) + [0] * len(neg)
-            svm = LinearSVC(C=C, max_iter=10_000, random_state=0).fit(x, y)
-            vectors.append(torch.as_tensor(svm.coef_[0]))
+            svm = SVC(C=C, kernel="linear").fit(x, y)
+            vectors.append(torch.tensor(svm.coef_[0]))
             intercepts.append(float(svm.intercept_[0]))
         return torch.stack(vectors).float(), torch.tensor(intercepts)
 
@@ -505,41 +545,61 @@ class PostHocCBM(RestoresRNG, pl.LightningModule):
         out = self.head(self.project(embeddings))
         return out if self.residual is None else out + self.residual(embeddings)
 
-    def hybrid(self) -> PostHocCBM:
-        """PCBM-h: this model with its head frozen and a residual linear layer on the embeddings to train."""
+    def objective(self, embeddings: Tensor, targets: Tensor) -> Tensor:
+        """The sparse head's full objective (data term and both penalties) on ``(embeddings, targets)``."""
+        w = self.head.weight
+        l1 = self.lam * self.l1_ratio * w.abs().sum()
+        return self._one_vs_rest_loss(self.head(self.project(embeddings)), targets) + self._l2(w) + l1
+
+    def _one_vs_rest_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        one_hot = F.one_hot(targets, logits.shape[1]).to(logits.dtype)
+        return F.binary_cross_entropy_with_logits(logits, one_hot, reduction="sum") / len(targets)
+
+    def _l2(self, w: Tensor) -> Tensor:
+        return self.lam * (1 - self.l1_ratio) / 2 * w.pow(2).sum()
+
+    def hybrid(self, lr: float = 1e-2) -> PostHocCBM:
+        """PCBM-h: this model with its head frozen and a residual ``nn.Linear(d, C)`` on the embeddings to train
+        with Adam at ``lr``; like the authors' ``train_pcbm_h.py``, the residual keeps PyTorch's default
+        initialisation and lr 0.01."""
         import copy
 
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}.")
         model = copy.deepcopy(self)
         model.head.requires_grad_(False)
         model.residual = nn.Linear(self.bank.shape[1], self.head.out_features)
-        nn.init.zeros_(model.residual.weight)
-        nn.init.zeros_(model.residual.bias)
+        model.lr = lr
         return model
 
     def configure_optimizers(self):
-        if self.residual is None:  # plain SGD: the proximal l1 step is exact for it
+        if self.residual is None:  # plain SGD, as the cumulative l1 penalty assumes
             return torch.optim.SGD(self.head.parameters(), lr=self.lr)
         return torch.optim.Adam(self.residual.parameters(), lr=self.lr)
 
-    def _penalty_scale(self) -> float:
-        return self.lam / (self.head.out_features * self.bank.shape[0])
-
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         e, y = batch["inputs"], batch["targets"]
-        loss = F.cross_entropy(self(e), y)
         if self.residual is None:
-            loss = loss + self._penalty_scale() * (1 - self.l1_ratio) * self.head.weight.pow(2).sum()
+            loss = self._one_vs_rest_loss(self(e), y) + self._l2(self.head.weight)
         else:
-            loss = loss + self.residual_l2 * self.residual.weight.pow(2).mean()
+            loss = F.cross_entropy(self(e), y) + self.residual_l2 * self.residual.weight.pow(2).mean()
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.residual is None and self.l1_ratio > 0:  # proximal step of the l1 part
-            threshold = self.lr * self._penalty_scale() * self.l1_ratio
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """The SGD step, then the cumulative l1 penalty (scikit-learn's ``l1penalty``); here rather than in
+        ``on_train_batch_end`` so it follows every optimiser step (also with gradient accumulation) and a checkpoint
+        saved at that batch includes it."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.residual is None and self.l1_ratio > 0:
+            self.l1_offered += self.lr * self.lam * self.l1_ratio
             with torch.no_grad():
                 w = self.head.weight
-                w.copy_(w.sign() * (w.abs() - threshold).clamp(min=0))
+                sign = w.sign()
+                still_due = (self.l1_offered + sign * self.l1_received).to(w.dtype)
+                shrunk = sign * (w.abs() - still_due).clamp(min=0)
+                self.l1_received += shrunk - w
+                w.copy_(shrunk)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._log_accuracy(batch, "val")
