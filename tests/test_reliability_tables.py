@@ -16,7 +16,7 @@ from lit_tricks import ELR, Classifier, CutMix, EMATeacher, Mixup, SampleReweigh
 from lit_tricks.core.checkpoint import load_checkpoint
 from lit_tricks.core.sample_table import SampleTable, index_range
 from lit_tricks.data import ArrayDataset, DigitsDataModule, IndexedDataset
-from lit_tricks.functional.ema import ema_update_finite_
+from lit_tricks.functional.ema import ema_update_finite_, lerp_where_
 from lit_tricks.nets import MLP
 
 NAN = float("nan")
@@ -51,6 +51,15 @@ def test_ema_update_is_skipped_when_a_value_is_not_finite():
     assert bool(finite) and averages[0].tolist() == [1.5, 2.0] and averages[1].tolist() == [1.0]
     finite = ema_update_finite_(averages, [torch.tensor([3.0, 2.0]), torch.tensor([NAN])], decay=0.75)
     assert not bool(finite) and averages[0].tolist() == [1.5, 2.0] and averages[1].tolist() == [1.0]
+
+
+def test_lerp_where_is_the_update_or_an_exact_no_op():  # the accelerator path, decided on the device
+    averages, values = [torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 2.0])]
+    lerp_where_(averages, values, 0.75, torch.tensor(True))
+    assert averages[0].tolist() == [1.5, 2.0]
+    for bad in (NAN, float("inf"), -float("inf")):
+        lerp_where_(averages, [torch.tensor([bad, 5.0])], 0.75, torch.tensor(False))
+        assert averages[0].tolist() == [1.5, 2.0]
 
 
 def test_one_nan_sample_poisons_no_memory(quiet_trainer_kwargs):

@@ -39,14 +39,28 @@ def ema_update_(averages: list[Tensor], values: list[Tensor], decay: float) -> N
 
 @torch.no_grad()
 def ema_update_finite_(averages: list[Tensor], values: list[Tensor], decay: float) -> Tensor:
-    r""":func:`ema_update_`, skipped as a whole when any value is NaN or infinite, so the averages never take a
-    non-finite value. Decided on the device (no host-device synchronisation): the update is computed into new
-    tensors and kept only if every value is finite. Returns the decision, a 0-dim bool tensor."""
+    r""":func:`ema_update_`, skipped as a whole when any value is NaN or infinite, so finite averages stay finite.
+
+    Every value is finite when all their norms are (a weight beyond about :math:`10^{19}` overflows its float32
+    norm and counts as not finite). On the CPU the update then runs or not; on an accelerator the decision
+    stays on the device (:func:`lerp_where_`), with no host-device synchronisation. Returns the decision, a
+    0-dim bool tensor.
+    """
     if not values:
         return torch.tensor(True)
-    device = values[0].device
-    largest = torch.stack([norm.to(device) for norm in torch._foreach_norm(values, float("inf"))])
-    finite = largest.isfinite().all()
-    for average, updated in zip(averages, torch._foreach_lerp(averages, values, 1.0 - decay), strict=True):
-        torch.where(finite.to(average.device), updated, average, out=average)
+    finite = torch.stack(torch._foreach_norm(values, 2, dtype=torch.float32)).isfinite().all()
+    if finite.device.type != "cpu":
+        lerp_where_(averages, values, decay, finite)
+    elif finite:
+        ema_update_(averages, values, decay)
     return finite
+
+
+@torch.no_grad()
+def lerp_where_(averages: list[Tensor], values: list[Tensor], decay: float, condition: Tensor) -> None:
+    r""":math:`a \leftarrow \mathrm{lerp}(a, v^f, (1 - \beta) f)` with :math:`f` the 0-dim bool ``condition``
+    as a number: the EMA update where it holds and an exact no-op where not, even for NaN or infinite values,
+    decided on the device. :math:`v^1 = v` (exactly, on the CPU), and :math:`v^0 = 1` is finite even for NaN
+    or inf, so the weight 0 leaves :math:`a` as it was. Two fused passes (power, lerp) instead of one."""
+    flag = condition.float()
+    torch._foreach_lerp_(averages, torch._foreach_pow(values, flag), (1.0 - decay) * flag)
