@@ -54,6 +54,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.RMT",
         "lit_tricks.Tent",
         "lit_tricks.modules.EDMDiffusion",
+        "lit_tricks.modules.SourceOnly",
         "lit_tricks.modules.SparseCBM",
     ),
     "data": (
@@ -402,6 +403,7 @@ def fit_summary(trainer: Any, files: Sequence[Any]) -> str:
 
 
 def _define_cli() -> type:
+    """The Lightning side of the CLI, defined on first use (importing Lightning takes seconds)."""
     import lightning.pytorch as pl
     from jsonargparse import DefaultHelpFormatter
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -418,8 +420,11 @@ def _define_cli() -> type:
         def error(self, message: str, ex: Exception | None = None) -> None:
             if not self.exit_on_error:
                 super().error(message, ex)
-            prog = self.prog.replace(" [options]", "")
-            _fail(f"{condense_error(message)}\n(`{prog} --help` lists the options.)")
+            parser = getattr(ex, "subcommand_parser", None) or self
+            unknown = re.match(r"unrecognized arguments: (--[\w.]+)", message, re.IGNORECASE)
+            hint = suggest(unknown.group(1), list(parser._option_string_actions)) if unknown else ""
+            prog = parser.prog.replace(" [options]", "")
+            _fail(f"{condense_error(message)}{hint}\n(`{prog} --help` lists the options.)")
 
     class LitTricksCLI(LightningCLI):
         """LightningCLI for any LightningModule and LightningDataModule given by ``class_path``, with named runs,

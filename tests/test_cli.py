@@ -150,3 +150,10 @@ class EvaluatesUntrained(pl.LightningModule):
 def test_which_modules_need_the_checkpoint_of_a_fit(class_path, source_checkpoint, needs):
     model = Namespace(class_path=class_path, init_args=Namespace(source_checkpoint=source_checkpoint))
     assert needs_fit_checkpoint(model) is needs
+
+
+def test_misspelled_option_gets_a_suggestion(capsys):
+    with pytest.raises(SystemExit):
+        LitTricksCLI(args=["fit", "--config", QUICKSTART, "--trainer.max_stepz=3"])
+    err = capsys.readouterr().err
+    assert err.startswith("error: unrecognized arguments: --trainer.max_stepz=3 (did you mean --trainer.max_steps?)")
