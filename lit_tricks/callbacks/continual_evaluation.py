@@ -146,7 +146,8 @@ class ContinualEvaluation(Callback):
         # the seen tasks are a prefix evaluated in as few forward passes as possible
         rank, world, device = trainer.global_rank, trainer.world_size, pl_module.device
         shards = [(x[rank::world], y[rank::world]) for x, y in self._subsets]
-        self._inputs = torch.cat([x for x, _ in shards]).to(device)
+        # in the precision the model runs at (bfloat16 under precision="bf16-true"), as Lightning does for batches
+        self._inputs = trainer.precision_plugin.convert_input(torch.cat([x for x, _ in shards]).to(device))
         self._targets = torch.cat([y for _, y in shards]).to(device)
         self._task_ids = torch.cat([torch.full((len(y),), k) for k, (_, y) in enumerate(shards)]).to(device)
         self._ends = torch.tensor([len(y) for _, y in shards]).cumsum(0).tolist()

@@ -106,7 +106,7 @@ class DataDietScores(Callback):
         # a strided shard per rank, padded by repetition so that every rank gathers the same length
         shard = torch.arange(rank, math.ceil(n / world) * world, world) % n
         loader = DataLoader(Subset(dataset, shard.tolist()), self.batch_size, generator=torch.Generator())
-        local = torch.cat([self._score_batch(pl_module, batch) for batch in loader])
+        local = torch.cat([self._score_batch(trainer, pl_module, batch) for batch in loader])
         shard = shard.to(local.device)
         if world > 1:
             shard, local = pl_module.all_gather(shard).flatten(), pl_module.all_gather(local).flatten()
@@ -127,9 +127,11 @@ class DataDietScores(Callback):
             torch.save({"scores": self.scores, "score": self.score, "epoch": self.epoch}, self.saved_to)
             rank_zero_info(f"DataDietScores: {self.score} scores of {n} samples saved to {self.saved_to}")
 
-    def _score_batch(self, module: pl.LightningModule, batch: Any) -> Tensor:
+    def _score_batch(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any) -> Tensor:
         tb = TrickBatch.from_batch(batch)
-        inputs, targets = tb.inputs.to(module.device), tb.targets.to(module.device)
+        # in the precision the model runs at (bfloat16 under precision="bf16-true"), as Lightning does for batches
+        inputs = trainer.precision_plugin.convert_input(tb.inputs.to(module.device))
+        targets = tb.targets.to(module.device)
         with eval_mode(module):
             if self.score == "grand":
                 with torch.enable_grad():

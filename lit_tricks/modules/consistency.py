@@ -180,7 +180,7 @@ class ConsistencyModel(GenerativeModule):
             distance = ct.cauchy(student, teacher, c)
         else:
             distance = ct.pseudo_huber(student, teacher, c, self.huber_reduction)
-        weight = 1.0 / (sigma_student - sigma_teacher).float()
+        weight = 1.0 / (sigmas[i + 1] - sigmas[i])  # from the float32 grid: in bfloat16 close levels coincide
         consistency = (weight * distance).mean()
         loss = consistency
         logged: dict[str, Tensor | float] = {}
@@ -236,7 +236,7 @@ class ConsistencyModel(GenerativeModule):
             raise ValueError(f"sigmas must be strictly decreasing, got {levels}.")
 
         def noise() -> Tensor:
-            return torch.randn(n, *self.data_shape, generator=generator).to(self.device)
+            return torch.randn(n, *self.data_shape, generator=generator).to(self.device, self.dtype)
 
         with eval_mode(self), self.ema_weights(use_ema):
             x = self(levels[0] * noise(), levels[0])

@@ -82,7 +82,7 @@ class EDMDiffusion(GenerativeModule):
         grid = ct.karras_sigmas(steps + 1, self.sigma_min, self.sigma_max, self.rho).flip(0).tolist() + [0.0]
         grid = grid[:steps] + [0.0]  # sigma_max ... sigma_min-ish, then 0
         with eval_mode(self), self.ema_weights(use_ema):
-            x = grid[0] * torch.randn(n, *self.data_shape, generator=generator).to(self.device)
+            x = grid[0] * torch.randn(n, *self.data_shape, generator=generator).to(self.device, self.dtype)
             for sigma, next_sigma in zip(grid[:-1], grid[1:], strict=True):
                 slope = (x - self(x, sigma)) / sigma
                 x_next = x + (next_sigma - sigma) * slope

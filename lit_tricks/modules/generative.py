@@ -127,7 +127,7 @@ class GenerativeModule(RestoresRNG, pl.LightningModule):
                     f"samples of shape {list(x.shape[1:])}: make them agree."
                 )
             with torch.no_grad():
-                out = self.net(x[:2], torch.zeros(min(2, len(x)), device=x.device))
+                out = self.net(x[:2], torch.zeros(min(2, len(x)), dtype=x.dtype, device=x.device))
             if out.shape != x[:2].shape:
                 raise ValueError(
                     f"net maps samples of shape {list(x.shape[1:])} to {list(out.shape[1:])}; it must return the "

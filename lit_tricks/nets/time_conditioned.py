@@ -19,11 +19,11 @@ class NonScalingLayerNorm(nn.LayerNorm):
 
 def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10_000.0, scale: float = 100.0) -> Tensor:
     """``[N, dim]`` sines and cosines of ``scale * t`` at geometric frequencies (``t`` of order 1, e.g.
-    ``ln(sigma) / 4``; the scale spreads it over the frequencies)."""
+    ``ln(sigma) / 4``; the scale spreads it over the frequencies). Computed in float32, returned in ``t``'s dtype."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     angles = scale * t.float().view(-1, 1) * freqs
-    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).to(t.dtype)
 
 
 class TimeMLP(nn.Module):
