@@ -306,8 +306,8 @@ def resolve_checkpoint(config: Any, command: str) -> None:
     """``--ckpt_path last`` -> the newest checkpoint of the recipe's runs; ``best`` -> the best one that checkpoint
     records. No ``--ckpt_path`` is an error unless the model needs no trained checkpoint
     (:func:`needs_fit_checkpoint`): it would evaluate an untrained model."""
-    ckpt_path, files = config.get("ckpt_path"), config.get("config") or []
-    rerun = f"{PROG} {command} {' '.join(f'--config {file}' for file in files)}".rstrip()
+    ckpt_path = config.get("ckpt_path")
+    configs = " ".join(f"--config {file}" for file in config.get("config") or [])
     if ckpt_path is None and not needs_fit_checkpoint(config.get("model")):
         return
     if ckpt_path not in (None, "last", "best"):
@@ -317,13 +317,12 @@ def resolve_checkpoint(config: Any, command: str) -> None:
         newest = f"  # now {found[-1]}" if found else ""
         raise ConfigError(
             f"{command} needs a trained model, but no --ckpt_path was given (it would {command} untrained weights). "
-            f"Pass the checkpoint of your last fit:\n  {rerun} --ckpt_path last{newest}\n"
+            f"Pass the checkpoint of your last fit:\n  {PROG} {command} {configs} --ckpt_path last{newest}\n"
             "or --ckpt_path best (the best checkpoint of that fit), or --ckpt_path PATH/TO/FILE.ckpt."
         )
     if not found:
         raise ConfigError(
-            f"--ckpt_path {ckpt_path}: this recipe has no checkpoint yet; train it first with "
-            f"`{rerun.replace(f' {command} ', ' fit ', 1)}`."
+            f"--ckpt_path {ckpt_path}: this recipe has no checkpoint yet; train it first with `{PROG} fit {configs}`."
         )
     config.ckpt_path = str(found[-1] if ckpt_path == "last" else _best_of(found[-1]))
 
@@ -333,7 +332,7 @@ def _best_of(checkpoint: Path) -> Path:
     best checkpoint of a fit in the same process, hence its misleading "not configured" error)."""
     import torch
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False).get("callbacks", {})
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True).get("callbacks", {})
     best = [v.get("best_model_path") for k, v in state.items() if k.startswith("ModelCheckpoint")]
     best = [Path(path) for path in best if path and Path(path).is_file()]
     if not best:
