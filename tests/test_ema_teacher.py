@@ -146,10 +146,14 @@ def test_ema_weights_from_checkpoint(tmp_path, quiet_trainer_kwargs):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"decay": 0.0}, r"decay must be in \(0, 1\)"),
-        ({"decay": 1.0}, r"decay must be in \(0, 1\)"),
-        ({"decay": 1.5}, r"decay must be in \(0, 1\)"),
-        ({"half_life": -1}, "half_life must be positive"),
+        ({"decay": 0.0}, r"decay must be a finite number in \(0.0, 1.0\)"),
+        ({"decay": 1.0}, r"decay must be a finite number in \(0.0, 1.0\)"),
+        ({"decay": 1.5}, r"decay must be a finite number in \(0.0, 1.0\)"),
+        ({"decay": float("nan")}, "decay must be a finite number"),
+        ({"half_life": -1}, r"half_life must be a finite number in \(0.0, inf\)"),
+        ({"half_life": float("nan")}, "half_life must be a finite number"),
+        ({"half_life": float("inf")}, "half_life must be a finite number"),
+        ({"warmup_gamma": float("nan")}, "warmup_gamma"),
         ({"every_n_steps": 0}, "every_n_steps"),
         ({"start_step": -1}, "start_step"),
         ({"warmup_power": 0}, "warmup_power"),
@@ -159,6 +163,25 @@ def test_ema_weights_from_checkpoint(tmp_path, quiet_trainer_kwargs):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EMATeacher(**kwargs)
+
+
+def test_half_precision_weights_are_averaged_in_float32(quiet_trainer_kwargs):
+    """Under precision="bf16-true" an update of weight 1 - decay = 0.001 is below bfloat16's resolution: the
+    average is kept in float32 (and lent as a bfloat16 copy for evaluation), so it still moves."""
+    ema = EMATeacher(decay=0.999)
+    trainer = pl.Trainer(max_steps=5, limit_val_batches=1, num_sanity_val_steps=0, precision="bf16-true",
+                         callbacks=[ema], **quiet_trainer_kwargs)  # fmt: skip
+    model = Classifier(MLP(64, 10, hidden=(16,)), num_classes=10)
+    start = [p.detach().float().clone() for p in model.parameters()]
+    trainer.fit(model, DigitsDataModule(batch_size=16))
+    live = [p.detach().clone() for p in model.parameters()]
+    assert all(p.dtype == torch.bfloat16 for p in live) and all(a.dtype == torch.float32 for a in ema._ema)
+    # a bfloat16 average would not have moved from the initial weights at all
+    assert all((average - s).abs().max() > 0 for average, s in zip(ema._ema, start, strict=True))
+    with ema.swapped():
+        for p, average in zip(model.parameters(), ema._ema, strict=True):
+            assert p.dtype == torch.bfloat16 and torch.equal(p, average.to(torch.bfloat16))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), live, strict=True))  # restored exactly
 
 
 def test_two_teachers_and_no_teacher(quiet_trainer_kwargs):

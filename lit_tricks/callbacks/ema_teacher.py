@@ -13,9 +13,16 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from torch import Tensor
 
 from lit_tricks.core.checkpoint import load_checkpoint
+from lit_tricks.core.checks import check_number
 from lit_tricks.core.eval_mode import eval_mode
 from lit_tricks.core.trick import logging_due
 from lit_tricks.functional.ema import ema_decay, ema_update_finite_, half_life_to_decay
+
+
+def _average_dtype(tensor: Tensor) -> torch.dtype:
+    """Averages of half-precision weights are kept in float32: an update of weight 1 - decay (e.g. 0.001) is
+    below bfloat16's resolution (2^-8) and would be rounded away."""
+    return torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else tensor.dtype
 
 
 class EMATeacher(Callback):
@@ -84,14 +91,13 @@ class EMATeacher(Callback):
         buffers: Literal["average", "copy"] = "average",
         swap_for_eval: bool = True,
     ) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"decay must be in (0, 1), got {decay}; e.g. 0.999, or give half_life in steps.")
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}.")
-        if start_step < 0:
-            raise ValueError(f"start_step must be >= 0, got {start_step}.")
-        if warmup_gamma <= 0 or warmup_power <= 0:
-            raise ValueError(f"warmup_gamma and warmup_power must be positive, got {warmup_gamma}, {warmup_power}.")
+        check_number("decay", decay, above=0.0, below=1.0, hint="E.g. 0.999, or give half_life in steps.")
+        if half_life is not None:
+            check_number("half_life", half_life, above=0.0, hint="It is in optimizer steps.")
+        check_number("every_n_steps", every_n_steps, at_least=1, integer=True)
+        check_number("start_step", start_step, at_least=0, integer=True)
+        check_number("warmup_gamma", warmup_gamma, above=0.0)
+        check_number("warmup_power", warmup_power, above=0.0)
         if buffers not in ("average", "copy"):
             raise ValueError(f"buffers must be 'average' or 'copy', got {buffers!r}.")
         self.decay = decay if half_life is None else half_life_to_decay(half_life, every_n_steps)
@@ -103,6 +109,8 @@ class EMATeacher(Callback):
         self._names: list[str] = []
         self._live: list[Tensor] = []
         self._ema: list[Tensor] = []
+        self._stash: list[Tensor | None] = []  # live half-precision weights set aside while the EMA is swapped in
+        self._upcast = False  # some averages are float32 copies of half-precision weights
         self._loaded: dict[str, Any] | None = None
         self._swapped = False
         self._cache: tuple[int, Tensor, Tensor] | None = None
@@ -173,7 +181,10 @@ class EMATeacher(Callback):
         else:
             decay = ema_decay(self.num_updates, self.decay, self.warmup, self.warmup_gamma, self.warmup_power)
             self.num_updates += 1
-        self.nonfinite += ~ema_update_finite_(self._ema, self._live, decay)
+        live = self._live
+        if self._upcast:  # low-precision training: one cast per tensor, so the float32 averages keep every update
+            live = [value.to(average.dtype) for value, average in zip(live, self._ema, strict=True)]
+        self.nonfinite += ~ema_update_finite_(self._ema, live, decay)
         if logging_due(trainer):
             pl_module.log("tricks/EMATeacher/decay", decay)
             pl_module.log("tricks/EMATeacher/nonfinite", self.nonfinite.float())
@@ -237,10 +248,12 @@ class EMATeacher(Callback):
             missing = set(self._names) - set(self._loaded)
             if missing:
                 raise ValueError(f"The EMATeacher state in the checkpoint lacks {sorted(missing)[:5]}...")
-            self._ema = [self._loaded[n].to(t.device, t.dtype, copy=True) for n, t in tracked]
+            self._ema = [self._loaded[n].to(t.device, _average_dtype(t), copy=True) for n, t in tracked]
             self._loaded = None
         else:
-            self._ema = [tensor.detach().clone() for tensor in self._live]
+            self._ema = [tensor.detach().to(_average_dtype(tensor), copy=True) for tensor in self._live]
+        self._upcast = any(e.dtype != t.dtype for e, t in zip(self._ema, self._live, strict=True))
+        self._stash = [None] * len(self._ema)
 
     @contextmanager
     def swapped(self) -> Iterator[None]:
@@ -255,8 +268,13 @@ class EMATeacher(Callback):
                 self._exchange()
 
     def _exchange(self) -> None:
-        for live, ema in zip(self._live, self._ema, strict=True):
-            live.data, ema.data = ema.data, live.data
+        for k, (live, ema) in enumerate(zip(self._live, self._ema, strict=True)):
+            if live.dtype == ema.dtype:
+                live.data, ema.data = ema.data, live.data
+            elif not self._swapped:  # a float32 average of a half-precision weight: lend a cast copy
+                self._stash[k], live.data = live.data, ema.to(live.dtype)
+            else:
+                live.data, self._stash[k] = self._stash[k], None
         self._swapped = not self._swapped
 
     def _swap_in(self) -> None:
