@@ -58,7 +58,9 @@ def test_elr_needs_index_and_good_arguments(quiet_trainer_kwargs):
     loader = DataLoader(TensorDataset(torch.randn(32, 64), torch.randint(0, 10, (32,))), batch_size=8)
     with pytest.raises(ValueError, match="ELR keep per-sample memories and need dataset indices"):
         pl.Trainer(max_steps=1, callbacks=[ELR()], **quiet_trainer_kwargs).fit(Classifier(MLP(64, 10), 10), loader)
-    with pytest.raises(ValueError, match=r"beta must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"beta must be a finite number in \[0.0, 1.0\)"):
         ELR(beta=1.0)
-    with pytest.raises(ValueError, match="lam must be >= 0"):
+    with pytest.raises(ValueError, match=r"lam must be a finite number in \[0.0, inf\)"):
         ELR(lam=-1.0)
+    with pytest.raises(ValueError, match="lam must be a finite number"):
+        ELR(lam=float("nan"))

@@ -65,8 +65,10 @@ def test_weights_and_loss_in_a_real_fit(strategy, quiet_trainer_kwargs):
     ("kwargs", "match"),
     [
         ({"strategy": "hardest"}, "strategy must be"),
-        ({"temperature": 0.0}, "temperature and delta"),
-        ({"delta": -1.0}, "temperature and delta"),
+        ({"temperature": 0.0}, r"temperature must be a finite number in \(0.0, inf\)"),
+        ({"temperature": float("nan")}, "temperature must be a finite number"),
+        ({"delta": -1.0}, "delta must be a finite number"),
+        ({"delta": float("inf")}, "delta must be a finite number"),
         ({"warmup_steps": -1}, "warmup_steps"),
     ],
 )

@@ -147,7 +147,10 @@ def test_on_a_plain_lightning_module(quiet_trainer_kwargs):
     ("kwargs", "match"),
     [
         ({"teacher": "self"}, "teacher must be"),
-        ({"alpha_T": 1.5}, r"alpha_T must be in \[0, 1\]"),
+        ({"alpha_T": 1.5}, r"alpha_T must be a finite number in \[0.0, 1.0\]"),
+        ({"temperature": float("nan")}, "temperature must be a finite number"),
+        ({"weight": float("inf")}, "weight must be a finite number"),
+        ({"total_epochs": 2.5}, "total_epochs must be an integer"),
         ({"total_epochs": 0}, "total_epochs"),
         ({"table_dtype": "int8"}, "table_dtype"),
         ({"temperature": 0.0}, "temperature"),
@@ -155,7 +158,7 @@ def test_on_a_plain_lightning_module(quiet_trainer_kwargs):
     ],
 )
 def test_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         SelfDistill(**kwargs)
 
 

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 
 from lit_tricks.core.batch import StepOutput, TrickBatch
+from lit_tricks.core.checks import check_number
 from lit_tricks.core.sample_table import SampleTable, TableDevice, check_table_options
 from lit_tricks.core.trick import Trick, logging_due
 from lit_tricks.functional.elr import elr_penalty, elr_probabilities, elr_targets
@@ -64,10 +65,8 @@ class ELR(Trick):
         table_device: TableDevice = "module",
         num_samples: int | None = None,
     ) -> None:
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"beta must be in [0, 1), got {beta}; the paper uses 0.7 (CIFAR-10) or 0.9 (CIFAR-100).")
-        if lam < 0:
-            raise ValueError(f"lam must be >= 0, got {lam}; the paper uses 3 (CIFAR-10) or 7 (CIFAR-100).")
+        check_number("beta", beta, at_least=0.0, below=1.0, hint="The paper uses 0.7 (CIFAR-10) or 0.9 (CIFAR-100).")
+        check_number("lam", lam, at_least=0.0, hint="The paper uses 3 (CIFAR-10) or 7 (CIFAR-100).")
         check_table_options(table_dtype, table_device, num_samples)
         self.beta, self.lam = beta, lam
         self.targets = SampleTable(getattr(torch, table_dtype), table_device, num_samples)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from lit_tricks.core.batch import TrickBatch
+from lit_tricks.core.checks import check_number
 from lit_tricks.core.distributed import all_gather_rows
 from lit_tricks.core.trick import Trick, logging_due
 
@@ -74,12 +75,12 @@ class ExperienceReplay(Trick):
     def __init__(
         self, memory_size: int = 2000, replay_batch_size: int | None = None, new_weight: float = 0.5, seed: int = 0
     ) -> None:
-        if memory_size < 1:
-            raise ValueError(f"memory_size must be >= 1, got {memory_size}.")
-        if replay_batch_size is not None and replay_batch_size < 1:
-            raise ValueError(f"replay_batch_size must be >= 1 (or None for the batch size), got {replay_batch_size}.")
-        if not 0.0 < new_weight <= 1.0:
-            raise ValueError(f"new_weight must be in (0, 1], got {new_weight}.")
+        check_number("memory_size", memory_size, at_least=1, integer=True)
+        if replay_batch_size is not None:
+            check_number(
+                "replay_batch_size", replay_batch_size, at_least=1, integer=True, hint="Or None: the batch size."
+            )
+        check_number("new_weight", new_weight, above=0.0, at_most=1.0)
         self.memory_size, self.replay_batch_size, self.new_weight = memory_size, replay_batch_size, new_weight
         self._generator = torch.Generator().manual_seed(seed)
         self.memory: dict[str, Tensor] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 
 from lit_tricks.core.batch import StepOutput, TrickBatch
+from lit_tricks.core.checks import check_number
 from lit_tricks.core.distributed import all_gather_rows
 from lit_tricks.core.trick import Trick, logging_due
 from lit_tricks.functional.reweighting import Strategy, reweighting_weights
@@ -52,10 +53,9 @@ class SampleReweighting(Trick):
     ) -> None:
         if strategy not in ("linupper", "quadratic", "extremes"):
             raise ValueError(f"strategy must be 'linupper', 'quadratic' or 'extremes', got {strategy!r}.")
-        if temperature <= 0 or delta <= 0:
-            raise ValueError(f"temperature and delta must be > 0, got {temperature}, {delta}.")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}.")
+        check_number("temperature", temperature, above=0.0)
+        check_number("delta", delta, above=0.0)
+        check_number("warmup_steps", warmup_steps, at_least=0, integer=True)
         self.strategy, self.temperature, self.delta, self.warmup_steps = strategy, temperature, delta, warmup_steps
 
     def after_loss(

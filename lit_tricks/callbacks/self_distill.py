@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from lit_tricks.callbacks.ema_teacher import EMATeacher
 from lit_tricks.callbacks.mixup import Mixup
 from lit_tricks.core.batch import StepOutput, TrickBatch
+from lit_tricks.core.checks import check_number
 from lit_tricks.core.sample_table import SampleTable, TableDevice, check_table_options
 from lit_tricks.core.trick import Trick, logging_due
 from lit_tricks.functional.distillation import distillation_kl, pskd_alpha, pskd_targets, sigmoid_rampup
@@ -90,15 +91,13 @@ class SelfDistill(Trick):
     ) -> None:
         if teacher not in ("past_predictions", "ema"):
             raise ValueError(f"teacher must be 'past_predictions' (PS-KD) or 'ema', got {teacher!r}.")
-        if not 0.0 <= alpha_T <= 1.0:
-            raise ValueError(f"alpha_T must be in [0, 1], got {alpha_T}.")
-        if total_epochs is not None and total_epochs < 1:
-            raise ValueError(f"total_epochs must be >= 1, got {total_epochs}.")
+        check_number("alpha_T", alpha_T, at_least=0.0, at_most=1.0)
+        if total_epochs is not None:
+            check_number("total_epochs", total_epochs, at_least=1, integer=True)
         check_table_options(table_dtype, table_device, num_samples)
-        if temperature <= 0 or weight < 0 or rampup_steps < 0:
-            raise ValueError(
-                f"temperature must be > 0 and weight, rampup_steps >= 0; got {temperature}, {weight}, {rampup_steps}."
-            )
+        check_number("temperature", temperature, above=0.0)
+        check_number("weight", weight, at_least=0.0)
+        check_number("rampup_steps", rampup_steps, at_least=0, integer=True)
         self.teacher, self.alpha_T, self.total_epochs = teacher, alpha_T, total_epochs
         self.table = SampleTable(getattr(torch, table_dtype), table_device, num_samples)  # each sample's last softmax
         self.temperature, self.weight, self.rampup_steps, self.view_key = temperature, weight, rampup_steps, view_key
