@@ -7,11 +7,12 @@ On top of LightningCLI: runs are named after the recipe and its snippets (``ligh
 version_0``); ``fit`` ends with a summary; ``validate``/``test``/``predict`` refuse to run an untrained model and
 accept ``--ckpt_path last`` / ``best`` for the newest run of the recipe; errors name the key, the bad value and
 the accepted names first. ``--help``, a mistyped command, a missing config file and an unknown ``lit_tricks``
-class are answered before torch and Lightning are imported (which takes seconds).
+class or argument name are answered before torch and Lightning are imported (which takes seconds).
 """
 
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib
 import inspect
@@ -148,23 +149,41 @@ def _class_problem(class_path: str) -> str | None:
     return f"{class_path!r} is not a lit_tricks part{hint}; `{PROG} --help` lists them."
 
 
-def _class_paths(node: Any, key: str = "") -> Iterator[tuple[str, str]]:
-    """``(key, class_path)`` of every ``class_path`` in a loaded YAML tree."""
+def _parts(node: Any, key: str = "") -> Iterator[tuple[str, dict]]:
+    """``(key, part)`` of every mapping with a ``class_path`` in a loaded YAML tree."""
     if isinstance(node, dict):
+        if isinstance(node.get("class_path"), str):
+            yield key, node
         for k, v in node.items():
-            sub = f"{key}.{k}" if key else str(k)
-            if k == "class_path" and isinstance(v, str):
-                yield key, v
-            else:
-                yield from _class_paths(v, sub)
+            yield from _parts(v, f"{key}.{k}" if key else str(k))
     elif isinstance(node, list):
         for i, v in enumerate(node):
-            yield from _class_paths(v, f"{key}[{i}]")
+            yield from _parts(v, f"{key}[{i}]")
+
+
+def source_arguments(class_path: str) -> list[str] | None:
+    """The constructor arguments of a ``lit_tricks.<Name>`` / ``lit_tricks.{data,modules,nets}.<Name>`` class,
+    read from its source file without importing it; None if they are not that simple to read (another path, no
+    ``__init__`` of its own, ``*args`` or ``**kwargs``)."""
+    package, _, name = class_path.rpartition(".")
+    if package not in _CHECKED_PACKAGES:
+        return None
+    exports = importlib.import_module(package)._EXPORTS  # the lazy packages' name -> module table
+    module = next((module for module, names in exports.items() if name in names), None)
+    if module is None:
+        return None
+    source = Path(__file__).parent.joinpath(*module.split(".")[1:]).with_suffix(".py")
+    tree = ast.parse(source.read_text())
+    cls = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name), None)
+    init = next((n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None) if cls else None
+    if init is None or init.args.vararg or init.args.kwarg:
+        return None
+    return [arg.arg for arg in [*init.args.posonlyargs, *init.args.args, *init.args.kwonlyargs][1:]]
 
 
 def preflight(argv: Sequence[str]) -> str | None:
     """The first problem in the command line that needs no Lightning to find: an unknown command, a missing or
-    invalid config file, an unknown lit_tricks class in a config file; None if there is none."""
+    invalid config file, an unknown lit_tricks class or argument name in a config file; None if there is none."""
     import yaml  # a light import, unlike Lightning's
 
     if not argv or argv[0].startswith("-"):
@@ -183,10 +202,15 @@ def preflight(argv: Sequence[str]) -> str | None:
             tree = yaml.safe_load(path.read_text())
         except yaml.YAMLError as error:
             return f"--config {config} is not valid YAML: {error}"
-        for key, class_path in _class_paths(tree):
-            problem = _class_problem(class_path)
+        for key, part in _parts(tree):
+            problem = _class_problem(part["class_path"])
             if problem:
                 return f"{config}: {key}.class_path: {problem}"
+            accepted = source_arguments(part["class_path"])
+            given = part.get("init_args") if isinstance(part.get("init_args"), dict) else {}
+            unknown = [name for name in given if accepted is not None and name not in accepted]
+            if unknown:
+                return f"{config}: {key}: {_unknown_argument(part['class_path'], unknown[0], accepted)}"
     return None
 
 
@@ -201,14 +225,14 @@ def condense_error(message: str) -> str:
     class_path, reason = problems[-1]  # the innermost part
     option = re.fullmatch(r"Option '([^']+)' is not accepted", reason.strip())
     if option:
-        accepted = init_arguments(class_path)
-        name = option.group(1)
-        return (
-            f"{where}{class_path} has no argument {name!r}{suggest(name, accepted)}; it accepts: {', '.join(accepted)}."
-        )
+        return where + _unknown_argument(class_path, option.group(1), init_arguments(class_path))
     if "has no attribute" in reason or "No module named" in reason or "Unable to" in reason:
         return f"{where}{_class_problem(class_path) or f'{class_path!r} cannot be imported: {reason.strip()}'}"
     return f"{where}{class_path}: {reason.strip()}"
+
+
+def _unknown_argument(class_path: str, name: str, accepted: list[str]) -> str:
+    return f"{class_path} has no argument {name!r}{suggest(name, accepted)}; it accepts: {', '.join(accepted)}."
 
 
 def init_arguments(class_path: str) -> list[str]:

@@ -14,7 +14,16 @@ from torch import nn
 
 import lit_tricks
 from lit_tricks import cli
-from lit_tricks.cli import CATALOGUE, ConfigError, LitTricksCLI, condense_error, main, needs_fit_checkpoint
+from lit_tricks.cli import (
+    CATALOGUE,
+    ConfigError,
+    LitTricksCLI,
+    condense_error,
+    init_arguments,
+    main,
+    needs_fit_checkpoint,
+    source_arguments,
+)
 
 QUICKSTART = str(ROOT / "configs/quickstart.yaml")
 
@@ -106,6 +115,21 @@ def test_wrong_argument_name_names_the_class_and_the_accepted_ones(tmp_path, cap
     assert "it accepts: alpha, cutmix_alpha," in err and len(err.splitlines()) == 2
 
 
+def test_wrong_argument_name_of_a_lit_tricks_part_fails_before_lightning(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  class_path: lit_tricks.Classifier\n  init_args:\n    num_clases: 10\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", QUICKSTART, "--config", str(bad)])
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}: model: lit_tricks.Classifier has no argument 'num_clases' (did you mean")
+
+
+@pytest.mark.parametrize("class_path", [path for paths in CATALOGUE.values() for path in paths])
+def test_arguments_read_from_the_source_are_the_constructors(class_path):
+    read = source_arguments(class_path)
+    assert read is None or read == init_arguments(class_path)
+
+
 def test_condense_error_keeps_the_innermost_problem():
     message = """Parser key "model":
   Does not validate against any of the Union subtypes
@@ -157,3 +181,8 @@ def test_misspelled_option_gets_a_suggestion(capsys):
         LitTricksCLI(args=["fit", "--config", QUICKSTART, "--trainer.max_stepz=3"])
     err = capsys.readouterr().err
     assert err.startswith("error: unrecognized arguments: --trainer.max_stepz=3 (did you mean --trainer.max_steps?)")
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_preflight_passes_every_shipped_config(config):
+    assert cli.preflight(["fit", "--config", QUICKSTART, "--config", str(config)]) is None
