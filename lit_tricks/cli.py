@@ -446,6 +446,8 @@ def _define_cli() -> type:
             parser = getattr(ex, "subcommand_parser", None) or self
             unknown = re.match(r"unrecognized arguments: (--[\w.]+)", message, re.IGNORECASE)
             hint = suggest(unknown.group(1), list(parser._option_string_actions)) if unknown else ""
+            if re.search(r"arguments are required: .*\bmodel\b", message):
+                hint = "; a recipe gives them, e.g. --config configs/quickstart.yaml"
             prog = parser.prog.replace(" [options]", "")
             _fail(f"{condense_error(message)}{hint}\n(`{prog} --help` lists the options.)")
 

@@ -130,6 +130,12 @@ def test_arguments_read_from_the_source_are_the_constructors(class_path):
     assert read is None or read == init_arguments(class_path)
 
 
+def test_no_recipe_says_to_give_one(capsys):
+    with pytest.raises(SystemExit):
+        LitTricksCLI(args=["fit"])
+    assert "required: fit.data, fit.model; a recipe gives them, e.g. --config" in capsys.readouterr().err
+
+
 def test_condense_error_keeps_the_innermost_problem():
     message = """Parser key "model":
   Does not validate against any of the Union subtypes
