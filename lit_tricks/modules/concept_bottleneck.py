@@ -510,8 +510,9 @@ class PostHocCBM(RestoresRNG, pl.LightningModule):
         self.projection, self.lam, self.l1_ratio, self.lr, self.residual_l2 = projection, lam, l1_ratio, lr, residual_l2
         self.head = nn.Linear(k, n_classes)
         self.residual: nn.Linear | None = None
-        # the cumulative l1 penalty: the total offered so far (u) and what each weight has received (q)
-        self.register_buffer("l1_offered", torch.zeros((), dtype=torch.float64))
+        # the cumulative l1 penalty: SGD steps so far (an integer, which low precision leaves exact; the penalty
+        # offered is steps * lr * lam * l1_ratio) and what each weight has received
+        self.register_buffer("l1_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("l1_received", torch.zeros(n_classes, k))
 
     @staticmethod
@@ -592,11 +593,12 @@ class PostHocCBM(RestoresRNG, pl.LightningModule):
         saved at that batch includes it."""
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if self.residual is None and self.l1_ratio > 0:
-            self.l1_offered += self.lr * self.lam * self.l1_ratio
+            self.l1_steps += 1
+            offered = self.l1_steps.item() * self.lr * self.lam * self.l1_ratio
             with torch.no_grad():
                 w = self.head.weight
                 sign = w.sign()
-                still_due = (self.l1_offered + sign * self.l1_received).to(w.dtype)
+                still_due = offered + sign * self.l1_received
                 shrunk = sign * (w.abs() - still_due).clamp(min=0)
                 self.l1_received += shrunk - w
                 w.copy_(shrunk)
