@@ -2,15 +2,21 @@
 
 import ast
 import json
+import os
 import re
 import subprocess
 import sys
 
 from conftest import ROOT
 
+# One intra-op thread: these tiny models gain nothing from more, and on a machine loaded by other jobs OpenMP's
+# spinning threads slowed a 2-epoch digits fit from 0.3 s to 17-46 s. The timeout only catches a hang.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TIMEOUT = 3600
+
 
 def _run(args, cwd):
-    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT, env=ENV)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout
 

@@ -11,15 +11,21 @@ import torch
 from harness import CASES, assert_same
 
 SCRIPT = Path(__file__).with_name("ddp_run.py")
+# one intra-op thread per rank: two ranks share 2 cores, and spinning OpenMP threads stall on a loaded machine
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+TIMEOUT = 3600  # catches a hang only
+
+
+def _run_case(name, out):
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), name, str(out)], capture_output=True, text=True, timeout=TIMEOUT, env=ENV
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_ddp_ranks_agree(name, tmp_path):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), name, str(tmp_path)], capture_output=True, text=True, timeout=600, env=env
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _run_case(name, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert ranks[0]["world_size"] == 2
     assert_same(ranks[0]["params"], ranks[1]["params"], "params")
@@ -35,10 +41,7 @@ def test_ddp_reweighting_equals_single_process_global_batch(tmp_path):
     first), exactly what one process computes from all the losses."""
     from lit_tricks.functional import reweighting_weights
 
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "sample_reweighting", str(tmp_path)], capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _run_case("sample_reweighting", tmp_path)
     records = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["records"][0] for r in (0, 1)]
     assert len(records[0]) == len(records[1]) == 6
     for step0, step1 in zip(*records, strict=True):
@@ -53,10 +56,7 @@ def test_ddp_continual_evaluation_equals_a_single_process_evaluation(tmp_path):
     measures on the whole subsets with the final weights."""
     from harness import CASES
 
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "continual_replay", str(tmp_path)], capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _run_case("continual_replay", tmp_path)
     result = torch.load(tmp_path / "rank0.pt", weights_only=False)
     state = result["callbacks"][1]
     assert state["steps"][-1] == 6 and state["task"] >= 1  # the last evaluation saw the final weights

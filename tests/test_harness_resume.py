@@ -4,12 +4,23 @@ checkpoint of the uninterrupted run (``every_n_train_steps``), which stands for 
 
 import lightning.pytorch as pl
 import pytest
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from harness import CASES, MID_EPOCH_XFAIL, assert_same
 
 STEPS_PER_EPOCH, MID_EPOCH_STEP = 5, 4  # the mid-epoch checkpoint: 4 of epoch 0's 5 batches served
 _FULL_RUNS: dict[str, dict] = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: as fast for these tiny models, and far faster when other jobs load the cores (spinning
+    OpenMP threads stall there)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _fit(name, root, max_epochs, ckpt_path=None, every_n_train_steps=None):
