@@ -24,7 +24,8 @@ from lit_tricks.functional import cutmix_, mixup_
 
 # name -> (batch shape, number of classes): ImageNet-like and CIFAR-100-like batches
 BATCHES = {"64x3x224x224, 1000 classes": ((64, 3, 224, 224), 1000), "256x3x32x32, 100 classes": ((256, 3, 32, 32), 100)}
-NO_LOGGING = SimpleNamespace(global_step=1, log_every_n_steps=10**9)
+# a stand-in trainer on a step Lightning does not write logs (see lit_tricks.core.trick.logging_due)
+NO_LOGGING = SimpleNamespace(fast_dev_run=False, _logger_connector=SimpleNamespace(should_update_logs=False))
 
 
 def median_ms(fn, repeats: int) -> float:
