@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelAccuracy, MultilabelAUROC, MultilabelF1Score
 
+from lit_tricks.core.checks import check_number
 from lit_tricks.core.eval_mode import eval_mode
 from lit_tricks.core.rng import RestoresRNG
 from lit_tricks.data.indexed import dataset_tensors
@@ -52,8 +53,7 @@ class _ConceptModule(RestoresRNG, pl.LightningModule):
         super().__init__()
         if n_concepts < 1:
             raise ValueError(f"n_concepts must be >= 1, got {n_concepts}.")
-        if concept_loss_weight < 0:
-            raise ValueError(f"concept_loss_weight must be >= 0, got {concept_loss_weight}.")
+        check_number("concept_loss_weight", concept_loss_weight, at_least=0.0)
         for name, values in (("concept_pos_weight", concept_pos_weight), ("concept_weight", concept_weight)):
             if values is not None and (len(values) != n_concepts or min(values) < 0):
                 raise ValueError(f"{name} needs {n_concepts} values >= 0 (one per concept), got {list(values)}.")
@@ -500,10 +500,9 @@ class PostHocCBM(RestoresRNG, pl.LightningModule):
             raise ValueError(f"concept_bank must be [k, d], got shape {tuple(concept_bank.shape)}.")
         if projection not in ("margin", "paper"):
             raise ValueError(f"projection must be 'margin' or 'paper', got {projection!r}.")
-        if lam < 0 or not 0.0 <= l1_ratio <= 1.0:
-            raise ValueError(f"Need lam >= 0 and l1_ratio in [0, 1], got {lam}, {l1_ratio}.")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}.")
+        check_number("lam", lam, at_least=0.0)
+        check_number("l1_ratio", l1_ratio, at_least=0.0, at_most=1.0)
+        check_number("lr", lr, above=0.0)
         k = concept_bank.shape[0]
         self.register_buffer("bank", concept_bank.float())
         self.register_buffer("intercepts", torch.zeros(k) if intercepts is None else intercepts.float().view(k))
@@ -524,8 +523,7 @@ class PostHocCBM(RestoresRNG, pl.LightningModule):
         ``(vectors [k, d], intercepts [k])``."""
         from sklearn.svm import SVC
 
-        if C <= 0:
-            raise ValueError(f"C must be > 0, got {C}.")
+        check_number("C", C, above=0.0)
         vectors, intercepts = [], []
         for pos, neg in zip(positives, negatives, strict=True):
             x = torch.cat([pos, neg]).double().numpy()
@@ -565,8 +563,7 @@ class PostHocCBM(RestoresRNG, pl.LightningModule):
         initialisation and lr 0.01."""
         import copy
 
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}.")
+        check_number("lr", lr, above=0.0)
         model = copy.deepcopy(self)
         model.head.requires_grad_(False)
         model.residual = nn.Linear(self.bank.shape[1], self.head.out_features)
@@ -642,8 +639,8 @@ class SparseCBM(RestoresRNG, pl.LightningModule):
         super().__init__()
         if concept_loss not in ("gumbel", "l1"):
             raise ValueError(f"concept_loss must be 'gumbel' or 'l1', got {concept_loss!r}.")
-        if tau <= 0 or l1_lambda < 0:
-            raise ValueError(f"Need tau > 0 and l1_lambda >= 0, got {tau}, {l1_lambda}.")
+        check_number("tau", tau, above=0.0)
+        check_number("l1_lambda", l1_lambda, at_least=0.0)
         self.save_hyperparameters()
         self.cbl = nn.Linear(n_concepts, n_concepts, bias=False)
         self.head = nn.Linear(n_concepts, n_classes, bias=False)
