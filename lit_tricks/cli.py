@@ -354,9 +354,9 @@ def resolve_checkpoint(config: Any, command: str) -> None:
 def _best_of(checkpoint: Path) -> Path:
     """The best checkpoint that ``checkpoint``'s ModelCheckpoint state records (Lightning itself only knows the
     best checkpoint of a fit in the same process, hence its misleading "not configured" error)."""
-    import torch
+    from lit_tricks.core.checkpoint import load_checkpoint
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True).get("callbacks", {})
+    state = load_checkpoint(checkpoint).get("callbacks", {})
     best = [v.get("best_model_path") for k, v in state.items() if k.startswith("ModelCheckpoint")]
     best = [Path(path) for path in best if path and Path(path).is_file()]
     if not best:

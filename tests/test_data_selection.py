@@ -308,3 +308,10 @@ def test_data_diet_scoring_epoch_out_of_reach(quiet_trainer_kwargs):
     with pytest.warns(UserWarning, match=r"saved no scores: training stopped before the end of epoch 2"):
         trainer.fit(model, DigitsDataModule())
     assert scorer.scores is None
+
+
+def test_a_damaged_score_file_is_named(tmp_path):
+    damaged = tmp_path / "el2n.pt"
+    damaged.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=r"el2n.pt' is damaged"):
+        load_scores(damaged)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from lit_tricks.core.checkpoint import load_checkpoint
 from lit_tricks.functional.losses import soft_target_cross_entropy, to_probabilities
 
 
@@ -67,7 +68,7 @@ def load_scores(paths: str | Path | list[str | Path]) -> Tensor:
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
         raise ValueError("load_scores needs at least one file.")
-    runs = [torch.load(path, weights_only=True)["scores"] for path in paths]
+    runs = [load_checkpoint(path)["scores"] for path in paths]
     if len({run.shape for run in runs}) > 1:
         raise ValueError(f"The score files hold different numbers of samples: {[run.numel() for run in runs]}.")
     return torch.stack(runs).float().mean(dim=0)
