@@ -44,6 +44,7 @@ SETS = {
     ),
 }  # fmt: skip
 CM_STEPS, EDM_STEPS = (1, 2), (1, 2, 10, 50)
+QUICK_STEPS, QUICK_SAMPLES = 10, 100  # --quick: training steps; evaluated and timed samples
 ABLATION = {
     "iCT (s1=160)": {},
     "+ Cauchy loss, adaptive c": dict(loss="cauchy", adaptive_c=True),
@@ -87,14 +88,14 @@ def timed_samples(model, n: int, steps: int, seed: int) -> tuple[torch.Tensor, f
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     seeds = range(1 if args.quick else args.seeds)
-    n_eval = 200 if args.quick else 2000
+    n_eval = QUICK_SAMPLES if args.quick else 2000
     runs, floors = [], {}
     for name, spec in SETS.items():
         data = spec["data"]()
         data.setup()
         real = data.test_set.inputs[:n_eval]
         digits = spec["shape"] != [2]
-        steps, n_timed = (30, 200) if args.quick else (spec["steps"], spec["timed"])
+        steps, n_timed = (QUICK_STEPS, QUICK_SAMPLES) if args.quick else (spec["steps"], spec["timed"])
         other = data.train_set.inputs[: len(real)] if digits else data.val_set.inputs[:n_eval]
         floors[name] = quality(real, other, digits)
         for seed in seeds:
@@ -118,7 +119,7 @@ def main() -> None:
     data = SETS["moons"]["data"]()
     data.setup()
     real = data.test_set.inputs[:n_eval]
-    steps = 30 if args.quick else SETS["moons"]["steps"]
+    steps = QUICK_STEPS if args.quick else SETS["moons"]["steps"]
     for variant, options in ABLATION.items():
         for seed in seeds:
             pl.seed_everything(seed, verbose=False)
