@@ -92,7 +92,7 @@ def test_tta_recipes_train_a_source_then_adapt_on_the_stream(tmp_path, monkeypat
     short_test = ["--trainer.limit_test_batches=12", "--trainer.enable_progress_bar=false"]
     LitTricksCLI(args=["fit", *_configs(TTA / "digits_c.yaml", TTA / "source.yaml"), *SHORT_RUN])
     assert (tmp_path / "checkpoints/tta/source.ckpt").exists()
-    for method in ("bn_adapt", "tent", "rmt"):
+    for method in ("bn_adapt", "tent", "rmt", "source_only"):
         cli = LitTricksCLI(args=["test", *_configs(TTA / "digits_c.yaml", TTA / f"{method}.yaml"), *short_test])
         metrics = cli.trainer.callback_metrics
         assert 0 <= metrics["test/acc"] <= 1 and "test/error/gaussian_noise_5" in metrics, method
