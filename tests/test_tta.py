@@ -569,3 +569,14 @@ def test_source_only_logs_the_methods_per_domain_errors(quiet_trainer_kwargs, tm
               "--trainer.limit_test_batches=3", "--trainer.enable_progress_bar=false"],
     )  # fmt: skip
     assert "test/error/gaussian_noise_5" in cli.trainer.callback_metrics
+
+
+def test_a_damaged_source_checkpoint_is_named(tmp_path):
+    from lit_tricks.modules.tta import load_source_weights
+
+    damaged = tmp_path / "source.ckpt"
+    damaged.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"source.ckpt' is damaged"):
+        load_source_weights(torch.nn.Linear(2, 2), str(damaged))
+    with pytest.raises(FileNotFoundError, match="No checkpoint file"):
+        load_source_weights(torch.nn.Linear(2, 2), str(tmp_path / "missing.ckpt"))

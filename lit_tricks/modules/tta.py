@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lit_tricks.core.checkpoint import load_checkpoint
 from lit_tricks.functional.ema import ema_update_
 from lit_tricks.functional.tta import (
     default_augment,
@@ -41,7 +42,7 @@ def load_source_weights(model: nn.Module, path: str) -> nn.Module:
     """Load ``model``'s weights from ``path``: a Lightning checkpoint of a module that holds ``model`` as a
     submodule (e.g. a :class:`~lit_tricks.Classifier`, whose keys start with ``backbone.``) or a plain state dict.
     Returns ``model``."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_checkpoint(path)
     state = state.get("state_dict", state)
     keys = list(model.state_dict())
     prefixes = {key[: len(key) - len(keys[0])] for key in state if key.endswith(keys[0])}
