@@ -54,7 +54,8 @@ class ContinualDataModule(pl.LightningDataModule):
     classes, see :meth:`task_classes`), and ``"domain"``-incremental (the same split with labels taken within
     the group, ``y mod C/T``, so every task shares one output space). Boundaries are sharp, or fuzzy with
     ``blur``. Every batch carries ``task`` (``[N]``, per sample); :meth:`task_eval_sets` gives each task's
-    evaluation set for :class:`~lit_tricks.ContinualEvaluation`.
+    evaluation set for :class:`~lit_tricks.ContinualEvaluation`. Under DDP rank r of W trains on stream positions
+    r, r + W, r + 2W, ..., so the task order holds; mid-epoch checkpoints resume exactly.
 
     Args:
         dataset: the labelled data module to split (e.g. ``DigitsDataModule(val_fraction=0)``).
