@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lit_tricks.core.checkpoint import load_checkpoint
+from lit_tricks.core.checks import check_number
 from lit_tricks.functional.ema import ema_update_
 from lit_tricks.functional.tta import (
     default_augment,
@@ -108,10 +109,9 @@ class TTAModule(pl.LightningModule):
             )
         if source_checkpoint is not None:
             load_source_weights(model, source_checkpoint)
-        if steps < (1 if self.needs_grad else 0) or lr <= 0 or reset_every < 0:
-            raise ValueError(
-                f"Need steps >= 1, lr > 0 and reset_every >= 0, got steps={steps}, lr={lr}, reset_every={reset_every}."
-            )
+        check_number("steps", steps, at_least=1 if self.needs_grad else 0, integer=True)
+        check_number("lr", lr, above=0.0)
+        check_number("reset_every", reset_every, at_least=0, integer=True, hint="0: never reset.")
         self.model, self.lr, self.steps, self.episodic, self.reset_every = model, lr, steps, episodic, reset_every
         self.domain_names = list(domain_names) if domain_names is not None else None
         self.build_models()
@@ -368,8 +368,8 @@ class AdaNPC(TTAModule):
     ) -> None:  # fmt: skip
         if features is None and not hasattr(model, "forward_features"):
             raise ValueError("AdaNPC needs features=... (inputs -> penultimate features) or a model.forward_features.")
-        if k < 1 or temperature <= 0:
-            raise ValueError(f"Need k >= 1 and temperature > 0, got {k}, {temperature}.")
+        check_number("k", k, at_least=1, integer=True)
+        check_number("temperature", temperature, above=0.0)
         if source_features.ndim != 2 or len(source_features) != len(source_labels) or not len(source_labels):
             raise ValueError(
                 "source_features must be [N, D] with one label each in source_labels [N], got "
@@ -449,8 +449,7 @@ class RMT(TTAModule):
         lambda_cont: float = 1.0, temperature: float = 0.1, augment=None, steps: int = 1, episodic: bool = False,
         reset_every: int = 0, domain_names: Sequence[str] | None = None, source_checkpoint: str | None = None,
     ) -> None:  # fmt: skip
-        if not 0.0 < momentum < 1.0:
-            raise ValueError(f"momentum must be in (0, 1), got {momentum}.")
+        check_number("momentum", momentum, above=0.0, below=1.0)
         if prototypes is not None:
             if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
                 raise ValueError("RMT's contrastive term needs model.forward_features and model.forward_head.")
@@ -610,11 +609,9 @@ class EcoTTA(TTAModule):
     ) -> None:  # fmt: skip
         if isinstance(parts, str) or not parts:
             raise ValueError("parts must list the encoder parts' module names, e.g. ['body.0', 'body.1', ...].")
-        if lambda_reg < 0 or not 0 < entropy_margin <= 1 or warmup_lr <= 0:
-            raise ValueError(
-                f"Need lambda_reg >= 0, 0 < entropy_margin <= 1 and warmup_lr > 0, got {lambda_reg}, "
-                f"{entropy_margin}, {warmup_lr}."
-            )
+        check_number("lambda_reg", lambda_reg, at_least=0.0)
+        check_number("entropy_margin", entropy_margin, above=0.0, at_most=1.0, hint="A fraction of ln C.")
+        check_number("warmup_lr", warmup_lr, above=0.0)
         self.part_names, self.input_shape = list(parts), list(input_shape)
         super().__init__(model, lr, steps, episodic, reset_every, domain_names, source_checkpoint)
         self.lambda_reg, self.entropy_margin, self.warmup_lr = lambda_reg, entropy_margin, warmup_lr
