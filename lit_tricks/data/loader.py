@@ -21,27 +21,28 @@ class ResumableDataLoader(DataLoader):
     for in-memory data), which works unchanged with any sampler, distributed wrapper and number of workers.
 
     Iteration starts at the first ``next()``, after Lightning has called the sampler's ``set_epoch``: so on resume
-    the workers, if any, also draw the resumed epoch's order. The sampler must have an ``epoch`` attribute.
+    the workers, if any, also draw the resumed epoch's order. With a sampler that has no ``epoch`` (e.g. the
+    sequential one ``Trainer(overfit_batches=...)`` installs) nothing is skipped, as with a plain ``DataLoader``.
     """
 
-    _resume: dict[str, int] | None = None
-    _epoch = 0
+    _resume: dict[str, int | None] | None = None
+    _epoch: int | None = None
     _served = 0
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, int | None]:
         """``{"epoch", "batches"}``: the current (or last) epoch and how many of its batches were served."""
         if self._resume is not None:  # loaded, not yet iterated
             return dict(self._resume)
         return {"epoch": self._epoch, "batches": self._served}
 
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+    def load_state_dict(self, state_dict: dict[str, int | None]) -> None:
         """Skip ``state_dict["batches"]`` batches when the next iteration is of epoch ``state_dict["epoch"]``."""
         if not isinstance(state_dict, dict) or set(state_dict) != {"epoch", "batches"}:
             raise ValueError(
                 f"state_dict must be a ResumableDataLoader state {{'epoch', 'batches'}}, got {state_dict!r}: resume "
                 "with the data module (and loaders) the checkpoint was saved with."
             )
-        self._resume = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"])}
+        self._resume = dict(state_dict)
 
     def __iter__(self) -> Iterator[Any]:
         return self._serve()
@@ -49,13 +50,8 @@ class ResumableDataLoader(DataLoader):
     def _serve(self) -> Iterator[Any]:
         # a generator: this runs at the first next(), once the sampler knows its epoch
         epoch = getattr(self.sampler, "epoch", None)
-        if not isinstance(epoch, int):
-            raise TypeError(
-                f"ResumableDataLoader needs a sampler with an integer `epoch` (set by set_epoch), got "
-                f"{type(self.sampler).__name__}: use EpochRandomSampler, RS2Sampler or a DistributedSampler."
-            )
         resume, self._resume = self._resume, None
-        skip = resume["batches"] if resume is not None and resume["epoch"] == epoch else 0
+        skip = resume["batches"] if resume is not None and epoch is not None and resume["epoch"] == epoch else 0
         self._epoch, self._served = epoch, skip
         for batch in islice(super().__iter__(), skip, None):
             self._served += 1
