@@ -96,6 +96,11 @@ def run(dataset: str, seeds, corruptions, quick: bool) -> list[dict]:
     for seed in seeds:
         pl.seed_everything(seed, verbose=False)
         data = make_data(seed)
+        if quick:  # small test streams: the quick run only checks that the script works
+            if isinstance(data, MNIST1DDataModule):
+                data.num_samples = 600
+            else:
+                data.test_fraction = 0.05
         classifier = Classifier(make_net(), num_classes=10)
         pl.Trainer(max_epochs=2 if quick else epochs, **QUIET).fit(classifier, data)
         source = classifier.backbone.eval()

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -7,6 +8,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# One torch thread per process (subprocesses inherit it through the environment): the test models are tiny, and
+# on a busy 2-core machine a second thread spins waiting (a 2-epoch digits fit: 0.3-0.9 s on one thread, 17-46 s
+# on two at load 6).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parent.parent
 

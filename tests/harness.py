@@ -46,13 +46,6 @@ from lit_tricks.nets import CNN2D, MLP, TimeMLP
 Build = Callable[[], tuple[pl.LightningModule, pl.LightningDataModule, list[Callback]]]
 CASES: dict[str, Build] = {}
 
-#: Cases whose mid-epoch resume is known to diverge, with the reason (the resume test expects them to fail, and
-#: fails once they are fixed, so this list shrinks).
-MID_EPOCH_XFAIL: dict[str, str] = {
-    "consistency_moons": "GenerativeModule.inputs' one-off shape probe runs the net in training mode on the first "
-    "batch after a resume, drawing dropout masks from the restored global RNG (fix: probe under isolate_rng)",
-}
-
 
 def case(name: str) -> Callable[[Build], Build]:
     def register(build: Build) -> Build:

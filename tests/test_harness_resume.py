@@ -14,7 +14,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from harness import CASES, MID_EPOCH_XFAIL, assert_same
+from harness import CASES, assert_same
 
 STEPS_PER_EPOCH, MID_EPOCH_STEP = 5, 4  # the mid-epoch checkpoint: 4 of epoch 0's 5 batches served
 _FULL_RUNS: dict[str, dict] = {}
@@ -80,15 +80,7 @@ def test_resume_is_bit_exact(name, tmp_path, tmp_path_factory):
     _assert_same_run(full, _fit(name, tmp_path / "resumed", 2, ckpt_path=tmp_path / "half" / "last.ckpt"))
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(reason=MID_EPOCH_XFAIL[name], strict=True))
-        if name in MID_EPOCH_XFAIL
-        else name
-        for name in sorted(CASES)
-    ],
-)
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_mid_epoch_resume_is_bit_exact(name, tmp_path, tmp_path_factory):
     full = _full_run(name, tmp_path_factory)
     checkpoint = full["root"] / "steps" / f"step={MID_EPOCH_STEP}.ckpt"

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 
 from lit_tricks.callbacks.ema_teacher import EMATeacher
@@ -126,7 +127,7 @@ class GenerativeModule(RestoresRNG, pl.LightningModule):
                     f"{type(self).__name__} was built with data_shape={list(self.data_shape)} but the batches hold "
                     f"samples of shape {list(x.shape[1:])}: make them agree."
                 )
-            with torch.no_grad():
+            with torch.no_grad(), isolate_rng(include_cuda=True):  # a probe: it must not draw training's dropout
                 out = self.net(x[:2], torch.zeros(min(2, len(x)), dtype=x.dtype, device=x.device))
             if out.shape != x[:2].shape:
                 raise ValueError(
