@@ -48,7 +48,7 @@ class SelectiveBackprop(Trick):
         >>> from lit_tricks.nets import MLP
         >>> trick = SelectiveBackprop(keep=0.5, start=0.0, end=1.0, interrupt=0)
         >>> trainer = L.Trainer(max_epochs=1, callbacks=[trick], logger=False, enable_checkpointing=False,
-        ...                     enable_progress_bar=False, enable_model_summary=False)
+        ...                     enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=5)
         >>> trainer.fit(Classifier(MLP(64, 10), num_classes=10), DigitsDataModule(batch_size=64))
         >>> float(trainer.callback_metrics["tricks/SelectiveBackprop/kept_fraction"])
         0.5
