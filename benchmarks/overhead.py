@@ -8,9 +8,9 @@ Every loop trains the same network (``MLP(64, 10, hidden)``) with Adam on the sa
 64 features, 10 classes, batch 64) from the same ``DataLoader`` of dict batches, on one torch thread. The time
 of a step is the time between the starts of two consecutive batches (data loading, forward, loss, backward,
 optimizer step, every hook and log); the table gives the median over all steps of a fit, then the median over
-``--repeats`` fits run interleaved (loop A, B, C, ..., A, B, C, ...), so a slow moment of the machine touches
-every loop alike. Each trick's own cost is the time spent in its per-step hooks (``before_forward``,
-``after_loss``, ``on_train_batch_start``/``end``, ``on_before_optimizer_step``, ...) inside the stacked fit.
+``--repeats`` fits run interleaved (loop A, B, C, ..., B, C, ..., A, ...: each loop leads in turn), so a slow
+moment of the machine touches every loop alike. Each trick's own cost is the time spent in its per-step hooks
+(``before_forward``, ``after_loss``, ``on_train_batch_start``/``end``, ...) inside the stacked fit.
 """
 
 from __future__ import annotations
@@ -173,10 +173,11 @@ def main() -> None:
         epochs = 1 if args.quick else epochs
         step_ms: dict[str, list[float]] = {name: [] for name in loops}
         hook_ms: dict[str, list[float]] = {}
+        names = list(loops)
         for repeat in range(repeats):
-            for name, run in loops.items():
+            for name in names[repeat % len(names) :] + names[: repeat % len(names)]:  # each loop leads in turn
                 pl.seed_everything(repeat, verbose=False)
-                times, hooks = run(hidden, epochs)
+                times, hooks = loops[name](hidden, epochs)
                 step_ms[name].append(statistics.median(times) * 1e3)
                 for trick, seconds in hooks.items():
                     hook_ms.setdefault(trick, []).append(seconds * 1e3)

@@ -80,6 +80,17 @@ def test_one_nan_sample_poisons_no_memory(quiet_trainer_kwargs):
     assert metrics["tricks/EMATeacher/nonfinite"] == 3
 
 
+def test_unguarded_ema_takes_the_bare_update(quiet_trainer_kwargs):
+    """skip_nonfinite=False is the bare fused update: fast, and NaN weights reach the average."""
+    inputs, targets = torch.randn(32, 64), torch.arange(32) % 10
+    inputs[3] = NAN
+    ema = EMATeacher(decay=0.9, skip_nonfinite=False)
+    trainer = _trainer([ema], quiet_trainer_kwargs, max_steps=2)
+    trainer.fit(Classifier(MLP(64, 10, hidden=(16,)), num_classes=10), _loader(inputs, targets))
+    assert not all(torch.isfinite(value).all() for value in ema.state_dict()["ema"].values())
+    assert int(ema.nonfinite) == 0
+
+
 # ---------------------------------------------------------------- PS-KD keeps probability targets
 class TargetSpy(Trick):
     order = 5

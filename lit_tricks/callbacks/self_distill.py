@@ -6,7 +6,6 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 
 from lit_tricks.callbacks.ema_teacher import EMATeacher
 from lit_tricks.callbacks.mixup import Mixup
@@ -15,6 +14,7 @@ from lit_tricks.core.checks import check_number
 from lit_tricks.core.sample_table import SampleTable, TableDevice, check_table_options
 from lit_tricks.core.trick import Trick, logging_due
 from lit_tricks.functional.distillation import distillation_kl, pskd_alpha, pskd_targets, sigmoid_rampup
+from lit_tricks.functional.mixing import one_hot
 
 
 class SelfDistill(Trick):
@@ -136,7 +136,7 @@ class SelfDistill(Trick):
         epoch = trainer.current_epoch
         self._alpha = 0.0 if epoch == 0 else pskd_alpha(epoch, self.total_epochs or trainer.max_epochs, self.alpha_T)
         targets = batch.targets  # class ids, or probabilities that PS-KD blends as they are
-        given = (targets if targets.ndim == 2 else F.one_hot(targets, module.num_classes)).float()
+        given = targets.float() if targets.ndim == 2 else one_hot(targets, module.num_classes)
         past, seen = self.table.read(batch.index)
         batch.targets = pskd_targets(given, torch.where(seen[:, None], past, given), self._alpha)
         return batch

@@ -184,10 +184,10 @@ class TrickModule(RestoresRNG, pl.LightningModule):
     def _count_nonfinite(self, loss: Tensor, step: int) -> bool:
         """Count a non-finite loss; return whether to train on this step (``False`` only for ``skip_step``)."""
         bad = ~torch.isfinite(loss.detach())
-        if self.on_nonfinite != "warn":
-            if self._trainer.world_size > 1:
+        if self.on_nonfinite != "warn" or bad.device.type == "cpu":  # on the CPU reading it is free
+            if self._trainer.world_size > 1 and self.on_nonfinite != "warn":
                 bad = self.all_gather(bad).any()  # every rank skips or raises together
-            if not bad:  # the host synchronisation these modes pay
+            if not bad:  # the host synchronisation "raise" and "skip_step" pay on an accelerator
                 return True
             if self.on_nonfinite == "raise":
                 raise FloatingPointError(

@@ -62,6 +62,8 @@ class SampleTable:
         self.seen: Tensor | None = None
         self.nonfinite: Tensor | None = None  # rows refused because they were not finite
         self._owner = "SampleTable"
+        self._checked_index: Tensor | None = None  # the last index tensor checked, and its copy on the table's device
+        self._checked_table_index: Tensor | None = None
 
     def allocate(self, trainer: pl.Trainer, module: pl.LightningModule, owner: str) -> None:
         """One row of ``module.num_classes`` per dataset index: zero rows, or the restored ones after checking their
@@ -121,7 +123,10 @@ class SampleTable:
         self.seen[index] = self.seen[index] | finite
 
     def _table_index(self, index: Tensor) -> Tensor:
-        """``index`` on the table's device, after a range check (on CUDA an asynchronous assertion)."""
+        """``index`` on the table's device, after a range check (on CUDA an asynchronous assertion); a step's
+        write reuses the check of its read of the same index tensor."""
+        if index is self._checked_index:
+            return self._checked_table_index
         n = len(self.values)
         message = (
             f"{self._owner}: a batch holds a dataset index outside [0, {n}), the rows of its per-sample table: "
@@ -133,7 +138,8 @@ class SampleTable:
                 raise ValueError(f"{message} Got indices in [{int(index.min())}, {int(index.max())}].")
         else:
             torch._assert_async(((index >= 0) & (index < n)).all(), message)
-        return index.to(self.values.device)
+        self._checked_index, self._checked_table_index = index, index.to(self.values.device)
+        return self._checked_table_index
 
     def state_dict(self) -> dict[str, Any]:
         if self.values is None:
