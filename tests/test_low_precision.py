@@ -83,3 +83,30 @@ def test_trick_stack_trains_under_16_mixed_which_is_bfloat16_autocast_on_cpu(qui
     pl.seed_everything(0, verbose=False)
     tricks = [EMATeacher(), Mixup(), SelfDistill(total_epochs=2), ELR(), SampleReweighting()]
     _fit("16-mixed", *_classifier(), tricks, quiet_trainer_kwargs)
+
+
+@pytest.mark.parametrize("method", ["source_only", "bn_adapt", "tent", "rmt", "adanpc", "ecotta"])
+def test_each_tta_method_adapts_in_bfloat16(method, quiet_trainer_kwargs):
+    from lit_tricks import RMT, AdaNPC, BNAdapt, EcoTTA, Tent
+    from lit_tricks.data import CorruptionStreamDataModule
+    from lit_tricks.modules.tta import SourceOnly
+    from lit_tricks.nets import CNN2D
+
+    pl.seed_everything(0, verbose=False)
+    net = CNN2D(num_classes=10, width=8)
+    features = torch.randn(40, net.num_features)
+    build = {
+        "source_only": lambda: SourceOnly(net),
+        "bn_adapt": lambda: BNAdapt(net),
+        "tent": lambda: Tent(net),
+        "rmt": lambda: RMT(net),
+        "adanpc": lambda: AdaNPC(net, features, torch.arange(40) % 10),
+        "ecotta": lambda: EcoTTA(net, ["body.0"], input_shape=[1, 8, 8]),
+    }
+    stream = CorruptionStreamDataModule(DigitsDataModule(as_image=True), ["contrast"], severity=3, batch_size=50)
+    trainer = pl.Trainer(precision="bf16-true", inference_mode=False, limit_test_batches=2, **quiet_trainer_kwargs)
+    module = build[method]()
+    result = trainer.test(module, datamodule=stream, verbose=False)[0]
+    assert 0.0 <= result["test/acc"] <= 1.0 and module.nonfinite_batches == 0
+    assert next(module.parameters()).dtype == torch.bfloat16
+    assert all(torch.isfinite(p).all() for p in module.parameters())
