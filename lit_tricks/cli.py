@@ -261,7 +261,7 @@ def refusal(error: BaseException) -> str:
     return f"{where}{type(error).__name__}: {error}"
 
 
-def _fail(message: str) -> None:
+def fail(message: str) -> None:
     sys.stderr.write(f"error: {message}\n")
     raise SystemExit(2)
 
@@ -273,23 +273,26 @@ def main(args: Sequence[str] | None = None) -> None:
     if argv in ([], ["-h"], ["--help"]):
         print(help_text())
         if not argv:
-            _fail(f"choose a command: {', '.join(COMMANDS)}.")
+            fail(f"choose a command: {', '.join(COMMANDS)}.")
         return
     problem = preflight(argv)
     if problem:
-        _fail(problem)
+        fail(problem)
     try:
         __getattr__("LitTricksCLI")(args=None if args is None else argv)
     except ConfigError as error:
-        _fail(str(error))
+        fail(str(error))
 
 
 def __getattr__(name: str) -> Any:
-    """``LitTricksCLI`` is defined on first use: it subclasses LightningCLI, whose import takes seconds."""
+    """``LitTricksCLI`` is imported on first use (:mod:`lit_tricks.lightning_cli`): it needs Lightning, whose
+    import takes seconds."""
     if name != "LitTricksCLI":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    cli = globals()[name] = _define_cli()
-    return cli
+    from lit_tricks.lightning_cli import LitTricksCLI
+
+    globals()[name] = LitTricksCLI
+    return LitTricksCLI
 
 
 # ---------------------------------------------------------------------------- the parsed config
@@ -423,74 +426,3 @@ def fit_summary(trainer: Any, files: Sequence[Any]) -> str:
         configs = " ".join(f"--config {file}" for file in files)
         lines.append(f"  test it: {PROG} test {configs} --ckpt_path best  (or last)")
     return "\n".join(lines)
-
-
-def _define_cli() -> type:
-    """The Lightning side of the CLI, defined on first use (importing Lightning takes seconds)."""
-    import lightning.pytorch as pl
-    from jsonargparse import DefaultHelpFormatter
-    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
-    class RawEpilogFormatter(DefaultHelpFormatter):
-        """Keep the line breaks of the description and the epilog."""
-
-        def _fill_text(self, text: str, width: int, indent: str) -> str:
-            return "".join(indent + line for line in text.splitlines(keepends=True))
-
-    class Parser(LightningArgumentParser):
-        """Errors print their cause, short (:func:`condense_error`), not the usage."""
-
-        def error(self, message: str, ex: Exception | None = None) -> None:
-            if not self.exit_on_error:
-                super().error(message, ex)
-            parser = getattr(ex, "subcommand_parser", None) or self
-            unknown = re.match(r"unrecognized arguments: (--[\w.]+)", message, re.IGNORECASE)
-            hint = suggest(unknown.group(1), list(parser._option_string_actions)) if unknown else ""
-            if re.search(r"arguments are required: .*\bmodel\b", message):
-                hint = "; a recipe gives them, e.g. --config configs/quickstart.yaml"
-            prog = parser.prog.replace(" [options]", "")
-            _fail(f"{condense_error(message)}{hint}\n(`{prog} --help` lists the options.)")
-
-    class LitTricksCLI(LightningCLI):
-        """LightningCLI for any LightningModule and LightningDataModule given by ``class_path``, with named runs,
-        checkpoint checks, short errors and an end-of-fit summary (see the module's docstring).
-
-        ``--help`` ends with the catalogue of lit_tricks' tricks, modules, data modules and nets.
-        """
-
-        def __init__(self, args: Sequence[str] | None = None, **kwargs: Any) -> None:
-            kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-            kwargs.setdefault("parser_kwargs", {})
-            kwargs["parser_kwargs"].setdefault("prog", PROG)
-            kwargs["parser_kwargs"].setdefault("epilog", catalogue())
-            kwargs["parser_kwargs"].setdefault("formatter_class", RawEpilogFormatter)
-            kwargs.setdefault("parser_class", Parser)
-            super().__init__(
-                model_class=pl.LightningModule,
-                datamodule_class=pl.LightningDataModule,
-                subclass_mode_model=True,
-                subclass_mode_data=True,
-                args=args,
-                **kwargs,
-            )
-
-        def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-            super().parse_arguments(parser, args)
-            command = self.config.get("subcommand")
-            config = self.config[command] if command else self.config
-            run_name(config)
-            check_source_checkpoint(config)
-            if command in ("validate", "test", "predict"):
-                resolve_checkpoint(config, command)
-
-        def instantiate_classes(self) -> None:
-            try:
-                super().instantiate_classes()
-            except (ValueError, TypeError) as error:
-                raise ConfigError(refusal(error)) from error
-
-        def after_fit(self) -> None:
-            if self.trainer.is_global_zero:
-                print(fit_summary(self.trainer, self.config[self.subcommand].get("config") or []))
-
-    return LitTricksCLI
