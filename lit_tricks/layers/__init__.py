@@ -1,0 +1,6 @@
+"""Model transforms that work on any ``nn.Module``, each also switched on from YAML by a callback."""
+
+from lit_tricks.layers.ghost_batch_norm import GhostBatchNorm, ghost_batch_norm
+from lit_tricks.layers.multi_sample_dropout import MultiSampleDropout, multi_sample_dropout, multi_sample_loss
+
+__all__ = ["GhostBatchNorm", "MultiSampleDropout", "ghost_batch_norm", "multi_sample_dropout", "multi_sample_loss"]
