@@ -122,6 +122,22 @@ def test_equals_plain_batch_norm_run_on_each_chunk_in_turn(shape, virtual, momen
     assert int(ghost.num_batches_tracked) == int(plain.num_batches_tracked) == 3 + math.ceil(shape[0] / virtual)
 
 
+def test_a_network_step_equals_the_authors_chunk_loop():
+    """eladhoffer/bigBatch main_gbn.py: forward and backward each chunk, then divide the gradients by the number
+    of chunks. One step of the ghost network on the whole batch gives the same gradients and buffers."""
+    torch.manual_seed(0)
+    reference = CNN2D(width=4)
+    ghost = ghost_batch_norm(copy.deepcopy(reference), 8)
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    for chunk_x, chunk_y in zip(x.chunk(4), y.chunk(4), strict=True):
+        F.cross_entropy(reference(chunk_x), chunk_y).backward()
+    F.cross_entropy(ghost(x), y).backward()
+    for a, b in zip(reference.parameters(), ghost.parameters(), strict=True):
+        torch.testing.assert_close(a.grad / 4, b.grad, rtol=1e-4, atol=1e-6)
+    for (name, a), b in zip(reference.state_dict().items(), ghost.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_eval_mode_uses_the_running_statistics_unchanged():
     torch.manual_seed(0)
     plain = _random_bn(nn.BatchNorm2d, 3).eval()
@@ -189,6 +205,20 @@ def test_multi_sample_dropout_draws_k_masks_through_the_shared_head():
     torch.testing.assert_close(out, z.mean(dim=0))
     layer.eval()
     assert torch.equal(layer(h), h) and layer.sample_logits is None  # eval: one pass, no dropout
+
+
+def test_multi_sample_dropout_equals_k_dropout_head_calls_in_a_loop():
+    """The K samples in one batched call draw the same masks as K calls of dropout then head (what the
+    re-implementations rahowa/multisample_dropout_pytorch and drzqb/Multi-Sample-Dropout loop over)."""
+    head = nn.Linear(32, 10)
+    h = torch.randn(16, 32)
+    torch.manual_seed(1)
+    layer = MultiSampleDropout(head, p=0.5, samples=8)
+    out = layer(h)
+    torch.manual_seed(1)
+    loop = torch.stack([head(F.dropout(h, 0.5, training=True)) for _ in range(8)])
+    torch.testing.assert_close(layer.sample_logits, loop, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, loop.mean(dim=0), rtol=1e-6, atol=1e-6)
 
 
 def test_multi_sample_loss_by_hand():
