@@ -173,25 +173,27 @@ def adabelief_update(
             torch._foreach_mul_(params, 1.0 - (weight_decay if group["fixed_decay"] else lr * weight_decay))
         else:
             grads = torch._foreach_add(grads, params, alpha=weight_decay)
-    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-    residual = torch._foreach_sub(grads, exp_avgs)  # g_t - m_t
-    torch._foreach_mul_(residual, residual)
-    torch._foreach_lerp_(exp_avg_vars, residual, 1.0 - beta2)
+    # g - m_t = beta1 (g - m_{t-1}): one new tensor d serves both moments and then holds the denominator
+    d = torch._foreach_sub(grads, exp_avgs)
+    torch._foreach_add_(exp_avgs, d, alpha=1.0 - beta1)
+    torch._foreach_mul_(exp_avg_vars, beta2)
+    torch._foreach_addcmul_(exp_avg_vars, d, d, value=(1.0 - beta2) * beta1 * beta1)
     torch._foreach_add_(exp_avg_vars, eps)
     second = exp_avg_vars
     if max_exp_avg_vars is not None:
         torch._foreach_maximum_(max_exp_avg_vars, exp_avg_vars)
         second = max_exp_avg_vars
+    if group["rectify"]:
+        rho, step_size = rectification(step, beta1, beta2, group["degenerated_to_sgd"])
+        if rho < 5:
+            if step_size > 0:
+                torch._foreach_add_(params, exp_avgs, alpha=-lr * step_size)
+            return
+    denom = d
+    torch._foreach_copy_(denom, second)
+    torch._foreach_sqrt_(denom)
     if not group["rectify"]:
-        denom = torch._foreach_sqrt(second)
+        step_size = 1.0 / (1 - beta1**step)
         torch._foreach_div_(denom, math.sqrt(1 - beta2**step))
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr / (1 - beta1**step))
-        return
-    rho, step_size = rectification(step, beta1, beta2, group["degenerated_to_sgd"])
-    if rho >= 5:
-        denom = torch._foreach_sqrt(second)
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr * step_size)
-    elif step_size > 0:
-        torch._foreach_add_(params, exp_avgs, alpha=-lr * step_size)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr * step_size)
