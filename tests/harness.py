@@ -225,3 +225,17 @@ def assert_same(a, b, path: str = "") -> None:
         assert isinstance(b, float) and math.isnan(b), f"{path}: nan != {b!r}"
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+@case("lion_optimizer")
+def _lion():
+    # Lion's momentum (its only state) must survive the resume; two param groups with their own hyperparameters
+    from lit_tricks.optim import Lion
+
+    def lion(params):
+        params = list(params)
+        groups = [{"params": params[:-1]}, {"params": params[-1:], "lr": 1e-3, "betas": (0.8, 0.9), "weight_decay": 0}]
+        return Lion(groups, lr=3e-3, weight_decay=0.1)
+
+    model = Classifier(MLP(64, 10, hidden=(32,), dropout=0.2), num_classes=10, optimizer=lion)
+    return model, DigitsDataModule(batch_size=32), []
