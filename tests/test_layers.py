@@ -73,7 +73,7 @@ def test_a_batch_of_one_chunk_is_plain_batch_norm_exactly(kind, shape, momentum)
 
 
 def test_chunk_statistics_by_hand():
-    ghost = GhostBatchNorm(1, virtual_batch_size=2, eps=0.0, momentum=0.5)
+    ghost = GhostBatchNorm(1, virtual_batch_size=2, eps=1e-12, momentum=0.5)
     out = ghost(torch.tensor([[1.0], [3.0], [10.0], [14.0]]))
     # chunks {1, 3}: mean 2, var 1 (unbiased 2); {10, 14}: mean 12, var 4 (unbiased 8)
     assert torch.equal(out.flatten(), torch.tensor([-1.0, 1.0, -1.0, 1.0]))
@@ -84,7 +84,7 @@ def test_chunk_statistics_by_hand():
 
 
 def test_a_short_last_chunk_has_its_own_statistics():
-    ghost = GhostBatchNorm(1, virtual_batch_size=2, eps=0.0, momentum=1.0)
+    ghost = GhostBatchNorm(1, virtual_batch_size=2, eps=1e-12, momentum=1.0)
     x = torch.tensor([1.0, 3.0, 1.0, 3.0, 5.0, 7.0]).view(3, 1, 2)  # chunks: samples {0, 1} and {2}
     assert torch.equal(ghost(x).flatten(), torch.tensor([-1.0, 1.0, -1.0, 1.0, -1.0, 1.0]))
     # momentum 1: the running statistics are the last chunk's, mean 6 and unbiased var 2

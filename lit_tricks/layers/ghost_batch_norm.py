@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -26,7 +27,8 @@ class GhostBatchNorm(_BatchNorm):
     ``r <- (1 - a)^G r + sum_g a (1 - a)^(G - g) s_g``; ``num_batches_tracked`` grows by ``G`` (with
     ``momentum=None`` each chunk is one more term of the cumulative average). A batch of at most
     ``virtual_batch_size`` samples is plain batch normalisation. In eval mode (with running statistics) it is
-    plain batch normalisation too.
+    plain batch normalisation too. The equal chunks go through one fused ``batch_norm`` call, laid side by side
+    as channels (``[v, G * C, *]``), and the remainder through a second: no loop over chunks or samples.
 
     Parameters and buffers are those of ``torch.nn.BatchNorm*d``, with the same names, so checkpoints load both
     ways. Build one from an existing layer with :meth:`from_batch_norm` or swap a whole model with
@@ -81,26 +83,29 @@ class GhostBatchNorm(_BatchNorm):
         if not batch_stats or full == 0 or (full == 1 and rest == 0):
             return super().forward(input)  # eval with running statistics, or a single chunk: plain BatchNorm
 
-        dtype = torch.promote_types(input.dtype, torch.float32)  # statistics in at least float32
-        x = input.to(dtype)
-        groups = [x[: full * v].unflatten(0, (full, v))]  # [full, v, C, *]: the equal chunks
+        means, variances = [], []
+        outs = [self._normalise(input[: full * v], full, means, variances)]
         if rest:
-            groups.append(x[full * v :].unsqueeze(0))  # [1, rest, C, *]: the remainder
-        outs, means, variances = [], [], []
-        for chunks in groups:  # at most two batched passes, never a loop over chunks or samples
-            dims = (1, *range(3, chunks.dim()))
-            var, mean = torch.var_mean(chunks, dim=dims, correction=0, keepdim=True)
-            outs.append(((chunks - mean) * torch.rsqrt(var + self.eps)).flatten(0, 1))
-            count = chunks.shape[1] * positions
-            means.append(mean.flatten(1))
-            variances.append(var.flatten(1) * (count / max(count - 1, 1)))  # unbiased, as BatchNorm keeps
-        out = torch.cat(outs)
-        if self.affine:
-            shape = (1, -1, *([1] * (input.dim() - 2)))
-            out = out * self.weight.view(shape) + self.bias.view(shape)
+            outs.append(self._normalise(input[full * v :], 1, means, variances))
         if self.training and self.track_running_stats:
             self._update_running_stats(torch.cat(means), torch.cat(variances))
-        return out.to(input.dtype)
+        return torch.cat(outs) if rest else outs[0]
+
+    def _normalise(self, x: Tensor, chunks: int, means: list[Tensor], variances: list[Tensor]) -> Tensor:
+        """Normalise ``chunks`` equal chunks of ``x`` with one fused ``batch_norm`` call: chunk ``g``'s channels
+        become channels ``g * C .. (g + 1) * C - 1`` of a ``[chunk size, chunks * C, *]`` tensor. Scratch
+        running statistics with momentum 1 receive each chunk's mean and unbiased variance ``[chunks, C]``."""
+        size, c, spatial = x.shape[0] // chunks, x.shape[1], x.shape[2:]
+        side_by_side = x.unflatten(0, (chunks, size)).transpose(0, 1).reshape(size, chunks * c, *spatial)
+        stats = torch.promote_types(x.dtype, torch.float32)
+        mean = torch.zeros(chunks * c, dtype=stats, device=x.device)
+        var = torch.ones(chunks * c, dtype=stats, device=x.device)
+        weight = None if self.weight is None else self.weight.repeat(chunks)
+        bias = None if self.bias is None else self.bias.repeat(chunks)
+        out = F.batch_norm(side_by_side, mean, var, weight, bias, True, 1.0, self.eps)
+        means.append(mean.view(chunks, c))
+        variances.append(var.view(chunks, c))
+        return out.unflatten(1, (chunks, c)).transpose(0, 1).reshape(x.shape)
 
     @torch.no_grad()
     def _update_running_stats(self, means: Tensor, variances: Tensor) -> None:
