@@ -269,7 +269,7 @@ def test_adabelief_fit_resume_is_bit_exact(tmp_path):
 @pytest.mark.parametrize(
     ("recipe", "cls", "expected"),
     [
-        ("lion.yaml", Lion, {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.1}),
+        ("lion.yaml", Lion, {"lr": 3e-4, "betas": (0.9, 0.99), "weight_decay": 0.03}),
         ("adabelief.yaml", AdaBelief, {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-16, "weight_decay": 0.01}),
     ],
 )
