@@ -173,6 +173,15 @@ def test_mixed_dtypes_and_missing_gradients():
         assert frozen not in optimizer.state
 
 
+@pytest.mark.parametrize("optimizer", [Lion, AdaBelief])
+def test_param_groups_from_generators_keep_their_parameters(optimizer):
+    net = torch.nn.Linear(2, 2)
+    opt = optimizer([{"params": (p for p in net.parameters()), "lr": 0.5}])
+    assert len(opt.param_groups[0]["params"]) == 2 and opt.param_groups[0]["lr"] == 0.5
+    opt.add_param_group({"params": iter([torch.nn.Parameter(torch.ones(1))])})
+    assert len(opt.param_groups[1]["params"]) == 1
+
+
 def test_state_dict_resume_is_bit_exact():
     for make in (lambda p: Lion(p, lr=1e-2, weight_decay=0.1), lambda p: AdaBelief(p, lr=1e-2, weight_decay=0.1)):
         stream = gradient_stream(SHAPES, 12)

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from lit_tricks.optim.lion import check_group, check_params, closure_loss
+from lit_tricks.optim.lion import check_group, checked_param_group, closure_loss
 
 _FLAGS = ("weight_decouple", "fixed_decay", "rectify", "degenerated_to_sgd", "amsgrad")
 
@@ -90,16 +90,11 @@ class AdaBelief(Optimizer):
             "degenerated_to_sgd": degenerated_to_sgd,
             "amsgrad": amsgrad,
         }
-        _check_flags(defaults)
-        check_group(defaults)
+        check_group(defaults, flags=_FLAGS)
         super().__init__(params, {**defaults, "betas": tuple(betas)})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        where = f" (param group {len(self.param_groups)})"
-        check_group({**self.defaults, **param_group}, where=where)
-        _check_flags({**self.defaults, **param_group}, where=where)
-        check_params(param_group, type(self).__name__)
-        super().add_param_group(param_group)
+        super().add_param_group(checked_param_group(self, param_group, flags=_FLAGS))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -134,12 +129,6 @@ class AdaBelief(Optimizer):
                     maximum = tensors[4] if amsgrad else None
                     adabelief_update(*tensors[:4], maximum, step=step, group=group)
         return loss
-
-
-def _check_flags(group: dict[str, Any], where: str = "") -> None:
-    for name in _FLAGS:
-        if not isinstance(group[name], bool):
-            raise TypeError(f"{name}{where} must be True or False, got {group[name]!r}.")
 
 
 def rectification(step: int, beta1: float, beta2: float, degenerated_to_sgd: bool) -> tuple[float, float]:

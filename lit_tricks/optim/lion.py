@@ -13,9 +13,9 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 from lit_tricks.core.checks import check_number
 
 
-def check_group(group: Mapping[str, Any], where: str = "") -> None:
-    """Raise a clear error for a bad ``lr``, ``betas``, ``weight_decay`` or ``eps`` (if present) of a param group
-    (or of an optimizer's defaults); ``where`` names the group in the message."""
+def check_group(group: Mapping[str, Any], where: str = "", flags: tuple[str, ...] = ()) -> None:
+    """Raise a clear error for a bad ``lr``, ``betas``, ``weight_decay``, ``eps`` (if present) or boolean ``flags``
+    of a param group (or of an optimizer's defaults); ``where`` names the group in the message."""
     check_number(f"lr{where}", group["lr"], above=0.0, hint="Pass a positive learning rate, e.g. lr=1e-4.")
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -25,14 +25,24 @@ def check_group(group: Mapping[str, Any], where: str = "") -> None:
     check_number(f"weight_decay{where}", group["weight_decay"], at_least=0.0, hint="Use 0.0 for no decay.")
     if "eps" in group:
         check_number(f"eps{where}", group["eps"], at_least=0.0)
+    for name in flags:
+        if not isinstance(group[name], bool):
+            raise TypeError(f"{name}{where} must be True or False, got {group[name]!r}.")
 
 
-def check_params(group: Mapping[str, Any], optimizer: str) -> None:
-    """Refuse complex parameters, which neither reference implementation defines an update for."""
-    params = group["params"]
-    for p in [params] if isinstance(params, Tensor) else params:
+def checked_param_group(optimizer: Optimizer, param_group: dict[str, Any], flags: tuple[str, ...] = ()) -> dict:
+    """``param_group`` with its parameters in a list (a generator is read once), after :func:`check_group` on it
+    merged with the optimizer's defaults; complex parameters, which neither reference defines an update for, are
+    refused."""
+    group = dict(param_group)
+    if not isinstance(group["params"], (Tensor, set)):
+        group["params"] = list(group["params"])
+    check_group({**optimizer.defaults, **group}, where=f" (param group {len(optimizer.param_groups)})", flags=flags)
+    for p in [group["params"]] if isinstance(group["params"], Tensor) else group["params"]:
         if isinstance(p, Tensor) and p.is_complex():
-            raise TypeError(f"{optimizer} does not support complex parameters; split them with torch.view_as_real.")
+            name = type(optimizer).__name__
+            raise TypeError(f"{name} does not support complex parameters; split them with torch.view_as_real.")
+    return group
 
 
 def closure_loss(closure: Callable[[], Tensor] | None) -> Tensor | None:
@@ -88,9 +98,7 @@ class Lion(Optimizer):
         super().__init__(params, {**defaults, "betas": tuple(betas)})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        check_group({**self.defaults, **param_group}, where=f" (param group {len(self.param_groups)})")
-        check_params(param_group, type(self).__name__)
-        super().add_param_group(param_group)
+        super().add_param_group(checked_param_group(self, param_group))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
