@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 
 __version__ = "0.1.0"
 
-_SUBPACKAGES = ("callbacks", "cli", "core", "data", "functional", "metrics", "modules", "nets")
+_SUBPACKAGES = ("callbacks", "cli", "core", "data", "functional", "metrics", "modules", "nets", "optim", "layers")
 
 
 def lazy_exports(package: str, exports: Mapping[str, tuple[str, ...]]) -> tuple[Callable, Callable]:
@@ -42,7 +42,9 @@ _EXPORTS = {
     "lit_tricks.callbacks.elr": ("ELR",),
     "lit_tricks.callbacks.ema_teacher": ("EMATeacher",),
     "lit_tricks.callbacks.experience_replay": ("ExperienceReplay",),
+    "lit_tricks.callbacks.ghost_batch_norm": ("ApplyGhostBatchNorm",),
     "lit_tricks.callbacks.mixup": ("CutMix", "Mixup"),
+    "lit_tricks.callbacks.multi_sample_dropout": ("ApplyMultiSampleDropout",),
     "lit_tricks.callbacks.sample_reweighting": ("SampleReweighting",),
     "lit_tricks.callbacks.selective_backprop": ("SelectiveBackprop",),
     "lit_tricks.callbacks.self_distill": ("SelfDistill",),

@@ -34,6 +34,7 @@ COMMANDS = {
 # Every public part by kind, as the `class_path` a config names; tests/test_cli.py checks it against the classes.
 CATALOGUE: dict[str, tuple[str, ...]] = {
     "tricks": (
+        "lit_tricks.ApplyMultiSampleDropout",
         "lit_tricks.CutMix",
         "lit_tricks.ELR",
         "lit_tricks.ExperienceReplay",
@@ -42,7 +43,12 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.SelectiveBackprop",
         "lit_tricks.SelfDistill",
     ),
-    "callbacks": ("lit_tricks.ContinualEvaluation", "lit_tricks.DataDietScores", "lit_tricks.EMATeacher"),
+    "callbacks": (
+        "lit_tricks.ApplyGhostBatchNorm",
+        "lit_tricks.ContinualEvaluation",
+        "lit_tricks.DataDietScores",
+        "lit_tricks.EMATeacher",
+    ),
     "modules": (
         "lit_tricks.AdaNPC",
         "lit_tricks.BNAdapt",
@@ -69,6 +75,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.data.ShapesDataModule",
         "lit_tricks.data.Toy2DDataModule",
     ),
+    "optimizers": ("lit_tricks.optim.AdaBelief", "lit_tricks.optim.Lion"),
     "nets": (
         "lit_tricks.nets.CNN1D",
         "lit_tricks.nets.CNN2D",
@@ -88,7 +95,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
 PYTHON_ONLY = {
     "lit_tricks.AdaNPC": "its memory (source_features, source_labels) is tensors: build it in Python (docs/tta.md)",
 }
-_CHECKED_PACKAGES = ("lit_tricks", "lit_tricks.data", "lit_tricks.modules", "lit_tricks.nets")
+_CHECKED_PACKAGES = ("lit_tricks", "lit_tricks.data", "lit_tricks.modules", "lit_tricks.nets", "lit_tricks.optim")
 
 
 class ConfigError(ValueError):

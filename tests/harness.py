@@ -239,3 +239,14 @@ def _lion():
 
     model = Classifier(MLP(64, 10, hidden=(32,), dropout=0.2), num_classes=10, optimizer=lion)
     return model, DigitsDataModule(batch_size=32), []
+
+
+@case("ghost_bn_multi_sample_dropout")
+def _layers():
+    # the head is wrapped up front so that the DDP harness's pre-fit parameter names match the trained ones
+    from lit_tricks import ApplyGhostBatchNorm, ApplyMultiSampleDropout
+    from lit_tricks.layers import multi_sample_dropout
+
+    model = Classifier(multi_sample_dropout(CNN2D(num_classes=10, width=8), p=0.5, samples=4), num_classes=10)
+    tricks = [ApplyGhostBatchNorm(virtual_batch_size=8), ApplyMultiSampleDropout(p=0.5, samples=4)]
+    return model, DigitsDataModule(batch_size=32, as_image=True), tricks

@@ -7,6 +7,7 @@ import sys
 
 import lightning.pytorch as pl
 import pytest
+import torch
 from conftest import ROOT
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import Callback
@@ -42,13 +43,15 @@ def _kind(obj):
         return "modules"
     if issubclass(obj, pl.LightningDataModule):
         return "data"
+    if issubclass(obj, torch.optim.Optimizer):
+        return "optimizers"
     return "nets" if issubclass(obj, nn.Module) else None
 
 
 def test_catalogue_lists_every_public_part_once_under_its_kind():
     expected: dict[str, set[str]] = {kind: set() for kind in CATALOGUE}
     seen = set()
-    for package in (lit_tricks, lit_tricks.modules, lit_tricks.data, lit_tricks.nets):
+    for package in (lit_tricks, lit_tricks.modules, lit_tricks.data, lit_tricks.nets, lit_tricks.optim):
         for name in package.__all__:
             obj = getattr(package, name)
             if inspect.isclass(obj) and _kind(obj) and obj not in seen:
@@ -59,7 +62,9 @@ def test_catalogue_lists_every_public_part_once_under_its_kind():
     assert "lit_tricks.AdaNPC (Python only)" in cli.catalogue()
 
 
-@pytest.mark.parametrize("package", ["lit_tricks", "lit_tricks.data", "lit_tricks.modules", "lit_tricks.nets"])
+@pytest.mark.parametrize(
+    "package", ["lit_tricks", "lit_tricks.data", "lit_tricks.modules", "lit_tricks.nets", "lit_tricks.optim"]
+)
 def test_lazy_packages_export_every_name(package):
     module = importlib.import_module(package)
     assert all(getattr(module, name) is not None for name in module.__all__)

@@ -5,12 +5,16 @@ from lit_tricks.callbacks.data_diet import DataDietScores
 from lit_tricks.callbacks.elr import ELR
 from lit_tricks.callbacks.ema_teacher import EMATeacher
 from lit_tricks.callbacks.experience_replay import ExperienceReplay
+from lit_tricks.callbacks.ghost_batch_norm import ApplyGhostBatchNorm
 from lit_tricks.callbacks.mixup import CutMix, Mixup
+from lit_tricks.callbacks.multi_sample_dropout import ApplyMultiSampleDropout
 from lit_tricks.callbacks.sample_reweighting import SampleReweighting
 from lit_tricks.callbacks.selective_backprop import SelectiveBackprop
 from lit_tricks.callbacks.self_distill import SelfDistill
 
 __all__ = [
+    "ApplyGhostBatchNorm",
+    "ApplyMultiSampleDropout",
     "ContinualEvaluation",
     "CutMix",
     "DataDietScores",

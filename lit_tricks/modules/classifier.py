@@ -46,7 +46,7 @@ class Classifier(TrickModule):
         self,
         backbone: nn.Module,
         num_classes: int,
-        optimizer: OptimizerCallable = torch.optim.Adam,
+        optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["epoch", "step"] = "epoch",
         scheduler_monitor: str = "val/nll",
@@ -73,7 +73,9 @@ class Classifier(TrickModule):
         return self.backbone.forward_head(features), features
 
     def configure_optimizers(self):
-        optimizer = self.optimizer(self.parameters())
+        # None, not Adam, as the default: jsonargparse would carry a default class's arguments (Adam's betas,
+        # eps) into another optimizer named in YAML that has arguments of the same names
+        optimizer = (self.optimizer or torch.optim.Adam)(self.parameters())
         if self.lr_scheduler is None:
             return optimizer
         scheduler = {
