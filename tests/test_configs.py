@@ -1,4 +1,5 @@
-"""Harness (a): every recipe in configs/ runs a few steps offline; snippets in configs/tricks/ stack."""
+"""Harness (a): every recipe in configs/ runs a few steps offline; snippets in configs/tricks/ stack, and each
+optimizer snippet in configs/optim/ trains the quickstart."""
 
 import subprocess
 import sys
@@ -10,8 +11,9 @@ from conftest import ROOT
 from lit_tricks.cli import LitTricksCLI, catalogue
 
 RECIPES = sorted(
-    p for p in (ROOT / "configs").rglob("*.yaml") if not {"tricks", "tta"} & set(p.relative_to(ROOT).parts)
+    p for p in (ROOT / "configs").rglob("*.yaml") if not {"tricks", "tta", "optim"} & set(p.relative_to(ROOT).parts)
 )
+OPTIMIZERS = sorted((ROOT / "configs" / "optim").glob("*.yaml"))  # snippets that replace a recipe's optimizer
 TTA = ROOT / "configs" / "tta"
 SNIPPETS = sorted((ROOT / "configs" / "tricks").glob("*.yaml"))
 SHORT_RUN = [
@@ -37,6 +39,14 @@ def test_recipe_runs_a_few_steps(recipe, tmp_path, monkeypatch):
     cli = LitTricksCLI(args=["fit", *_configs(recipe), *SHORT_RUN])
     assert cli.trainer.global_step == 3
     assert (tmp_path / "lightning_logs").exists(), "recipes log to TensorBoard under lightning_logs/"
+
+
+@pytest.mark.parametrize("snippet", OPTIMIZERS, ids=lambda p: p.name)
+def test_optimizer_snippets_train_the_quickstart(snippet, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = LitTricksCLI(args=["fit", *_configs(ROOT / "configs/quickstart.yaml", snippet), *SHORT_RUN])
+    expected = yaml.safe_load(snippet.read_text())["model"]["init_args"]["optimizer"]["class_path"]
+    assert cli.trainer.global_step == 3 and type(cli.trainer.optimizers[0]).__name__ == expected.rsplit(".")[-1]
 
 
 def test_snippets_append_rather_than_replace(tmp_path):

@@ -282,9 +282,11 @@ def test_adabelief_fit_resume_is_bit_exact(tmp_path):
         ("adabelief.yaml", AdaBelief, {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-16, "weight_decay": 0.01}),
     ],
 )
-def test_yaml_recipes_build_the_optimizer_with_its_own_defaults(recipe, cls, expected):
-    """The recipes give betas / eps explicitly: jsonargparse would otherwise keep Adam's (Classifier's default)."""
-    cli = LitTricksCLI(args=["--config", str(ROOT / "configs/optim" / recipe)], run=False)
+def test_yaml_snippets_build_the_optimizer_with_its_own_defaults(recipe, cls, expected):
+    """Stacked on the quickstart (AdamW), the snippets give betas / eps explicitly: jsonargparse would otherwise keep
+    AdamW's values of the same-named arguments."""
+    configs = [ROOT / "configs/quickstart.yaml", ROOT / "configs/optim" / recipe]
+    cli = LitTricksCLI(args=[arg for path in configs for arg in ("--config", str(path))], run=False)
     optimizer = cli.model.optimizer([torch.nn.Parameter(torch.ones(1))])
     assert type(optimizer) is cls
     assert {k: optimizer.defaults[k] for k in expected} == expected
