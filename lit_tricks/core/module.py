@@ -48,7 +48,8 @@ class TrickModule(RestoresRNG, pl.LightningModule):
         num_classes: number of classes ``C``.
         ece_bins: number of equal-width confidence bins of the expected calibration error.
         on_nonfinite: what a non-finite training loss does. ``"warn"`` (default): train on, warn once with the
-            first such step; counted on the device and read at the logging interval, so it costs no host sync.
+            first such step; on an accelerator counted on the device and read at the logging interval, so it
+            costs no host sync.
             ``"raise"``: stop with a ``FloatingPointError`` at that step. ``"skip_step"``: skip that step's
             backward pass and optimizer step (all ranks together under DDP). Both read the loss on the host every
             step (one device synchronisation per step, free on CPU).
