@@ -1,0 +1,71 @@
+"""Perpendicular gradient (⊥Grad, Prieto et al., 2025): drop the gradient's component along the weights."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+
+@torch.no_grad()
+def perpendicular_grad_(params: Iterable[Tensor], rescale: bool = True, eps: float = 1e-30) -> None:
+    r"""In place, per tensor: :math:`g_\perp = g - \frac{\langle w, g\rangle}{\langle w, w\rangle + \epsilon} w`.
+
+    With ``rescale`` (the authors' code) the result is then scaled to the old norm,
+    :math:`g \leftarrow g_\perp \, \lVert g\rVert / (\lVert g_\perp\rVert + \epsilon)`. Parameters without a
+    gradient are skipped. The dot products and norms are multi-tensor ops per device and dtype.
+    """
+    if not isinstance(rescale, bool):
+        raise TypeError(f"rescale must be a bool, got {type(rescale).__name__}.")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0 (the authors use 1e-30), got {eps}.")
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+    for p in params:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise RuntimeError("perpendicular_grad_ does not support sparse gradients.")
+        groups[(p.device, p.dtype)].append(p)
+    for tensors in groups.values():
+        weights = [p.detach() for p in tensors]
+        grads = [p.grad for p in tensors]
+        products = torch._foreach_mul(weights, grads)
+        lengths = torch.tensor([g.numel() for g in grads], device=grads[0].device)
+        dots = torch.segment_reduce(torch.cat([q.reshape(-1) for q in products]), "sum", lengths=lengths)
+        w_sq = torch.stack(torch._foreach_norm(weights)).square()
+        coef = dots / (w_sq + eps)
+        old_norms = torch.stack(torch._foreach_norm(grads)) if rescale else None
+        torch._foreach_sub_(grads, torch._foreach_mul(weights, list(coef.unbind())))
+        if rescale:
+            scale = old_norms / (torch.stack(torch._foreach_norm(grads)) + eps)
+            torch._foreach_mul_(grads, list(scale.unbind()))
+
+
+class PerpendicularGradient(Callback):
+    r"""⊥Grad for any optimizer: project each parameter's gradient orthogonal to the parameter before the step.
+
+    Runs in ``on_before_optimizer_step`` (after backward, gradient accumulation, the data-parallel all-reduce
+    and AMP unscaling; before gradient clipping and the step) on every parameter of the optimizer being stepped,
+    as the authors' ``OrthoGrad`` wrapper does.
+
+    Args:
+        rescale: scale the projected gradient back to the original gradient's norm (the authors' code).
+        eps: added to :math:`\lVert w\rVert^2` and to :math:`\lVert g_\perp\rVert` (the authors: 1e-30).
+    """
+
+    def __init__(self, rescale: bool = True, eps: float = 1e-30) -> None:
+        if not isinstance(rescale, bool):
+            raise TypeError(f"rescale must be a bool, got {type(rescale).__name__}.")
+        if not isinstance(eps, (int, float)) or not eps >= 0:
+            raise ValueError(f"eps must be a number >= 0 (the authors use 1e-30), got {eps!r}.")
+        self.rescale, self.eps = rescale, float(eps)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        perpendicular_grad_(params, rescale=self.rescale, eps=self.eps)
