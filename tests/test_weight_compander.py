@@ -5,6 +5,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -114,3 +115,27 @@ def test_bad_input_is_refused_clearly():
         weight_compander(net)
     with pytest.raises(ValueError, match="apply weight_compander first"):
         remove_weight_compander(nn.Linear(2, 2))
+
+
+def test_resume_restores_the_free_tensors(tmp_path):
+    def fit(max_steps, ckpt_path=None):
+        pl.seed_everything(0, verbose=False)
+        model = Classifier(CNN2D(width=4), num_classes=10)
+        trainer = pl.Trainer(
+            max_steps=max_steps,
+            limit_val_batches=0,
+            accelerator="cpu",
+            devices=1,
+            default_root_dir=tmp_path,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[ApplyWeightCompander(), ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)],
+        )
+        trainer.fit(model, DigitsDataModule(as_image=True, batch_size=64), ckpt_path=ckpt_path)
+        return model
+
+    straight = fit(4)
+    fit(2)
+    resumed = fit(4, ckpt_path=tmp_path / "last.ckpt")
+    torch.testing.assert_close(resumed.state_dict(), straight.state_dict())

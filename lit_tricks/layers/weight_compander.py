@@ -35,6 +35,10 @@ def compand(v: Tensor, alpha: float = 0.5, beta: float = 0.01) -> Tensor:
     (``sign(v)`` times a function of ``|v|`` would give autograd a zero gradient there).
     """
     _check(alpha, beta)
+    return _compand(v, alpha, beta)
+
+
+def _compand(v: Tensor, alpha: float, beta: float) -> Tensor:
     offset = beta**alpha
     return torch.where(v >= 0, (v.clamp(min=0) + beta) ** alpha - offset, offset - ((-v).clamp(min=0) + beta) ** alpha)
 
@@ -59,7 +63,7 @@ class WeightCompander(nn.Module):
         self.beta = beta
 
     def forward(self, v: Tensor) -> Tensor:
-        return compand(v, self.alpha, self.beta)
+        return _compand(v, self.alpha, self.beta)  # checked once, in __init__
 
     def right_inverse(self, w: Tensor) -> Tensor:
         return expand(w, self.alpha, self.beta)
