@@ -17,7 +17,7 @@ def perpendicular_grad_(params: Iterable[Tensor], rescale: bool = True, eps: flo
 
     With ``rescale`` (the authors' code) the result is then scaled to the old norm,
     :math:`g \leftarrow g_\perp \, \lVert g\rVert / (\lVert g_\perp\rVert + \epsilon)`. Parameters without a
-    gradient are skipped. The dot products and norms are multi-tensor ops per device and dtype.
+    gradient are skipped. Norms and updates are multi-tensor ops per device and dtype.
     """
     if not isinstance(rescale, bool):
         raise TypeError(f"rescale must be a bool, got {type(rescale).__name__}.")
@@ -33,13 +33,11 @@ def perpendicular_grad_(params: Iterable[Tensor], rescale: bool = True, eps: flo
     for tensors in groups.values():
         weights = [p.detach() for p in tensors]
         grads = [p.grad for p in tensors]
-        products = torch._foreach_mul(weights, grads)
-        lengths = torch.tensor([g.numel() for g in grads], device=grads[0].device)
-        dots = torch.segment_reduce(torch.cat([q.reshape(-1) for q in products]), "sum", lengths=lengths)
-        w_sq = torch.stack(torch._foreach_norm(weights)).square()
-        coef = dots / (w_sq + eps)
+        # No multi-tensor dot product exists; one dot per tensor beats _foreach_mul + cat + segment_reduce (7x on CPU).
+        dots = torch.stack([torch.dot(w.reshape(-1), g.reshape(-1)) for w, g in zip(weights, grads, strict=True)])
+        coef = dots / (torch.stack(torch._foreach_norm(weights)).square() + eps)
         old_norms = torch.stack(torch._foreach_norm(grads)) if rescale else None
-        torch._foreach_sub_(grads, torch._foreach_mul(weights, list(coef.unbind())))
+        torch._foreach_addcmul_(grads, weights, list(coef.neg().unbind()))
         if rescale:
             scale = old_norms / (torch.stack(torch._foreach_norm(grads)) + eps)
             torch._foreach_mul_(grads, list(scale.unbind()))
