@@ -120,3 +120,27 @@ def test_fit_a_classifier_with_perpendicular_gradient(quiet_trainer_kwargs):
                          callbacks=[PerpendicularGradient(), probe], **quiet_trainer_kwargs)  # fmt: skip
     trainer.fit(model, DigitsDataModule(batch_size=32))
     assert trainer.global_step == 4 and probe.calls == 4 and probe.worst < 1e-5
+
+
+class _LossProbe(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].detach())
+
+
+class _StableMaxClassifier(Classifier):
+    def per_sample_loss(self, logits, targets):
+        return stablemax_cross_entropy(logits, targets)
+
+
+def test_fit_with_stablemax_loss_and_perpendicular_gradient(quiet_trainer_kwargs):
+    pl.seed_everything(0, verbose=False)
+    model = _StableMaxClassifier(MLP(64, 10, hidden=(16,)), num_classes=10)
+    probe = _LossProbe()
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=0,
+                         callbacks=[PerpendicularGradient(), probe], **quiet_trainer_kwargs)  # fmt: skip
+    trainer.fit(model, DigitsDataModule(batch_size=32))
+    assert len(probe.losses) == 4
+    assert all(torch.isfinite(loss) and loss.dtype == torch.float32 for loss in probe.losses)
