@@ -45,6 +45,7 @@ _EXPORTS = {
     "lit_tricks.callbacks.ghost_batch_norm": ("ApplyGhostBatchNorm",),
     "lit_tricks.callbacks.mixup": ("CutMix", "Mixup"),
     "lit_tricks.callbacks.multi_sample_dropout": ("ApplyMultiSampleDropout",),
+    "lit_tricks.callbacks.perp_grad": ("PerpendicularGradient",),
     "lit_tricks.callbacks.sample_reweighting": ("SampleReweighting",),
     "lit_tricks.callbacks.selective_backprop": ("SelectiveBackprop",),
     "lit_tricks.callbacks.self_distill": ("SelfDistill",),

@@ -48,6 +48,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.ContinualEvaluation",
         "lit_tricks.DataDietScores",
         "lit_tricks.EMATeacher",
+        "lit_tricks.PerpendicularGradient",
     ),
     "modules": (
         "lit_tricks.AdaNPC",

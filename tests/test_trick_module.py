@@ -1,3 +1,5 @@
+import math
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -312,3 +314,18 @@ def test_out_of_range_label_in_a_later_validation_batch_gets_a_clear_error(quiet
     trainer = pl.Trainer(max_epochs=1, num_sanity_val_steps=0, **quiet_trainer_kwargs)
     with pytest.raises(ValueError, match=r"class ids in \[\d+, 11\] but num_classes=10"):
         trainer.fit(_digits_model(), train, val)
+
+
+def test_stablemax_loss_option(quiet_trainer_kwargs):
+    from lit_tricks.functional import stablemax_cross_entropy
+
+    logits, targets = torch.tensor([[1.0, -1.0, 0.0]]), torch.tensor([0])
+    model = Classifier(nn.Identity(), num_classes=3, loss="stablemax")
+    # s(1, -1, 0) = (2, 1/2, 1): p_0 = 2 / 3.5
+    torch.testing.assert_close(model.per_sample_loss(logits, targets), torch.tensor([-math.log(2 / 3.5)]))
+    torch.testing.assert_close(model.per_sample_loss(logits, targets), stablemax_cross_entropy(logits, targets))
+    trainer = pl.Trainer(max_steps=2, limit_val_batches=0, **quiet_trainer_kwargs)
+    trainer.fit(_digits_model(loss="stablemax"), DigitsDataModule(batch_size=16))
+    assert trainer.global_step == 2
+    with pytest.raises(ValueError, match="loss must be one of"):
+        _digits_model(loss="hinge")

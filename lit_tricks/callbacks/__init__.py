@@ -8,6 +8,7 @@ from lit_tricks.callbacks.experience_replay import ExperienceReplay
 from lit_tricks.callbacks.ghost_batch_norm import ApplyGhostBatchNorm
 from lit_tricks.callbacks.mixup import CutMix, Mixup
 from lit_tricks.callbacks.multi_sample_dropout import ApplyMultiSampleDropout
+from lit_tricks.callbacks.perp_grad import PerpendicularGradient
 from lit_tricks.callbacks.sample_reweighting import SampleReweighting
 from lit_tricks.callbacks.selective_backprop import SelectiveBackprop
 from lit_tricks.callbacks.self_distill import SelfDistill
@@ -22,6 +23,7 @@ __all__ = [
     "EMATeacher",
     "ExperienceReplay",
     "Mixup",
+    "PerpendicularGradient",
     "SampleReweighting",
     "SelectiveBackprop",
     "SelfDistill",

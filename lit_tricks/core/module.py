@@ -15,7 +15,10 @@ from lit_tricks.core.batch import StepOutput, TrickBatch
 from lit_tricks.core.rng import RestoresRNG
 from lit_tricks.core.trick import Trick, logging_due
 from lit_tricks.functional.losses import soft_target_cross_entropy, weighted_mean
+from lit_tricks.functional.stablemax import stablemax_cross_entropy
 from lit_tricks.metrics.classification import classification_metrics
+
+_LOSSES = {"cross_entropy": soft_target_cross_entropy, "stablemax": stablemax_cross_entropy}
 
 
 class TrickModule(RestoresRNG, pl.LightningModule):
@@ -47,6 +50,9 @@ class TrickModule(RestoresRNG, pl.LightningModule):
     Args:
         num_classes: number of classes ``C``.
         ece_bins: number of equal-width confidence bins of the expected calibration error.
+        loss: the per-sample loss: ``"cross_entropy"`` (softmax, soft targets allowed) or ``"stablemax"``
+            (StableMax cross-entropy, Prieto et al. 2025, :func:`~lit_tricks.functional.stablemax_cross_entropy`;
+            evaluation metrics still read softmax probabilities). A subclass may override :meth:`per_sample_loss`.
         on_nonfinite: what a non-finite training loss does. ``"warn"`` (default): train on, warn once with the
             first such step; on an accelerator counted on the device and read at the logging interval, so it
             costs no host sync.
@@ -56,7 +62,11 @@ class TrickModule(RestoresRNG, pl.LightningModule):
     """
 
     def __init__(
-        self, num_classes: int, ece_bins: int = 15, on_nonfinite: Literal["warn", "raise", "skip_step"] = "warn"
+        self,
+        num_classes: int,
+        ece_bins: int = 15,
+        on_nonfinite: Literal["warn", "raise", "skip_step"] = "warn",
+        loss: Literal["cross_entropy", "stablemax"] = "cross_entropy",
     ) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 2:
@@ -65,7 +75,9 @@ class TrickModule(RestoresRNG, pl.LightningModule):
             raise ValueError(f"ece_bins must be a positive integer, got {ece_bins!r}.")
         if on_nonfinite not in ("warn", "raise", "skip_step"):
             raise ValueError(f"on_nonfinite must be 'warn', 'raise' or 'skip_step', got {on_nonfinite!r}.")
-        self.on_nonfinite = on_nonfinite
+        if loss not in _LOSSES:
+            raise ValueError(f"loss must be one of {sorted(_LOSSES)}, got {loss!r}.")
+        self.on_nonfinite, self.loss = on_nonfinite, loss
         # [count of steps with a non-finite loss, first such step or -1], kept on the model's device
         self.register_buffer("_nonfinite", torch.tensor([0, -1]), persistent=False)
         self._nonfinite_warned = False
@@ -85,8 +97,8 @@ class TrickModule(RestoresRNG, pl.LightningModule):
         )
 
     def per_sample_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """Loss of each sample ``[N]``; soft-target cross-entropy by default (class ids or probabilities)."""
-        return soft_target_cross_entropy(logits, targets)
+        """Loss of each sample ``[N]`` (class ids or probabilities): the ``loss`` chosen at construction."""
+        return _LOSSES[self.loss](logits, targets)
 
     @property
     def tricks(self) -> list[Trick]:

@@ -27,6 +27,7 @@ class Classifier(TrickModule):
         ece_bins: bins of the expected calibration error.
         on_nonfinite: what a NaN/inf training loss does: ``"warn"`` once and train on, ``"raise"``, or
             ``"skip_step"`` (see :class:`~lit_tricks.TrickModule`).
+        loss: ``"cross_entropy"`` or ``"stablemax"`` (StableMax cross-entropy; see :class:`~lit_tricks.TrickModule`).
 
     Example::
 
@@ -52,8 +53,9 @@ class Classifier(TrickModule):
         scheduler_monitor: str = "val/nll",
         ece_bins: int = 15,
         on_nonfinite: Literal["warn", "raise", "skip_step"] = "warn",
+        loss: Literal["cross_entropy", "stablemax"] = "cross_entropy",
     ) -> None:
-        super().__init__(num_classes=num_classes, ece_bins=ece_bins, on_nonfinite=on_nonfinite)
+        super().__init__(num_classes=num_classes, ece_bins=ece_bins, on_nonfinite=on_nonfinite, loss=loss)
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"backbone must be a torch.nn.Module, got {type(backbone).__name__}.")
         if scheduler_interval not in ("epoch", "step"):
