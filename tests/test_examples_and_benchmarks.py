@@ -130,3 +130,22 @@ def test_tta_benchmark_quick(tmp_path):
     adapted = [r for r in runs if r["method"] != "source" and r["protocol"] == "continual"]
     assert all(r["memory"]["state"] > 0 for r in adapted)
     assert all((r["memory"]["activations"] > 0) == (not r["method"].startswith(("BNAdapt", "AdaNPC"))) for r in adapted)
+
+
+def test_optim_speed_benchmark_quick(tmp_path):
+    out = _run([str(ROOT / "benchmarks/optim_speed.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
+    assert out.startswith("Machine: ") and "| ResNet-50 layout | Lion |" in out
+    runs = json.loads((tmp_path / "optim_speed_quick.json").read_text())["runs"]
+    ours = {(r["model"], r["optimizer"]): r for r in runs}
+    assert ours["MLP 8.4M params", "Lion"]["state_tensors_per_param"] == 1
+    assert ours["MLP 8.4M params", "AdamW foreach"]["state_tensors_per_param"] == 2
+    assert ours["ResNet-50 layout", "AdaBelief"]["state_tensors_per_param"] == 2
+    assert all(r["step_ms"] > 0 for r in runs)
+
+
+def test_layers_benchmark_quick(tmp_path):
+    out = _run([str(ROOT / "benchmarks/layers.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
+    assert out.startswith("Machine: ") and "| Ghost BN 512/32 |" in out
+    runs = json.loads((tmp_path / "layers_quick.json").read_text())["runs"]
+    assert {r["setup"] for r in runs} >= {"plain BN 512", "Ghost BN 512/32", "MSD K=8"}
+    assert all(0.0 <= r["acc"] <= 1.0 and r["fit_seconds"] > 0 for r in runs)

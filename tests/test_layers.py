@@ -2,18 +2,13 @@
 tensors, their setup callbacks in a real fit, and bit-exact resume."""
 
 import copy
-import json
 import math
-import os
-import subprocess
-import sys
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, PlainModule
-from lightning.pytorch.callbacks import ModelCheckpoint
+from conftest import PlainModule
 from torch import nn
 
 from harness import assert_same
@@ -265,26 +260,25 @@ def test_multi_sample_dropout_wraps_once_and_bad_input():
         ApplyMultiSampleDropout().setup(None, PlainModule(), "fit")
 
 
-# ---------------------------------------------------------------- real fits and resume
+# ---------------------------------------------------------------- real fits (resume and DDP: tests/harness.py)
 
 
-def _fit(root, callbacks, max_epochs=1, max_steps=-1, ckpt_path=None):
+def _fit(root, callbacks, max_steps):
     pl.seed_everything(0, verbose=False)
     model = Classifier(CNN2D(width=4), num_classes=10)
     trainer = pl.Trainer(
-        max_epochs=max_epochs,
         max_steps=max_steps,
-        limit_train_batches=3,
         limit_val_batches=1,
         accelerator="cpu",
         devices=1,
         default_root_dir=root,
         logger=False,
+        enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[*callbacks, ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0)],
+        callbacks=callbacks,
     )
-    trainer.fit(model, DigitsDataModule(as_image=True, batch_size=64), ckpt_path=ckpt_path)
+    trainer.fit(model, DigitsDataModule(as_image=True, batch_size=64))
     return model, trainer
 
 
@@ -300,32 +294,3 @@ def test_multi_sample_dropout_fit_on_digits_cnn(tmp_path):
     model, trainer = _fit(tmp_path, [ApplyMultiSampleDropout(p=0.5, samples=4)], max_steps=3)
     assert isinstance(model.backbone.head, MultiSampleDropout) and trainer.global_step == 3
     assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
-
-
-def test_both_transforms_resume_bit_exactly(tmp_path):
-    def callbacks():
-        return [ApplyGhostBatchNorm(virtual_batch_size=16), ApplyMultiSampleDropout(p=0.5, samples=4)]
-
-    full, full_trainer = _fit(tmp_path / "full", callbacks(), max_epochs=2)
-    _fit(tmp_path / "half", callbacks(), max_epochs=1)
-    resumed, resumed_trainer = _fit(tmp_path / "resumed", callbacks(), 2, ckpt_path=tmp_path / "half" / "last.ckpt")
-    assert resumed_trainer.global_step == full_trainer.global_step == 6
-    assert_same(full.state_dict(), resumed.state_dict(), "model")
-    assert_same(full_trainer.optimizers[0].state_dict(), resumed_trainer.optimizers[0].state_dict(), "optimizer")
-
-
-def test_layers_benchmark_quick(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks/layers.py"), "--quick", "--out", str(tmp_path)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.startswith("Machine: ") and "| Ghost BN 512/32 |" in proc.stdout
-    runs = json.loads((tmp_path / "layers_quick.json").read_text())["runs"]
-    assert {r["setup"] for r in runs} >= {"plain BN 512", "Ghost BN 512/32", "MSD K=8"}
-    assert all(0.0 <= r["acc"] <= 1.0 and r["fit_seconds"] > 0 for r in runs)

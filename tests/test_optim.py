@@ -1,10 +1,6 @@
 """lit_tricks.optim: Lion and AdaBelief against their update rules written out by hand, in fits, from YAML, resumed."""
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import lightning.pytorch as pl
 import pytest
@@ -290,18 +286,3 @@ def test_yaml_snippets_build_the_optimizer_with_its_own_defaults(recipe, cls, ex
     optimizer = cli.model.optimizer([torch.nn.Parameter(torch.ones(1))])
     assert type(optimizer) is cls
     assert {k: optimizer.defaults[k] for k in expected} == expected
-
-
-def test_optim_speed_benchmark_quick(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    script = ROOT / "benchmarks/optim_speed.py"
-    proc = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=3600, env=env)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.startswith("Machine: ") and "| ResNet-50 layout | Lion |" in proc.stdout
-    runs = json.loads((tmp_path / "optim_speed_quick.json").read_text())["runs"]
-    ours = {(r["model"], r["optimizer"]): r for r in runs}
-    assert ours["MLP 8.4M params", "Lion"]["state_tensors_per_param"] == 1
-    assert ours["MLP 8.4M params", "AdamW foreach"]["state_tensors_per_param"] == 2
-    assert ours["ResNet-50 layout", "AdaBelief"]["state_tensors_per_param"] == 2
-    assert all(r["step_ms"] > 0 for r in runs)
