@@ -144,3 +144,13 @@ def test_fit_with_stablemax_loss_and_perpendicular_gradient(quiet_trainer_kwargs
     trainer.fit(model, DigitsDataModule(batch_size=32))
     assert len(probe.losses) == 4
     assert all(torch.isfinite(loss) and loss.dtype == torch.float32 for loss in probe.losses)
+
+
+def test_perpendicular_gradient_options_are_checked():
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="eps must be a finite number"):
+            PerpendicularGradient(eps=bad)
+        with pytest.raises(ValueError, match="eps must be a finite number"):
+            perpendicular_grad_([], eps=bad)
+    with pytest.raises(TypeError, match="rescale must be a bool"):
+        PerpendicularGradient(rescale="yes")

@@ -10,6 +10,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from lit_tricks.core.checks import check_number
+
+
+def _check_options(rescale: bool, eps: float) -> None:
+    if not isinstance(rescale, bool):
+        raise TypeError(f"rescale must be a bool, got {type(rescale).__name__}.")
+    check_number("eps", eps, at_least=0.0, hint="The authors use 1e-30.")
+
 
 @torch.no_grad()
 def perpendicular_grad_(params: Iterable[Tensor], rescale: bool = True, eps: float = 1e-30) -> None:
@@ -19,10 +27,7 @@ def perpendicular_grad_(params: Iterable[Tensor], rescale: bool = True, eps: flo
     :math:`g \leftarrow g_\perp \, \lVert g\rVert / (\lVert g_\perp\rVert + \epsilon)`. Parameters without a
     gradient are skipped. Norms and updates are multi-tensor ops per device and dtype.
     """
-    if not isinstance(rescale, bool):
-        raise TypeError(f"rescale must be a bool, got {type(rescale).__name__}.")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0 (the authors use 1e-30), got {eps}.")
+    _check_options(rescale, eps)
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
     for p in params:
         if p.grad is None:
@@ -56,10 +61,7 @@ class PerpendicularGradient(Callback):
     """
 
     def __init__(self, rescale: bool = True, eps: float = 1e-30) -> None:
-        if not isinstance(rescale, bool):
-            raise TypeError(f"rescale must be a bool, got {type(rescale).__name__}.")
-        if not isinstance(eps, (int, float)) or not eps >= 0:
-            raise ValueError(f"eps must be a number >= 0 (the authors use 1e-30), got {eps!r}.")
+        _check_options(rescale, eps)
         self.rescale, self.eps = rescale, float(eps)
 
     def on_before_optimizer_step(
