@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import CASES  # noqa: E402
+from harness import CASES, tear_down_process_group  # noqa: E402
 
 
 def main(name: str, out: Path) -> None:
@@ -44,3 +44,4 @@ def main(name: str, out: Path) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]))
+    tear_down_process_group()

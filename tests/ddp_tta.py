@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+from harness import tear_down_process_group
 from lit_tricks import EcoTTA
 from lit_tricks.data import CorruptionStreamDataModule, DigitsDataModule
 from lit_tricks.nets import CNN2D
@@ -35,3 +36,4 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    tear_down_process_group()

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import RecordWeights  # noqa: E402
+from harness import RecordWeights, tear_down_process_group  # noqa: E402
 from lit_tricks import ELR, Classifier, ExperienceReplay, SampleReweighting, SelfDistill  # noqa: E402
 from lit_tricks.data import IndexedDataset  # noqa: E402
 from lit_tricks.nets import MLP  # noqa: E402
@@ -62,3 +62,4 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    tear_down_process_group()

@@ -47,6 +47,13 @@ Build = Callable[[], tuple[pl.LightningModule, pl.LightningDataModule, list[Call
 CASES: dict[str, Build] = {}
 
 
+def tear_down_process_group() -> None:
+    """End a DDP script's process group before the interpreter exits: left to exit-time destructors, gloo's
+    threads occasionally abort the process ("terminate called without an active exception") after a good run."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def case(name: str) -> Callable[[Build], Build]:
     def register(build: Build) -> Build:
         CASES[name] = build
