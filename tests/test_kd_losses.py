@@ -1,0 +1,145 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lit_tricks import Classifier
+from lit_tricks.core.batch import StepOutput
+from lit_tricks.distill.dhkd import DHKDLoss
+from lit_tricks.functional.kd_losses import (
+    binary_kl,
+    binary_kl_norm,
+    fused_kd_loss,
+    teacher_class_mean,
+    tgeo_relations,
+)
+from lit_tricks.nets import MLP
+
+# KL(Bern(1/2) || Bern(3/4)) = 0.5 ln(4/3): the value of both binary losses at a logit gap of ln 3
+HALF_LN_4_3 = 0.5 * math.log(4 / 3)
+
+
+def test_binary_kl_norm_by_hand():
+    # per class: -ln 2 - 0.5 ln(d (1 - d)) with d = sigmoid((z_s - z_t) / T); d = 3/4 gives 0.5 ln(4/3)
+    student = torch.tensor([[2 * math.log(3), 1.0], [0.5, -0.5]], requires_grad=True)
+    teacher = torch.tensor([[0.0, 1.0], [0.5, -0.5]])
+    loss = binary_kl_norm(student, teacher, temperature=2.0)
+    torch.testing.assert_close(loss, torch.tensor([4 * HALF_LN_4_3, 0.0]))
+    loss.sum().backward()
+    # d/dz_s = T (d - 1/2): 2 * 0.25 at the gap, 0 where the logits agree
+    torch.testing.assert_close(student.grad, torch.tensor([[0.5, 0.0], [0.0, 0.0]]))
+
+
+def test_binary_kl_by_hand():
+    student = torch.tensor([[math.log(3), 2.0]], requires_grad=True)  # sigmoid: 3/4, and equal to the teacher
+    teacher = torch.tensor([[0.0, 2.0]])  # sigmoid: 1/2
+    loss = binary_kl(student, teacher, temperature=1.0)
+    torch.testing.assert_close(loss, torch.tensor([HALF_LN_4_3]))
+    loss.sum().backward()
+    torch.testing.assert_close(student.grad, torch.tensor([[0.25, 0.0]]))  # T (p_s - p_t)
+    # the temperature divides the logits and multiplies by T^2
+    torch.testing.assert_close(binary_kl(student * 3, teacher * 3, temperature=3.0), 9 * loss)
+
+
+def test_binary_losses_stay_finite_where_the_authors_float32_clamp_overflows():
+    # in float32 1 - 1e-8 rounds to 1, so clamping the sigmoid lets log(1 - d) reach -inf; clamping the
+    # logit to logit(1 - eps) is the same clamp done exactly, with the same zero gradient beyond it
+    student = torch.tensor([[400.0, -400.0]], requires_grad=True)
+    teacher = torch.zeros(1, 2)
+    bound = -math.log(2) - 0.5 * (math.log(1 - 1e-8) + math.log(1e-8))
+    norm = binary_kl_norm(student, teacher, temperature=1.0)
+    torch.testing.assert_close(norm, torch.tensor([2 * bound]))
+    plain = binary_kl(student, teacher, temperature=1.0)
+    assert torch.isfinite(plain).all()
+    (norm + plain).sum().backward()
+    torch.testing.assert_close(student.grad, torch.zeros(1, 2))
+
+
+def test_binary_losses_refuse_a_bad_temperature():
+    with pytest.raises(ValueError, match="temperature must be a finite number in \\(0.0, inf\\)"):
+        binary_kl_norm(torch.zeros(1, 2), torch.zeros(1, 2), temperature=0.0)
+    with pytest.raises(ValueError, match="eps"):
+        binary_kl(torch.zeros(1, 2), torch.zeros(1, 2), eps=0.7)
+
+
+def test_tgeo_relations_and_class_mean_by_hand():
+    s = torch.tensor([[0.6, 0.4]])
+    t = torch.tensor([[0.9, 0.1]])
+    g = torch.tensor([[1.0, 0.0]])
+    m = torch.tensor([[0.8, 0.2]])
+    x = tgeo_relations(s, t, g, m)
+    expected = [0.6, 0.4, 0.9, 0.1, 1.0, 0.0, 0.8, 0.2]
+    expected += [0.04, 0.04, 0.16, 0.16, 0.09, 0.09, 0.01, 0.01, 0.04, 0.04]
+    torch.testing.assert_close(x, torch.tensor([expected]))
+    with pytest.raises(ValueError, match="four \\[N, C\\] tensors of one shape"):
+        tgeo_relations(s, t, g, torch.zeros(1, 3))
+    # class 0 seen twice (teacher mean 0.7/0.3), class 1 never (uniform); a mixed target mixes the means
+    sums = torch.tensor([[1.4, 0.6], [0.0, 0.0]])
+    counts = torch.tensor([2.0, 0.0])
+    targets = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    torch.testing.assert_close(teacher_class_mean(targets, sums, counts), torch.tensor([[0.7, 0.3], [0.6, 0.4]]))
+    torch.testing.assert_close(
+        fused_kd_loss(torch.tensor([0.25, 1.0]), torch.tensor([4.0, 2.0]), torch.tensor([8.0, 5.0])),
+        torch.tensor([7.0, 2.0]),
+    )
+
+
+def _student() -> Classifier:
+    torch.manual_seed(0)
+    return Classifier(MLP(4, 3, hidden=(5,)), num_classes=3)
+
+
+def test_dhkd_aux_head_gets_only_the_logit_loss_and_the_main_head_none():
+    module = _student()
+    loss = DHKDLoss(temperature=2.0)
+    module.distill_loss = loss  # where Distill attaches it, so the student's optimizer sees the head
+    loss.setup(None, module, None)
+    assert isinstance(loss.aux_head, nn.Linear) and loss.aux_head.in_features == 5
+    assert any(p is loss.aux_head.weight for p in module.parameters())
+    x = torch.randn(6, 4)
+    logits, features = module.forward_features(x)
+    # a copy of the main head on the aux head, and the main logits as the teacher: the loss is exactly 0
+    loss.aux_head.load_state_dict(module.backbone.head.state_dict())
+    out = StepOutput(logits, features, torch.zeros(6))
+    torch.testing.assert_close(loss(out, logits.detach(), None, torch.zeros(6, dtype=torch.long)), torch.zeros(6))
+    # the value is binary_kl_norm of the aux logits; the main head gets no gradient, backbone and aux head do
+    teacher = torch.randn(6, 3)
+    value = loss(out, teacher, None, torch.zeros(6, dtype=torch.long))
+    torch.testing.assert_close(value, binary_kl_norm(loss.aux_head(features), teacher, 2.0))
+    value.sum().backward()
+    assert module.backbone.head.weight.grad is None
+    assert module.backbone.body[1].weight.grad.abs().sum() > 0 and loss.aux_head.weight.grad.abs().sum() > 0
+
+
+def test_dhkd_nonlinear_head_and_plain_binary_kl():
+    module = _student()
+    loss = DHKDLoss(temperature=1.0, head="nonlinear", logit_loss="binary_kl", hidden=7, dropout=0.0)
+    loss.setup(None, module, None)
+    kinds = [type(m) for m in loss.aux_head]
+    assert kinds == [nn.Linear, nn.Dropout, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    assert loss.aux_head[0].in_features == 5 and loss.aux_head[-1].out_features == 3
+    features, teacher = torch.randn(4, 5), torch.randn(4, 3)
+    value = loss(StepOutput(torch.zeros(4, 3), features, torch.zeros(4)), teacher, None, torch.zeros(4))
+    torch.testing.assert_close(value, binary_kl(loss.aux_head(features), teacher, 1.0))
+
+
+def test_dhkd_bad_arguments():
+    with pytest.raises(ValueError, match="temperature"):
+        DHKDLoss(temperature=-1.0)
+    with pytest.raises(ValueError, match="head must be 'linear' or 'nonlinear'"):
+        DHKDLoss(head="mlp")
+    with pytest.raises(ValueError, match="logit_loss must be one of"):
+        DHKDLoss(logit_loss="kl")
+    with pytest.raises(ValueError, match="dropout"):
+        DHKDLoss(dropout=1.0)
+    headless = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.Linear(8, 3, bias=False)), num_classes=3)
+    headless.backbone[2] = nn.Identity()  # no Linear with 3 outputs left to read the width from
+    with pytest.raises(ValueError, match="pass in_features"):
+        DHKDLoss().setup(None, headless, None)
+    loss = DHKDLoss()
+    with pytest.raises(RuntimeError, match="setup"):
+        loss(StepOutput(torch.zeros(1, 3), torch.zeros(1, 5), torch.zeros(1)), torch.zeros(1, 3), None, torch.zeros(1))
+    loss.setup(None, _student(), None)
+    with pytest.raises(ValueError, match="forward_features"):
+        loss(StepOutput(torch.zeros(1, 3), None, torch.zeros(1)), torch.zeros(1, 3), None, torch.zeros(1))
