@@ -1,6 +1,6 @@
-"""TrAct (Petersen, Sutter, Borgelt, Huh, Kuehne, Sun, Deussen, "TrAct: Making First-layer Pre-Activations
-Trainable", NeurIPS 2024): the first layer's weight gradient becomes the closed-form update that moves its
-pre-activations, not its weights, by a gradient step."""
+"""TrAct (Petersen, Borgelt and Ermon, "TrAct: Making First-layer Pre-Activations Trainable", NeurIPS 2024): the
+first layer's weight gradient becomes the closed-form update that moves its pre-activations, not its weights, by
+a gradient step."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ _HINT = "The paper's default is 0.1."
 
 
 def tract_weight_grad(grad_rows: Tensor, input_rows: Tensor, lam: float) -> Tensor:
-    """The TrAct weight gradient ``dW' = G^T A (A^T A / n + lam I)^-1`` (the paper's Eq. 9).
+    """The TrAct weight gradient ``dW' = G^T A (A^T A / n + lam I)^-1``, the paper's closed-form update.
 
     ``A`` (``input_rows``, ``[n, d]``) holds the layer's ``n`` inputs (a conv layer's input patches: one row per
     sample and output position) and ``G`` (``grad_rows``, ``[n, c]``) the loss gradient of its ``n``
