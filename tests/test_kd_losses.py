@@ -1,12 +1,15 @@
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from lit_tricks import Classifier
 from lit_tricks.core.batch import StepOutput
 from lit_tricks.distill.dhkd import DHKDLoss
+from lit_tricks.distill.tgeo import TGeoLoss
 from lit_tricks.functional.kd_losses import (
     binary_kl,
     binary_kl_norm,
@@ -143,3 +146,79 @@ def test_dhkd_bad_arguments():
     loss.setup(None, _student(), None)
     with pytest.raises(ValueError, match="forward_features"):
         loss(StepOutput(torch.zeros(1, 3), None, torch.zeros(1)), torch.zeros(1, 3), None, torch.zeros(1))
+
+
+# ---------------------------------------------------------------------------------------------------- TGeo-KD
+def _fake_trainer(lr: float = 0.5):
+    """What TGeoLoss reads of a trainer, for tests that run the loss outside a fit."""
+    return SimpleNamespace(
+        state=SimpleNamespace(fn=TrainerFn.FITTING),
+        datamodule=None,
+        strategy=SimpleNamespace(reduce=lambda tensor, reduce_op: tensor),
+        optimizers=[SimpleNamespace(param_groups=[{"lr": lr}])],
+        fast_dev_run=False,
+        _logger_connector=SimpleNamespace(should_update_logs=False),
+    )
+
+
+def _linear_student(loss):
+    torch.manual_seed(0)
+    module = Classifier(MLP(3, 2, hidden=()), num_classes=2)
+    module.distill_loss = loss
+    trainer = _fake_trainer()
+    module._trainer = trainer
+    loss.setup(trainer, module, None)
+    return module
+
+
+def test_tgeo_loss_value_is_the_ratio_fused_kd_and_ce():
+    loss = TGeoLoss(temperature=2.0, held_out=[])
+    module = _linear_student(loss)
+    loss.class_sums.copy_(torch.tensor([[1.6, 0.4], [0.3, 0.7]]))  # teacher means 0.8/0.2 and 0.3/0.7
+    loss.class_counts.copy_(torch.tensor([2.0, 1.0]))
+    loss.eval()  # no upper step, no statistics update
+    logits, teacher = torch.tensor([[0.5, -0.5], [0.0, 1.0]]), torch.tensor([[2.0, 0.0], [1.0, 0.0]])
+    targets = torch.tensor([0, 1])
+    value = loss(StepOutput(logits, None, torch.zeros(2)), teacher, None, targets)
+    g = torch.eye(2)
+    state = tgeo_relations(logits.softmax(-1), teacher.softmax(-1), g, torch.tensor([[0.8, 0.2], [0.3, 0.7]]))
+    alpha = loss.ratio_net(state).squeeze(-1)
+    soft_t, log_s = (teacher / 2).softmax(-1), (logits / 2).log_softmax(-1)
+    kd = 4 * (soft_t * (soft_t.log() - log_s)).sum(-1)  # T^2 KL at T = 2
+    ce = nn.functional.cross_entropy(logits, targets, reduction="none")
+    torch.testing.assert_close(value, alpha * kd + (1 - alpha) * ce)
+    assert loss.replaces_hard_loss and module.distill_loss is loss
+
+
+def test_tgeo_upper_step_is_the_one_step_lookahead_hypergradient():
+    torch.manual_seed(1)
+    x_val, y_val = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    loss = TGeoLoss(temperature=1.0, held_out=[(x_val, y_val)], lookahead_lr=0.5)
+    module = _linear_student(loss)
+    loss._optimizer = torch.optim.SGD(loss.ratio_net.parameters(), lr=1.0)  # the step is then minus the gradient
+    before = [p.clone() for p in loss.ratio_net.parameters()]
+    x, y, teacher = torch.randn(4, 3), torch.tensor([0, 1, 1, 0]), torch.randn(4, 2)
+    # brute force: the student as explicit W, b; theta' = theta - eta * grad of the mean fused loss
+    head = module.backbone.head
+    omega = [p.clone().requires_grad_() for p in before]
+    w, b = head.weight.detach().clone().requires_grad_(), head.bias.detach().clone().requires_grad_()
+    logits = x @ w.T + b
+    p_t = teacher.softmax(-1)
+    class_means = torch.stack([p_t[y == c].mean(0) for c in (0, 1)])  # this batch is added before it is read
+    state = tgeo_relations(logits.detach().softmax(-1), p_t, torch.eye(2)[y], class_means[y])
+    names = [n for n, _ in loss.ratio_net.named_parameters()]
+    alpha = torch.func.functional_call(loss.ratio_net, dict(zip(names, omega, strict=True)), (state,)).squeeze(-1)
+    kd = (p_t * (teacher.log_softmax(-1) - logits.log_softmax(-1))).sum(-1)
+    ce = nn.functional.cross_entropy(logits, y, reduction="none")
+    inner = (alpha * kd + (1 - alpha) * ce).mean()
+    gw, gb = torch.autograd.grad(inner, (w, b), create_graph=True)
+    outer = nn.functional.cross_entropy(x_val @ (w - 0.5 * gw).T + (b - 0.5 * gb), y_val)
+    expected = torch.autograd.grad(outer, omega)
+    module.train()
+    out = loss(StepOutput(module(x), None, torch.zeros(4)), teacher, None, y)
+    for p, p0, g in zip(loss.ratio_net.parameters(), before, expected, strict=True):
+        torch.testing.assert_close(p, p0 - g)
+        assert p.grad is None and not p.requires_grad
+    assert loss.steps == 1 and loss.held_out_batches == 1
+    out.sum().backward()  # the student's own backward still works and never reaches the ratio network
+    assert head.weight.grad is not None
