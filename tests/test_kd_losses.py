@@ -1,15 +1,19 @@
 import math
 from types import SimpleNamespace
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lit_tricks import Classifier
+from lit_tricks.callbacks.distill import Distill
 from lit_tricks.core.batch import StepOutput
+from lit_tricks.data import DigitsDataModule
 from lit_tricks.distill.dhkd import DHKDLoss
-from lit_tricks.distill.tgeo import TGeoLoss
+from lit_tricks.distill.tgeo import TGeoLoss, ratio_network
 from lit_tricks.functional.kd_losses import (
     binary_kl,
     binary_kl_norm,
@@ -222,3 +226,67 @@ def test_tgeo_upper_step_is_the_one_step_lookahead_hypergradient():
     assert loss.steps == 1 and loss.held_out_batches == 1
     out.sum().backward()  # the student's own backward still works and never reaches the ratio network
     assert head.weight.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------------- real fits
+def _distill_fit(loss, quiet_trainer_kwargs, steps=4):
+    pl.seed_everything(0, verbose=False)
+    teacher = MLP(64, 10, hidden=(32,))
+    distill = Distill(teacher, loss=loss, temperature=2.0)
+    model = Classifier(MLP(64, 10, hidden=(16,)), num_classes=10, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    trainer = pl.Trainer(
+        max_steps=steps, limit_val_batches=1, log_every_n_steps=1, callbacks=[distill], **quiet_trainer_kwargs
+    )
+    trainer.fit(model, DigitsDataModule(batch_size=16))
+    return model, trainer
+
+
+def test_dhkd_in_a_real_fit(quiet_trainer_kwargs):
+    model, trainer = _distill_fit("dhkd", quiet_trainer_kwargs)
+    loss = model.distill_loss
+    assert isinstance(loss, DHKDLoss) and loss.temperature == 2.0 and loss.aux_head.in_features == 16
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert id(loss.aux_head.weight) in optimized  # the student's optimizer trains the auxiliary head
+    assert torch.isfinite(trainer.callback_metrics["tricks/Distill/dhkd"])
+    head = loss.aux_head.weight.clone()
+    (metrics,) = trainer.validate(model, DigitsDataModule(batch_size=16), verbose=False)  # setup runs again
+    assert torch.equal(loss.aux_head.weight, head) and metrics["val/acc"] > 0.0  # the main head predicts
+
+
+def test_tgeo_in_a_real_fit(quiet_trainer_kwargs):
+    pl.seed_everything(0, verbose=False)
+    initial = ratio_network(10).state_dict()  # what the loss's ratio network starts from under this seed
+    model, trainer = _distill_fit("tgeo", quiet_trainer_kwargs)
+    loss = model.distill_loss
+    assert isinstance(loss, TGeoLoss) and loss.steps == 4 and loss.held_out_batches == 4
+    assert float(loss.class_counts.sum()) == 4 * 16  # every training sample's teacher prediction counted
+    moved = [not torch.equal(p, initial[n]) for n, p in loss.ratio_net.state_dict().items()]
+    assert any(moved)  # the bilevel step trains the ratio network (the authors' released code never does)
+    alpha = float(trainer.callback_metrics["tricks/Distill/tgeo_alpha"])
+    assert 0.0 < alpha < 1.0
+
+
+def test_tgeo_needs_held_out_data_and_good_arguments(quiet_trainer_kwargs):
+    loader = DataLoader(TensorDataset(torch.randn(32, 64), torch.randint(0, 10, (32,))), batch_size=8)
+    distill = Distill(MLP(64, 10), loss="tgeo")
+    model = Classifier(MLP(64, 10, hidden=(16,)), num_classes=10)
+    with pytest.raises(ValueError, match="pass held_out=<DataLoader>"):
+        pl.Trainer(max_steps=1, callbacks=[distill], **quiet_trainer_kwargs).fit(model, loader)
+    for kwargs, message in (
+        ({"update_every": 0}, "update_every"),
+        ({"ratio_lr": 0.0}, "ratio_lr"),
+        ({"lookahead_lr": float("nan")}, "lookahead_lr"),
+        ({"hidden": (8, 0)}, "hidden widths"),
+        ({"temperature": float("inf")}, "temperature"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            TGeoLoss(**kwargs)
+    empty = TGeoLoss(held_out=[])
+    _linear_student(empty).train()
+    with pytest.raises(ValueError, match="held-out data is empty"):
+        empty(
+            StepOutput(torch.zeros(2, 2, requires_grad=True), None, torch.zeros(2)),
+            torch.zeros(2, 2),
+            None,
+            torch.tensor([0, 1]),
+        )
