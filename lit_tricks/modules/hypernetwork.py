@@ -7,6 +7,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
+from lit_tricks.core.rng import RestoresRNG
 from lit_tricks.nets.hypernetwork import HyperNetwork
 
 
@@ -17,14 +18,16 @@ def mixed_regression_loss(pred: Tensor, targets: Tensor, lam: Tensor) -> Tensor:
     return ((1 - lam) * (pred - targets[:, :1]).square() + lam * (pred - targets[:, 1:]).square()).mean()
 
 
-class LossConditionedRegression(pl.LightningModule):
+class LossConditionedRegression(RestoresRNG, pl.LightningModule):
     """Trains a :class:`~lit_tricks.nets.HyperNetwork` conditioned on the weight ``lam`` of two losses.
 
     Each training sample draws its own ``lam ~ U(0, 1)``; the target network runs with the weights predicted for
     it, and the loss is :func:`mixed_regression_loss` (the loss-conditioned setting of the MIP paper, Ortiz et
     al., ICLR 2024, on a regression toy). After training, ``model(x, lam)`` gives the solution for any ``lam``.
 
-    Batches are ``(x, targets)`` with ``targets`` of shape ``[N, 2]`` (the two regression targets).
+    Batches are ``(x, targets)`` or dicts with ``"inputs"`` and ``"targets"`` (an ``ArrayDataModule``'s), with
+    ``targets`` of shape ``[N, 2]`` (the two regression targets). The ``lam`` draws come from the global RNG, whose
+    state the checkpoint keeps, so a resumed run draws the same ones.
 
     Args:
         hypernet: a ``HyperNetwork`` with ``input_dim=1`` and a target with one output.
@@ -43,8 +46,8 @@ class LossConditionedRegression(pl.LightningModule):
     def forward(self, x: Tensor, lam: Tensor) -> Tensor:
         return self.hypernet(x, lam)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, targets = batch
+    def training_step(self, batch: tuple[Tensor, Tensor] | dict[str, Tensor], batch_idx: int) -> Tensor:
+        x, targets = (batch["inputs"], batch["targets"]) if isinstance(batch, dict) else batch
         if targets.dim() != 2 or targets.shape[1] != 2:
             raise ValueError(
                 f"targets must have shape [N, 2] (the two regression targets), got {tuple(targets.shape)}."
