@@ -59,7 +59,7 @@ class MIC(Trick):
         >>> from lit_tricks.nets import CNN2D
         >>> trainer = L.Trainer(max_steps=2, callbacks=[EMATeacher(decay=0.99), MIC(block_size=2)], logger=False,
         ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        ...                     limit_val_batches=0)
+        ...                     limit_val_batches=0, log_every_n_steps=1)
         >>> trainer.fit(Classifier(CNN2D(10, width=8), num_classes=10), DigitsDataModule(as_image=True))
         >>> "train/mic" in trainer.callback_metrics
         True
