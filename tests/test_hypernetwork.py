@@ -16,9 +16,9 @@ from lit_tricks.nets import MLP
 from lit_tricks.nets.hypernetwork import HyperNetwork, encode_input
 
 
-def _hypernet(mip=True, input_dim=1, hidden=(8, 16), **kwargs):
+def _hypernet(mip=True, input_dim=1, hidden=(8, 16), target=None, **kwargs):
     torch.manual_seed(0)
-    return HyperNetwork(input_dim, MLP(2, 3, hidden=(5,)), hidden=hidden, mip=mip, **kwargs)
+    return HyperNetwork(input_dim, target or MLP(2, 3, hidden=(5,)), hidden=hidden, mip=mip, **kwargs)
 
 
 def test_cos_sin_encoding_by_hand_and_its_norm_is_constant():
@@ -84,8 +84,9 @@ def test_plain_output_is_proportional_to_the_input_magnitude_at_init():
 
 
 def test_predicted_parameters_have_the_target_shapes():
-    net = _hypernet(input_dim=3)
-    shapes = {name: p.shape for name, p in net.target.named_parameters()}
+    target = MLP(2, 3, hidden=(5,))
+    net = _hypernet(input_dim=3, target=target)
+    shapes = {name: p.shape for name, p in target.named_parameters()}
     single = net.predict_parameters(torch.rand(3))
     assert {name: t.shape for name, t in single.items()} == shapes
     batched = net.predict_parameters(torch.rand(4, 3))
@@ -94,9 +95,9 @@ def test_predicted_parameters_have_the_target_shapes():
 
 @pytest.mark.parametrize("mip", [True, False])
 def test_functional_call_equals_the_target_with_the_weights_loaded(mip):
-    net = _hypernet(mip=mip, input_dim=2)
+    loaded = MLP(2, 3, hidden=(5,))
+    net = _hypernet(mip=mip, input_dim=2, target=loaded)
     x, h = torch.randn(6, 2), torch.rand(6, 2)
-    loaded = copy.deepcopy(net.target)
     with torch.no_grad():
         loaded.load_state_dict(net.predict_parameters(h[0]))
         torch.testing.assert_close(net(x, h[0]), loaded(x))
@@ -105,13 +106,16 @@ def test_functional_call_equals_the_target_with_the_weights_loaded(mip):
     torch.testing.assert_close(per_sample, rows, atol=1e-5, rtol=1e-5)
 
 
-def test_gradients_reach_the_hypernet_not_the_target_template():
-    net = _hypernet()
-    template = {name: p.clone() for name, p in net.target.named_parameters()}
+def test_only_the_hypernet_has_parameters_and_the_users_target_is_left_alone():
+    target = MLP(2, 3, hidden=(5,))
+    before = copy.deepcopy(target.state_dict())
+    net = _hypernet(target=target)
+    assert {name.split(".")[0] for name, _ in net.named_parameters()} == {"body", "output"}
+    assert not any(key.startswith("target.") for key in net.state_dict())  # the template is not saved
     net(torch.randn(4, 2), torch.rand(4, 1)).sum().backward()
-    assert net.output.weight.grad is not None and net.output.weight.grad.abs().sum() > 0
-    assert all(p.grad is None and not p.requires_grad for p in net.target.parameters())
-    assert all(torch.equal(p, template[name]) for name, p in net.target.named_parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+    assert all(p.requires_grad for p in target.parameters())
+    assert all(torch.equal(p, before[name]) for name, p in target.state_dict().items())
 
 
 def test_mixed_regression_loss_by_hand():
@@ -120,23 +124,31 @@ def test_mixed_regression_loss_by_hand():
     lam = torch.tensor([[0.25], [0.5]])
     # (0.75 * 1 + 0.25 * 1 + 0.5 * 1 + 0.5 * 1) / 2
     assert mixed_regression_loss(pred, targets, lam).item() == pytest.approx(1.0)
+    # the excess over the minimum lam (1 - lam) (y0 - y1)^2 is the distance to the optimum (1 - lam) y0 + lam y1
+    pred, targets, lam = torch.randn(50, 1), torch.randn(50, 2), torch.rand(50, 1)
+    floor = (lam * (1 - lam) * (targets[:, :1] - targets[:, 1:]).square()).mean()
+    optimum = (1 - lam) * targets[:, :1] + lam * targets[:, 1:]
+    excess = mixed_regression_loss(pred, targets, lam) - floor
+    torch.testing.assert_close(excess, (pred - optimum).square().mean())
 
 
 def test_a_real_fit_trains_the_hypernetwork(tmp_path):
     torch.manual_seed(0)
     x = torch.rand(64, 1) * 2 - 1
     data = DataLoader(TensorDataset(x, torch.cat([x.sin(), x.cos()], dim=1)), batch_size=16)
+    val = DataLoader(TensorDataset(x[:16], torch.cat([x[:16].sin(), x[:16].cos()], dim=1)), batch_size=16)
     model = LossConditionedRegression(HyperNetwork(1, MLP(1, 1, hidden=(8,)), hidden=(8,)))
     before = copy.deepcopy(model.hypernet.state_dict())
     trainer = pl.Trainer(
         max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
+        enable_model_summary=False, default_root_dir=tmp_path, val_check_interval=4,
     )  # fmt: skip
-    trainer.fit(model, data)
+    trainer.fit(model, data, val)
     after = model.hypernet.state_dict()
-    assert trainer.global_step == 4 and torch.isfinite(trainer.callback_metrics["train/loss"])
-    assert not torch.equal(after["output.weight"], before["output.weight"])
-    assert torch.equal(after["target.head.weight"], before["target.head.weight"])  # the template never trains
+    metrics = trainer.callback_metrics
+    assert trainer.global_step == 4 and torch.isfinite(metrics["train/loss"])
+    assert 0 <= metrics["val/excess"] < metrics["val/loss"]
+    assert all(not torch.equal(after[name], before[name]) for name in ("output.weight", "output.bias"))
 
 
 def test_constructible_from_yaml():

@@ -31,7 +31,7 @@ class LossConditionedRegression(RestoresRNG, pl.LightningModule):
 
     Args:
         hypernet: a ``HyperNetwork`` with ``input_dim=1`` and a target with one output.
-        optimizer: a callable ``params -> Optimizer`` (default Adam, lr 1e-3); the frozen target template is left out.
+        optimizer: a callable ``params -> Optimizer`` (default Adam, lr 1e-3).
     """
 
     def __init__(self, hypernet: HyperNetwork, optimizer: OptimizerCallable | None = None) -> None:
@@ -47,16 +47,30 @@ class LossConditionedRegression(RestoresRNG, pl.LightningModule):
         return self.hypernet(x, lam)
 
     def training_step(self, batch: tuple[Tensor, Tensor] | dict[str, Tensor], batch_idx: int) -> Tensor:
-        x, targets = (batch["inputs"], batch["targets"]) if isinstance(batch, dict) else batch
-        if targets.dim() != 2 or targets.shape[1] != 2:
-            raise ValueError(
-                f"targets must have shape [N, 2] (the two regression targets), got {tuple(targets.shape)}."
-            )
+        x, targets = self._unpack(batch)
         lam = torch.rand(len(x), 1, device=x.device, dtype=x.dtype)
         loss = mixed_regression_loss(self.hypernet(x, lam), targets, lam)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    def validation_step(self, batch: tuple[Tensor, Tensor] | dict[str, Tensor], batch_idx: int) -> None:
+        """``val/loss`` and ``val/excess`` (the loss minus its minimum over functions, ``E (f - f*)^2``) with
+        ``lam`` evenly spaced over ``[0, 1]`` across the batch."""
+        x, targets = self._unpack(batch)
+        lam = torch.linspace(0, 1, len(x), device=x.device, dtype=x.dtype).unsqueeze(1)
+        loss = mixed_regression_loss(self.hypernet(x, lam), targets, lam)
+        floor = (lam * (1 - lam) * (targets[:, :1] - targets[:, 1:]).square()).mean()
+        self.log_dict({"val/loss": loss, "val/excess": loss - floor}, sync_dist=True)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.parameters() if p.requires_grad]
+        params = self.parameters()
         return self.optimizer(params) if self.optimizer else torch.optim.Adam(params, lr=1e-3)
+
+    @staticmethod
+    def _unpack(batch: tuple[Tensor, Tensor] | dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        x, targets = (batch["inputs"], batch["targets"]) if isinstance(batch, dict) else batch
+        if targets.dim() != 2 or targets.shape[1] != 2:
+            raise ValueError(
+                f"targets must have shape [N, 2] (the two regression targets), got {tuple(targets.shape)}."
+            )
+        return x, targets

@@ -15,6 +15,7 @@ Kaiming-normal weights and zero biases of the target), so the plain and the MIP 
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -52,7 +53,8 @@ class HyperNetwork(nn.Module):
       output bias) initialised to the target's weights: Kaiming normal (fan-in, LeakyReLU gain) for tensors of
       two or more dimensions, zero for biases, the target's own value for any other tensor (e.g. norm scales).
 
-    The target's own parameters are only a template (names, shapes): they are frozen and never used in forward.
+    ``target`` is copied and its parameters become non-persistent buffers of the copy (a template of names and
+    shapes, never trained, saved or used in forward), so ``parameters()`` holds the hypernetwork's alone.
 
     Args:
         input_dim: size ``d`` of the conditioning input ``h``.
@@ -83,10 +85,10 @@ class HyperNetwork(nn.Module):
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}.")
         self.input_dim, self.mip, self.encoding = input_dim, bool(mip), encoding
-        self.target = target.requires_grad_(False)
         self.names = [name for name, _ in named]
         self.shapes = [tuple(p.shape) for _, p in named]
         self.sizes = [p.numel() for _, p in named]
+        self.target = _as_template(target)
 
         layers: list[nn.Module] = []
         width = 2 * input_dim if self.mip else input_dim
@@ -150,6 +152,17 @@ class HyperNetwork(nn.Module):
                 "With mip=True the conditioning input h must lie in [0, 1] (its encoding assumes it); "
                 "rescale h to [0, 1] or use mip=False."
             )
+
+
+def _as_template(target: nn.Module) -> nn.Module:
+    """A copy of ``target`` whose parameters are non-persistent buffers: ``functional_call`` fills them in."""
+    template = copy.deepcopy(target)
+    for module in template.modules():
+        for name, param in list(module._parameters.items()):
+            del module._parameters[name]
+            if param is not None:
+                module.register_buffer(name, param.detach(), persistent=False)
+    return template
 
 
 def _initial_value(name: str, param: Tensor) -> Tensor:
