@@ -2,12 +2,20 @@
 
     python benchmarks/data_selection.py --seeds 3
     python benchmarks/data_selection.py --quick
+    python benchmarks/data_selection.py --seeds 3 --part one_epoch   # only the second table
 
 MNIST-1D with 70,000 signals (56,000 training, 14,000 test), the CNN1D, Adam (lr 1e-2) with a cosine schedule
 over each run's own optimizer steps, batch 128, 10 epochs (RS2: 10 rounds of a fraction r of the data, the
 paper's reduced budget). Every ~1/8 of a full-data epoch (and at the end) the model is evaluated on 5,000 test
 signals; the clock stops during evaluation. The target is the full-data run's final accuracy minus one point
 (per seed); "time to target" is the training time until an evaluation first reaches it.
+
+Second table, "One Epoch Is All You Need" (Komatsuzaki, 2019) at equal compute: the same CNN1D, Adam (lr 1e-2,
+cosine over the run), batch 64 and 800 optimizer steps (51,200 samples seen) on one pass over 51,200 fresh
+MNIST-1D signals vs many epochs over a fixed set of 5,000 or 15,000 of them (a different random subset per seed).
+The signals are generated once (64,000 with the package's generator, seed 7: 51,200 training, 12,800 test); as
+every signal is an independent draw, one pass over the pool is the same as generating a fresh batch every step.
+Final accuracy on the 12,800 test signals.
 """
 
 from __future__ import annotations
@@ -22,9 +30,12 @@ from lightning.pytorch.callbacks import Callback
 from lit_tricks import Classifier, SelectiveBackprop
 from lit_tricks.core.eval_mode import eval_mode
 from lit_tricks.data import MNIST1DDataModule
+from lit_tricks.data.indexed import ArrayDataset
+from lit_tricks.data.mnist1d import generate_mnist1d
 from lit_tricks.nets import CNN1D
 
 EPOCHS, BATCH, EVAL_SAMPLES, EVALS_PER_EPOCH = 10, 128, 5000, 8
+ONE_EPOCH_BATCH, ONE_EPOCH_STEPS, FIXED_SETS = 64, 800, (5_000, 15_000)  # one pass: 800 x 64 = 51,200 samples
 METHODS = {
     "full data": ({}, []),
     "RS2 r=0.5": ({"rs2_fraction": 0.5}, []),
@@ -91,8 +102,62 @@ def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
     return next((seconds for seconds, acc in curve if acc >= target), None)
 
 
-def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+def one_epoch_run(pool: ArrayDataset, test: ArrayDataset, size: int | None, seed: int, steps: int) -> dict:
+    """``steps`` optimizer steps on ``size`` signals of the pool (a random subset per seed) for as many epochs
+    as that takes, or (``size=None``) on one pass over ``steps * ONE_EPOCH_BATCH`` of them."""
+    pl.seed_everything(seed, verbose=False)
+    seen = steps * ONE_EPOCH_BATCH
+    rows = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[: size or seen]
+    datamodule = MNIST1DDataModule(batch_size=ONE_EPOCH_BATCH, val_fraction=0.0, seed=seed)
+    datamodule.train_set, datamodule.test_set = pool.subset(rows), test
+    model = Classifier(
+        CNN1D(10),
+        num_classes=10,
+        optimizer=lambda params: torch.optim.Adam(params, lr=1e-2),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps),
+        scheduler_interval="step",
+    )
+    trainer = pl.Trainer(
+        max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    start = time.perf_counter()
+    trainer.fit(model, datamodule)
+    seconds = time.perf_counter() - start
+    with torch.no_grad(), eval_mode(model):
+        acc = (model(test.inputs).argmax(dim=-1) == test.targets).float().mean().item()
+    return {"data": "fresh (one pass)" if size is None else f"fixed {size:,}", "distinct": len(rows),
+            "epochs": seen / len(rows), "seed": seed, "steps": trainer.global_step, "test_acc": acc,
+            "train_seconds": seconds}  # fmt: skip
+
+
+def one_epoch(args) -> None:
+    """The second table: one pass over fresh signals vs many epochs on a fixed set, at equal compute."""
+    seeds = range(1 if args.quick else args.seeds)
+    steps = 20 if args.quick else ONE_EPOCH_STEPS
+    fixed = (320,) if args.quick else FIXED_SETS
+    data = generate_mnist1d(round(steps * ONE_EPOCH_BATCH / 0.8), seed=7)
+    pool = ArrayDataset(torch.as_tensor(data["x"], dtype=torch.float32), torch.as_tensor(data["y"]))
+    test = ArrayDataset(torch.as_tensor(data["x_test"], dtype=torch.float32), torch.as_tensor(data["y_test"]))
+    runs = [one_epoch_run(pool, test, size, seed, steps) for seed in seeds for size in (*fixed, None)]
+
+    print(machine_line())
+    print(f"Seeds: {len(seeds)}{' (quick mode: not a measurement)' if args.quick else ''}\n")
+    print(f"| training data ({steps} steps of {ONE_EPOCH_BATCH}) | distinct signals | epochs | test acc (%) "
+          "| training time (s) |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    for name in dict.fromkeys(r["data"] for r in runs):
+        rows = [r for r in runs if r["data"] == name]
+        print(
+            f"| {name} | {rows[0]['distinct']:,} | {rows[0]['epochs']:.1f} | "
+            f"{mean_std([r['test_acc'] for r in rows], 100)} | {mean_std([r['train_seconds'] for r in rows])} |"
+        )
+    path = write_json(args.out, "data_selection_one_epoch" + ("_quick" if args.quick else ""), {"runs": runs})
+    print(f"\nRaw numbers: {path}")
+
+
+def selection(args) -> None:
+    """The first table: RS2 and selective backprop vs full data."""
     seeds = range(1 if args.quick else args.seeds)
     epochs = 1 if args.quick else EPOCHS
     base = MNIST1DDataModule(num_samples=2000 if args.quick else 70_000, val_fraction=0.0)
@@ -122,6 +187,18 @@ def main() -> None:
         )
     path = write_json(args.out, "data_selection" + ("_quick" if args.quick else ""), {"runs": runs})
     print(f"\nRaw numbers: {path}")
+
+
+def main() -> None:
+    cli = parser(__doc__.splitlines()[0])
+    cli.add_argument("--part", choices=("all", "selection", "one_epoch"), default="all", help="which table(s)")
+    args = cli.parse_args()
+    if args.part in ("all", "selection"):
+        selection(args)
+    if args.part == "all":
+        print()
+    if args.part in ("all", "one_epoch"):
+        one_epoch(args)
 
 
 if __name__ == "__main__":
