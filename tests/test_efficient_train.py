@@ -92,10 +92,10 @@ class Record(Trick):
         return batch
 
 
-def _fit(callbacks, net, quiet_trainer_kwargs):
+def _fit(callbacks, net, quiet_trainer_kwargs, max_epochs=2, **kwargs):
     pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(max_epochs=2, limit_train_batches=5, limit_val_batches=0, callbacks=callbacks,
-                         log_every_n_steps=1, **quiet_trainer_kwargs)  # fmt: skip
+    trainer = pl.Trainer(max_epochs=max_epochs, limit_train_batches=5, limit_val_batches=0, callbacks=callbacks,
+                         log_every_n_steps=1, **quiet_trainer_kwargs, **kwargs)  # fmt: skip
     trainer.fit(Classifier(net, num_classes=10), DigitsDataModule(batch_size=16, as_image=True))
     return trainer
 
@@ -108,6 +108,14 @@ def test_a_real_fit_follows_the_schedule(quiet_trainer_kwargs):
     assert [x.shape[-1] for x in after.inputs] == [6] * 6 + [7] * 2 + [8] * 2
     for original, seen in zip(before.inputs, after.inputs, strict=True):
         torch.testing.assert_close(seen, fourier_crop(original, tuple(seen.shape[-2:])))
+
+
+def test_total_steps_fixes_the_budget_and_a_run_without_one_is_refused(quiet_trainer_kwargs):
+    after = Record(0)
+    _fit([EfficientTrain(max_shift=0.0, noise_std=0.0, total_steps=5), after], CNN2D(10, width=4), quiet_trainer_kwargs)
+    assert [x.shape[-1] for x in after.inputs] == [6, 6, 6, 7] + [8] * 6  # stages of one step, then full size
+    with pytest.raises(ValueError, match="no step budget .* or EfficientTrain\\(total_steps=...\\)"):
+        _fit([EfficientTrain()], CNN2D(10, width=4), quiet_trainer_kwargs, max_epochs=-1, max_time="00:00:00:05")
 
 
 def test_augmentation_grows_and_the_generator_is_saved(quiet_trainer_kwargs):
@@ -141,5 +149,7 @@ def test_fixed_size_networks_and_bad_arguments_are_clear_errors(quiet_trainer_kw
         EfficientTrain(schedule=[[0.0, 1.0]])
     with pytest.raises(ValueError, match="schedule must be one of"):
         EfficientTrain(schedule="efficienttrain++")
+    with pytest.raises(ValueError, match=r"total_steps must be an integer in \[1, inf\)"):
+        EfficientTrain(total_steps=0)
     with pytest.raises(ValueError, match="if_fixed_size must be"):
         EfficientTrain(if_fixed_size="ignore")

@@ -101,6 +101,8 @@ class EfficientTrain(Trick):
         max_shift: largest translation at magnitude 10, as a fraction of each side.
         noise_std: noise standard deviation at magnitude 10.
         if_fixed_size: ``"raise"`` or ``"warn"`` when the network fails on smaller inputs.
+        total_steps: the optimizer steps the fractions refer to (``None``: the trainer's estimate from
+            ``max_steps`` / ``max_epochs``); set it when a run is split into parts with different budgets.
         seed: seed of the private generator.
 
     Example::
@@ -124,6 +126,7 @@ class EfficientTrain(Trick):
         max_shift: float = 0.1,
         noise_std: float = 0.1,
         if_fixed_size: Literal["raise", "warn"] = "raise",
+        total_steps: int | None = None,
         seed: int = 0,
     ) -> None:
         self.schedule = _check_schedule(schedule)
@@ -131,10 +134,13 @@ class EfficientTrain(Trick):
         check_number("noise_std", noise_std, at_least=0.0, hint="0 turns the noise off.")
         if if_fixed_size not in ("raise", "warn"):
             raise ValueError(f"if_fixed_size must be 'raise' or 'warn', got {if_fixed_size!r}.")
+        if total_steps is not None:
+            check_number("total_steps", total_steps, at_least=1, integer=True)
         check_number("seed", seed, integer=True)
         self.max_shift, self.noise_std, self.if_fixed_size = max_shift, noise_std, if_fixed_size
+        self.total_steps = total_steps
         self._generator = torch.Generator().manual_seed(seed)
-        self._total_steps = 0
+        self._total_steps = total_steps or 0
         self._probed = False
         self._active = True
 
@@ -147,11 +153,13 @@ class EfficientTrain(Trick):
         self._probed, self._active = False, True
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.total_steps is not None:
+            return
         total = trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError(
                 "EfficientTrain's stages are fractions of the run, but this run has no step budget (max_epochs=-1 "
-                "or only max_time): set max_steps or max_epochs."
+                "or only max_time): set max_steps or max_epochs, or EfficientTrain(total_steps=...)."
             )
         self._total_steps = max(1, int(total))
 
