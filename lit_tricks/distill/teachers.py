@@ -16,8 +16,9 @@ from torch import Tensor, nn
 
 from lit_tricks.core.checkpoint import load_checkpoint
 
-#: What a teacher can be given as: a module, a checkpoint path, or a list of them (an ensemble).
-TeacherSpec = nn.Module | str | os.PathLike | Sequence[nn.Module | str | os.PathLike]
+#: What a teacher can be given as: a checkpoint path, a module, or a list of them (an ensemble); ``os.PathLike``
+#: paths are accepted too (left out of the annotation, which jsonargparse would read a YAML list into).
+TeacherSpec = str | nn.Module | Sequence[str | nn.Module]
 
 #: State-dict prefix of the distillation loss a student trained with Distill carries; dropped when such a student
 #: is loaded as a teacher.
