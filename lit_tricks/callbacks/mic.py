@@ -26,7 +26,8 @@ class MIC(Trick):
               \qquad m_{\mathrm{block}} = [u > r],\; u \sim U(0, 1)\ \text{per block},
 
     added to the loss as ``train/mic``. The mask has one number per ``block_size`` block (segments for 1-D
-    signals), so a fraction ``ratio`` of the blocks is withheld on average (:func:`~lit_tricks.functional.block_mask`).
+    signals), so a fraction ``ratio`` of the blocks is withheld on average
+    (:func:`~lit_tricks.functional.mic.block_mask`).
     The quality :math:`q_i` is, by ``weighting``: ``"confidence"``, the teacher's top probability (the authors'
     classification code with ``pseudo_label_weight='prob'``; the per-sample analogue of the paper's weight);
     ``"threshold_fraction"``, the fraction of the batch's samples whose top probability reaches ``threshold``,
