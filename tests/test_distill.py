@@ -196,3 +196,20 @@ def test_custom_teacher_loss_and_hard_loss_replacement(quiet_trainer_kwargs):
     )
     trainer.fit(Classifier(MLP(64, 10, hidden=(16,)), num_classes=10), DigitsDataModule(batch_size=32))
     assert torch.equal(record.losses, torch.zeros(32))
+
+
+def test_teacher_runs_once_per_step_for_every_reader():
+    class Counting(nn.Linear):
+        calls = 0
+
+        def forward(self, x):
+            Counting.calls += 1
+            return super().forward(x)
+
+    distill = Distill(Counting(4, 3))
+    x = torch.randn(2, 4)
+    first = distill.teacher_outputs(x, step=0)
+    assert distill.teacher_outputs(x, step=0) is first and Counting.calls == 1
+    distill.teacher_outputs(x, step=1)
+    distill.teacher_outputs(x.clone(), step=1)
+    assert Counting.calls == 3
