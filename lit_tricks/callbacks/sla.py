@@ -9,6 +9,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from lit_tricks.callbacks.mic import MIC
+from lit_tricks.callbacks.self_distill import SelfDistill
 from lit_tricks.core.batch import StepOutput, TrickBatch
 from lit_tricks.core.checks import check_number
 from lit_tricks.core.eval_mode import eval_mode
@@ -177,9 +179,6 @@ class SLA(Trick):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        from lit_tricks.callbacks.mic import MIC
-        from lit_tricks.callbacks.self_distill import SelfDistill
-
         clashing = [
             type(cb).__name__
             for cb in trainer.callbacks
