@@ -7,6 +7,7 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
+from harness import assert_same
 from lit_tricks import Classifier, Mixup, Trick
 from lit_tricks.callbacks.distill import Distill
 from lit_tricks.core.batch import StepOutput
@@ -104,7 +105,7 @@ def test_fit_with_mixup_per_sample_and_frozen_teacher(quiet_trainer_kwargs):
     )
 
 
-def test_nd_fit_trains_the_projection_and_saves_the_directions(quiet_trainer_kwargs):
+def test_nd_fit_trains_the_projection_and_saves_the_directions(quiet_trainer_kwargs, tmp_path):
     pl.seed_everything(0)
     teacher = Classifier(MLP(64, 10, hidden=(32,)), num_classes=10)
     trainer = pl.Trainer(max_steps=2, callbacks=[Distill(teacher, loss="nd")], **quiet_trainer_kwargs)
@@ -117,6 +118,12 @@ def test_nd_fit_trains_the_projection_and_saves_the_directions(quiet_trainer_kwa
     assert all(id(p) in optimized for p in loss.projection.parameters())  # 16 -> 32 EmbTrans, trained
     assert "distill_loss.directions" in student.state_dict()
     assert not any(name.startswith("distill_loss") for name, _ in teacher.named_parameters())
+    # validating the student from its checkpoint: no setup computation, the loss takes the saved shapes
+    trainer.save_checkpoint(tmp_path / "student.ckpt")
+    again = Classifier(MLP(64, 10, hidden=(16,)), num_classes=10)
+    trainer = pl.Trainer(callbacks=[Distill(teacher, loss="nd")], limit_val_batches=1, **quiet_trainer_kwargs)
+    trainer.validate(again, DigitsDataModule(batch_size=32), ckpt_path=tmp_path / "student.ckpt", verbose=False)
+    assert_same(again.state_dict(), student.state_dict())
 
 
 @pytest.fixture(scope="module")
@@ -208,8 +215,9 @@ def test_teacher_runs_once_per_step_for_every_reader():
 
     distill = Distill(Counting(4, 3))
     x = torch.randn(2, 4)
-    first = distill.teacher_outputs(x, step=0)
-    assert distill.teacher_outputs(x, step=0) is first and Counting.calls == 1
-    distill.teacher_outputs(x, step=1)
-    distill.teacher_outputs(x.clone(), step=1)
+    first = distill.teacher_outputs(x)
+    assert distill.teacher_outputs(x) is first and Counting.calls == 1
+    distill.teacher_outputs(x.clone())  # another tensor
+    x += 1  # the same tensor, changed in place
+    distill.teacher_outputs(x)
     assert Counting.calls == 3

@@ -98,7 +98,7 @@ class Distill(Trick):
         self.temperature, self.weight, self.hard_weight = temperature, weight, hard_weight
         self.warmup_epochs = warmup_epochs
         self.needs_features = self.loss.needs_features
-        self._cache: tuple[int, Tensor, tuple[Tensor, Tensor | None]] | None = None
+        self._cache: tuple[Tensor, int, tuple[Tensor, Tensor | None]] | None = None
 
     @staticmethod
     def of(trainer: pl.Trainer) -> Distill:
@@ -117,28 +117,31 @@ class Distill(Trick):
                 f"The teacher predicts {declared} classes but the student has num_classes={pl_module.num_classes}: "
                 "distil from a teacher trained on the same classes."
             )
-        self.teacher.to(trainer.strategy.root_device)
-        # a submodule of the student in every stage, so the student's checkpoints load with the loss's state
+        # a submodule of the student in every stage, so that the student's checkpoints load with the loss's state
         pl_module.distill_loss = self.loss
-        self.loss.setup(trainer, pl_module, self.teacher)
+        if stage == "fit":
+            self.teacher.to(trainer.strategy.root_device)
+            self.loss.setup(trainer, pl_module, self.teacher)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.teacher.to(pl_module.device)
         self._cache = None
 
-    def teacher_outputs(self, inputs: Tensor, step: int) -> tuple[Tensor, Tensor | None]:
-        """The teacher's ``(logits, features or None)`` for ``inputs``, computed once per training step
-        ``step`` for the same tensor (features when the loss reads them)."""
-        if self._cache is not None and self._cache[0] == step and self._cache[1] is inputs:
+    def teacher_outputs(self, inputs: Tensor | TrickBatch) -> tuple[Tensor, Tensor | None]:
+        """The teacher's ``(logits, features or None)`` for ``inputs`` (or a batch's inputs), features when the
+        loss reads them. Computed once for the same, unmodified tensor: every part that asks in one step shares
+        one teacher forward."""
+        inputs = inputs.inputs if isinstance(inputs, TrickBatch) else inputs
+        if self._cache is not None and self._cache[0] is inputs and self._cache[1] == inputs._version:
             return self._cache[2]
         outputs = self.teacher(inputs, features=self.loss.needs_teacher_features)
-        self._cache = (step, inputs, outputs)
+        self._cache = (inputs, inputs._version, outputs)  # holding the tensor keeps its identity unique
         return outputs
 
     def after_loss(
         self, trainer: pl.Trainer, module: pl.LightningModule, batch: TrickBatch, out: StepOutput
     ) -> StepOutput:
-        teacher_logits, teacher_features = self.teacher_outputs(batch.inputs, trainer.global_step)
+        teacher_logits, teacher_features = self.teacher_outputs(batch)
         if teacher_logits.shape != out.logits.shape:
             raise ValueError(
                 f"The teacher's logits have shape {tuple(teacher_logits.shape)} but the student's "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
@@ -17,6 +17,13 @@ from lit_tricks.functional.teacher_kd import class_mean_directions, nd_loss
 
 if TYPE_CHECKING:
     from lit_tricks.distill.teachers import Teacher
+
+
+def _emb_trans(student_width: int, teacher_width: int) -> nn.Sequential:
+    """The authors' ``EmbTrans`` projection of student features to the teacher's width (Linear bias 0)."""
+    linear = nn.Linear(student_width, teacher_width)
+    nn.init.zeros_(linear.bias)
+    return nn.Sequential(nn.BatchNorm1d(student_width), nn.Dropout(0.5), linear)
 
 
 class NDLoss(TeacherLoss):
@@ -79,12 +86,18 @@ class NDLoss(TeacherLoss):
             raise ValueError("NDLoss found no batch in the training dataloader to compute the class means from.")
         self.directions = class_mean_directions(sums, counts).to(module.device)
         teacher_width = sums.shape[1]
-        if student_width != teacher_width:
-            linear = nn.Linear(student_width, teacher_width)
-            nn.init.zeros_(linear.bias)
-            self.projection = nn.Sequential(nn.BatchNorm1d(student_width), nn.Dropout(0.5), linear).to(module.device)
-        else:
-            self.projection = nn.Identity()
+        same = student_width == teacher_width
+        self.projection = nn.Identity() if same else _emb_trans(student_width, teacher_width).to(module.device)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # outside a fit (validate/test from a checkpoint) setup has not run: take the shapes the checkpoint holds
+        directions = state_dict.get(prefix + "directions")
+        if directions is not None and directions.shape != self.directions.shape:
+            self.directions = torch.empty_like(directions, device=self.directions.device)
+        weight = state_dict.get(prefix + "projection.2.weight")
+        if weight is not None and not isinstance(self.projection, nn.Sequential):
+            self.projection = _emb_trans(weight.shape[1], weight.shape[0]).to(self.directions.device)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(
         self, student: StepOutput, teacher_logits: Tensor, teacher_features: Tensor | None, targets: Tensor
