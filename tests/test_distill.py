@@ -58,6 +58,9 @@ def test_ensemble_is_the_mean_of_the_softmax():
     assert not any(p.requires_grad for net in nets for p in net.parameters()) and not nets[0].training
     with pytest.raises(ValueError, match="single teacher"):
         Teacher(nets)(x, features=True)
+    low, _ = Teacher(nets[0], autocast=True)(x)  # bfloat16 inside on the CPU, float32 out
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, nets[0](x).detach(), atol=0.05, rtol=0.05)
 
 
 class Record(Trick):
@@ -153,6 +156,8 @@ def test_teacher_from_a_checkpoint_path(teacher_checkpoint, quiet_trainer_kwargs
     x = torch.randn(4, 64)
     torch.testing.assert_close(distill.teacher(x)[0], trained(x).detach())
     assert distill.state_dict() == {"teacher_paths": [str(path)]}
+    pair = Distill([str(path), path])  # a list of paths (str or Path): an ensemble of two
+    torch.testing.assert_close(pair.teacher(x)[0], trained(x).detach().log_softmax(-1))
     # without the run's config.yaml a Classifier cannot be rebuilt (its backbone is not in its hyperparameters)
     alone = tmp_path / "alone" / "checkpoints"
     alone.mkdir(parents=True)
