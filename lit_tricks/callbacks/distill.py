@@ -56,7 +56,8 @@ class Distill(Trick):
     Example::
 
         >>> import lightning as L
-        >>> from lit_tricks import Classifier, Distill
+        >>> from lit_tricks import Classifier
+        >>> from lit_tricks.callbacks.distill import Distill
         >>> from lit_tricks.data import DigitsDataModule
         >>> from lit_tricks.nets import MLP
         >>> teacher = MLP(64, 10, hidden=(64,))
