@@ -62,6 +62,10 @@ def test_expanded_batch_repeats_weights_and_index():
     torch.testing.assert_close(out.index, torch.tensor([7] * 4 + [9] * 4))
     torch.testing.assert_close(out.targets, torch.tensor([4, 5, 6, 7, 8, 9, 10, 11]))
     torch.testing.assert_close(out.inputs[5], torch.rot90(batch.inputs[1], 1, (1, 2)))
+    mixed = TrickBatch(torch.randn(2, 8), torch.tensor([[0.3, 0.7], [1.0, 0.0]]))  # e.g. Mixup's targets, 1-D inputs
+    out = SLA().before_forward(None, None, mixed)
+    assert out.inputs.shape == (8, 8) and out.targets.shape == (8, 8)
+    torch.testing.assert_close(out.targets[1], torch.tensor([0.0, 0.3, 0.0, 0.0, 0.0, 0.7, 0.0, 0.0]))
 
 
 class Probe(Trick):
