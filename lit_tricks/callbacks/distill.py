@@ -122,7 +122,7 @@ class Distill(Trick):
         pl_module.distill_loss = self.loss
         if stage == "fit":
             self.teacher.to(trainer.strategy.root_device)
-            self.loss.setup(trainer, pl_module, self.teacher)
+        self.loss.setup(trainer, pl_module, self.teacher)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.teacher.to(pl_module.device)

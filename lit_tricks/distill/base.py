@@ -36,9 +36,11 @@ class TeacherLoss(nn.Module):
     replaces_hard_loss: bool = False
 
     def setup(self, trainer: pl.Trainer, module: pl.LightningModule, teacher: Teacher) -> None:
-        """Prepare before training (infer widths, build projections, compute teacher statistics).
+        """Prepare (infer widths, build heads or projections, compute teacher statistics).
 
-        Runs in the ``fit`` setup, before the optimizer is built and before a checkpoint is restored.
+        Runs in the setup of every stage, before the optimizer is built and before a checkpoint is restored, so
+        that a student's checkpoint loads with the loss's state; work only training needs (e.g. a pass over the
+        training set) checks ``trainer.state.fn``. The teacher is on the training device only when fitting.
         """
 
     def forward(

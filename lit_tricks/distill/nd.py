@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from lit_tricks.core.batch import StepOutput, TrickBatch
@@ -59,6 +60,8 @@ class NDLoss(TeacherLoss):
 
     @torch.no_grad()
     def setup(self, trainer: pl.Trainer, module: pl.LightningModule, teacher: Teacher) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            return  # evaluating a trained student: the directions and projection come from its checkpoint
         datamodule = trainer.datamodule
         if datamodule is None:
             raise ValueError(
