@@ -1,7 +1,9 @@
 """Teacher-to-student knowledge distillation: teachers, the objective interface and the losses."""
 
 from lit_tricks.distill.base import LOSSES, KDLoss, TeacherLoss, build_loss
+from lit_tricks.distill.dhkd import DHKDLoss
 from lit_tricks.distill.nd import NDLoss
 from lit_tricks.distill.teachers import Teacher, load_teacher
+from lit_tricks.distill.tgeo import TGeoLoss
 
-__all__ = ["LOSSES", "KDLoss", "NDLoss", "Teacher", "TeacherLoss", "build_loss", "load_teacher"]
+__all__ = ["LOSSES", "DHKDLoss", "KDLoss", "NDLoss", "TGeoLoss", "Teacher", "TeacherLoss", "build_loss", "load_teacher"]
