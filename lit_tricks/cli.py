@@ -30,6 +30,7 @@ COMMANDS = {
     "validate": "one pass over the validation set with a trained model (--ckpt_path PATH, last or best)",
     "test": "one pass over the test set with a trained model (--ckpt_path PATH, last or best)",
     "predict": "predictions on the predict set with a trained model (--ckpt_path PATH, last or best)",
+    "tune": "PBT or random search over any config key on Ray Tune: --tune configs/tune/pbt_mixup.yaml [--address]",
 }
 # Every public part by kind, as the `class_path` a config names; tests/test_cli.py checks it against the classes.
 CATALOGUE: dict[str, tuple[str, ...]] = {
@@ -286,10 +287,36 @@ def main(args: Sequence[str] | None = None) -> None:
     problem = preflight(argv)
     if problem:
         fail(problem)
+    if argv[0] == "tune":
+        return tune_main(argv[1:])
     try:
         __getattr__("LitTricksCLI")(args=None if args is None else argv)
     except ConfigError as error:
         fail(str(error))
+
+
+def tune_main(argv: Sequence[str]) -> None:
+    """``python -m lit_tricks tune --config RECIPE.yaml [--config SNIPPET.yaml ...] --tune TUNE.yaml [--address A]
+    [--run-dir DIR]``: :func:`lit_tricks.tune.tune` with the tuning file's settings; prints the results."""
+    import argparse
+    import importlib.util
+
+    parser = argparse.ArgumentParser(prog=f"{PROG} tune", description=tune_main.__doc__)
+    parser.add_argument("-c", "--config", action="append", required=True, help="a recipe, then snippets")
+    parser.add_argument("--tune", required=True, help="the tuning file, e.g. configs/tune/pbt_mixup.yaml")
+    parser.add_argument("--address", default=None, help="an existing Ray cluster (default: start Ray here)")
+    parser.add_argument("--run-dir", default="tune_runs", help="where results and every member's logs go")
+    args = parser.parse_args(argv)
+    if importlib.util.find_spec("ray") is None:
+        fail('tune needs Ray Tune, an optional extra: pip install -e ".[tune]"  (or: pip install "ray[tune]")')
+    from lit_tricks.tune import read_tune_file, tune
+
+    try:
+        settings = read_tune_file(args.tune)
+        result = tune(args.config, address=args.address, run_dir=args.run_dir, **settings)
+    except (ValueError, TypeError) as error:
+        fail(str(error))
+    print(result.report())
 
 
 def __getattr__(name: str) -> Any:

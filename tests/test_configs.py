@@ -11,7 +11,7 @@ from conftest import ROOT
 from lit_tricks.cli import LitTricksCLI, catalogue
 
 RECIPES = sorted(
-    p for p in (ROOT / "configs").rglob("*.yaml") if not {"tricks", "tta", "optim"} & set(p.relative_to(ROOT).parts)
+    p for p in (ROOT / "configs").rglob("*.yaml") if not {"tricks", "tta", "optim", "tune"} & set(p.relative_to(ROOT).parts)
 )
 OPTIMIZERS = sorted((ROOT / "configs" / "optim").glob("*.yaml"))  # snippets that replace a recipe's optimizer
 TTA = ROOT / "configs" / "tta"

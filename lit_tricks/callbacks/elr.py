@@ -55,6 +55,8 @@ class ELR(Trick):
         True
     """
 
+    tunable = ("beta", "lam")  # PBT may change these mid-run (lit_tricks.tune)
+
     needs_index = True
 
     def __init__(

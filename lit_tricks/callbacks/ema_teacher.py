@@ -81,6 +81,8 @@ class EMATeacher(Callback):
         True
     """
 
+    tunable = ("decay",)  # PBT may change it mid-run (lit_tricks.tune)
+
     def __init__(
         self,
         decay: float = 0.999,

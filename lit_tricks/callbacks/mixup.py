@@ -79,6 +79,8 @@ class Mixup(Trick):
         True
     """
 
+    tunable = ("alpha", "cutmix_alpha", "switch_prob", "prob", "label_smoothing")  # PBT may change these mid-run
+
     works_without_trick_module = True
 
     def __init__(

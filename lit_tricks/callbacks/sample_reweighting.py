@@ -48,6 +48,8 @@ class SampleReweighting(Trick):
         True
     """
 
+    tunable = ("temperature", "delta")  # PBT may change these mid-run (lit_tricks.tune)
+
     def __init__(
         self, strategy: Strategy = "linupper", temperature: float = 1.0, delta: float = 1.0, warmup_steps: int = 0
     ) -> None:

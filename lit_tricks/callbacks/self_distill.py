@@ -74,6 +74,8 @@ class SelfDistill(Trick):
         True
     """
 
+    tunable = ("alpha_T", "temperature", "weight")  # PBT may change these mid-run (lit_tricks.tune)
+
     order = -10
 
     def __init__(
