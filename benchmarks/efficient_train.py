@@ -13,9 +13,15 @@ final magnitude (9) all along (the paper's baseline keeps RandAugment at its fin
 the methods of one seed run back to back, so wall-time ratios compare runs under the same machine load. The
 model is evaluated at full size on the test split (every ~1/4 epoch; the clock stops meanwhile); the target is
 the plain run's final accuracy minus one point (per seed); "to target" is the first evaluation reaching it.
+A second table times one training step (crop + forward + backward + Adam) at each of the schedule's sizes,
+the sizes interleaved round-robin (median of 40 rounds after 5 warm-up rounds), which a loaded machine
+distorts far less than whole runs.
 """
 
 from __future__ import annotations
+
+import statistics
+import time
 
 import lightning.pytorch as pl
 import torch
@@ -25,6 +31,7 @@ from data_selection import AccuracyClock, time_to
 from lit_tricks import Classifier
 from lit_tricks.callbacks.efficient_train import EfficientTrain
 from lit_tricks.data import DigitsDataModule, MNIST1DDataModule
+from lit_tricks.functional.fourier_crop import fourier_crop
 from lit_tricks.nets import CNN1D, CNN2D
 
 
@@ -100,10 +107,32 @@ def run(setup: str, base: pl.LightningDataModule, method: str, seed: int, epochs
             "train_seconds": clock.curve[-1][0]}  # fmt: skip
 
 
+def step_costs(setup: str, base: pl.LightningDataModule, rounds: int) -> dict[float, float]:
+    """Median milliseconds of one training step (crop included) at each size fraction of the default schedule."""
+    _, make_net, lr, batch, *_ = SETUPS[setup]
+    net = make_net()
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    x, y = base.train_set.inputs[:batch], base.train_set.targets[:batch]
+    dims = 2 if x.ndim == 4 else 1
+    fractions = sorted({size for _, size, _ in EfficientTrain().schedule})
+    times: dict[float, list[float]] = {f: [] for f in fractions}
+    for i in range(rounds + 5):
+        for fraction in fractions:
+            start = time.perf_counter()
+            inputs = x if fraction == 1.0 else fourier_crop(x, EfficientTrain._sides(x, dims, fraction))
+            loss = torch.nn.functional.cross_entropy(net(inputs), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if i >= 5:
+                times[fraction].append(1000 * (time.perf_counter() - start))
+    return {fraction: statistics.median(ms) for fraction, ms in times.items()}
+
+
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     seeds = range(1 if args.quick else args.seeds)
-    runs = []
+    runs, costs = [], {}
     for setup, (make_data, *_, epochs, _) in SETUPS.items():
         base = make_data(args.quick)
         base.setup()
@@ -112,6 +141,7 @@ def main() -> None:
         epochs = 1 if args.quick else epochs
         run(setup, base, "plain", 0, 1)  # untimed warm-up
         runs += [run(setup, base, method, seed, epochs) for seed in seeds for method in METHODS]
+        costs[setup] = step_costs(setup, base, 3 if args.quick else 40)
     for r in runs:
         plain = next(b for b in runs if (b["setup"], b["seed"], b["method"]) == (r["setup"], r["seed"], "plain"))
         r["target"] = plain["final_acc"] - 0.01
@@ -138,7 +168,17 @@ def main() -> None:
                 f"| {mean_std([r['train_seconds'] for r in rows])} | {len(reached)}/{len(rows)} | {steps} "
                 f"| {seconds} | {ratio} |"
             )
-    path = write_json(args.out, "efficient_train" + ("_quick" if args.quick else ""), {"runs": runs})
+    print("\n| set-up | side / full side | input | step (ms) | step vs full size |")
+    print("|---|---|---|---|---|")
+    for setup, by_fraction in costs.items():
+        full = SETUPS[setup][0](True).input_shape
+        for fraction, ms in by_fraction.items():
+            sides = EfficientTrain._sides(torch.zeros(1, *full), 2 if len(full) == 3 else 1, fraction)
+            print(
+                f"| {setup} | {fraction:.3f} | {'x'.join(map(str, sides))} | {ms:.2f} | {ms / by_fraction[1.0]:.2f}x |"
+            )
+    payload = {"runs": runs, "step_ms": {setup: {str(f): ms for f, ms in c.items()} for setup, c in costs.items()}}
+    path = write_json(args.out, "efficient_train" + ("_quick" if args.quick else ""), payload)
     print(f"\nRaw numbers: {path}")
 
 
