@@ -37,11 +37,14 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
     "tricks": (
         "lit_tricks.ApplyMultiSampleDropout",
         "lit_tricks.CutMix",
+        "lit_tricks.Distill",
         "lit_tricks.ELR",
         "lit_tricks.ExperienceReplay",
+        "lit_tricks.MIC",
         "lit_tricks.Mixup",
         "lit_tricks.SampleReweighting",
         "lit_tricks.SelectiveBackprop",
+        "lit_tricks.SLA",
         "lit_tricks.SelfDistill",
     ),
     "callbacks": (

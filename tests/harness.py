@@ -257,3 +257,33 @@ def _layers():
     model = Classifier(multi_sample_dropout(CNN2D(num_classes=10, width=8), p=0.5, samples=4), num_classes=10)
     tricks = [ApplyGhostBatchNorm(virtual_batch_size=8), ApplyMultiSampleDropout(p=0.5, samples=4)]
     return model, DigitsDataModule(batch_size=32, as_image=True), tricks
+
+
+@case("distill_nd_mixup")
+def _distill():
+    # ND's class-mean directions live in the student (distill_loss buffer) and must survive the resume; the teacher
+    # is rebuilt, never saved; Mixup's generator feeds both networks the same mixed inputs
+    from lit_tricks import Distill
+
+    teacher = Classifier(MLP(64, 10, hidden=(32,)), num_classes=10)
+    model = Classifier(MLP(64, 10, hidden=(32,), dropout=0.2), num_classes=10)
+    tricks = [Mixup(alpha=0.4, seed=3), Distill(teacher, loss="nd", temperature=2.0, warmup_epochs=1)]
+    return model, DigitsDataModule(batch_size=32), tricks
+
+
+@case("distill_tgeo")
+def _distill_tgeo():
+    # TGeo's ratio network, its own Adam state, the teacher class means and the held-out position must resume
+    from lit_tricks import Distill
+
+    model = Classifier(MLP(64, 10, hidden=(16,), dropout=0.2), num_classes=10)
+    return model, DigitsDataModule(batch_size=32), [Distill(MLP(64, 10, hidden=(32,)), loss="tgeo", temperature=1.5)]
+
+
+@case("mic_ema_masks")
+def _mic():
+    # the private mask generator and the EMA teacher must continue exactly after the resume
+    from lit_tricks import MIC
+
+    model = Classifier(CNN2D(num_classes=10, width=8), num_classes=10)
+    return model, DigitsDataModule(batch_size=32, as_image=True), [EMATeacher(decay=0.9), MIC(block_size=2, ratio=0.7)]

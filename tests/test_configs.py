@@ -3,6 +3,7 @@ optimizer snippet in configs/optim/ trains the quickstart."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -11,7 +12,9 @@ from conftest import ROOT
 from lit_tricks.cli import LitTricksCLI, catalogue
 
 RECIPES = sorted(
-    p for p in (ROOT / "configs").rglob("*.yaml") if not {"tricks", "tta", "optim", "tune"} & set(p.relative_to(ROOT).parts)
+    p
+    for p in (ROOT / "configs").rglob("*.yaml")
+    if not {"tricks", "tta", "optim", "tune", "distill"} & set(p.relative_to(ROOT).parts)
 )
 OPTIMIZERS = sorted((ROOT / "configs" / "optim").glob("*.yaml"))  # snippets that replace a recipe's optimizer
 TTA = ROOT / "configs" / "tta"
@@ -65,11 +68,29 @@ def test_every_snippet_appends_with_callbacks_plus(snippet):
 @pytest.mark.skipif(not SNIPPETS, reason="no trick snippets in configs/tricks yet")
 def test_all_snippets_stack_on_the_quickstart(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    _train_the_distillation_teacher()  # configs/tricks/distill.yaml distils from its checkpoint
     cli = LitTricksCLI(args=["fit", *_configs(ROOT / "configs/quickstart.yaml", *SNIPPETS), *SHORT_RUN])
     names = {type(cb).__name__ for cb in cli.trainer.callbacks}
     expected = set().union(*map(_appended_classes, SNIPPETS))
     assert expected <= names and "ModelCheckpoint" in names
     assert cli.trainer.global_step == 3
+
+
+def _train_the_distillation_teacher():
+    LitTricksCLI(args=["fit", *_configs(ROOT / "configs/distill/digits_teacher.yaml"), *SHORT_RUN])
+    assert Path("lightning_logs/distill/digits_teacher/checkpoints/last.ckpt").exists()
+
+
+def test_distill_recipe_trains_a_teacher_then_a_student(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _train_the_distillation_teacher()
+    recipes = ROOT / "configs" / "distill"
+    for configs in (
+        [recipes / "digits_student.yaml"],
+        [ROOT / "configs/quickstart.yaml", ROOT / "configs/tricks/distill.yaml"],
+    ):
+        cli = LitTricksCLI(args=["fit", *_configs(*configs), *SHORT_RUN])
+        assert cli.trainer.global_step == 3 and "Distill" in {type(cb).__name__ for cb in cli.trainer.callbacks}
 
 
 def test_unknown_config_key_is_rejected(tmp_path, capsys):

@@ -2,16 +2,19 @@
 
 from lit_tricks.callbacks.continual_evaluation import ContinualEvaluation
 from lit_tricks.callbacks.data_diet import DataDietScores
+from lit_tricks.callbacks.distill import Distill
 from lit_tricks.callbacks.elr import ELR
 from lit_tricks.callbacks.ema_teacher import EMATeacher
 from lit_tricks.callbacks.experience_replay import ExperienceReplay
 from lit_tricks.callbacks.ghost_batch_norm import ApplyGhostBatchNorm
+from lit_tricks.callbacks.mic import MIC
 from lit_tricks.callbacks.mixup import CutMix, Mixup
 from lit_tricks.callbacks.multi_sample_dropout import ApplyMultiSampleDropout
 from lit_tricks.callbacks.perp_grad import PerpendicularGradient
 from lit_tricks.callbacks.sample_reweighting import SampleReweighting
 from lit_tricks.callbacks.selective_backprop import SelectiveBackprop
 from lit_tricks.callbacks.self_distill import SelfDistill
+from lit_tricks.callbacks.sla import SLA, SLAHead, sla_head
 
 __all__ = [
     "ApplyGhostBatchNorm",
@@ -19,12 +22,17 @@ __all__ = [
     "ContinualEvaluation",
     "CutMix",
     "DataDietScores",
+    "Distill",
     "ELR",
     "EMATeacher",
     "ExperienceReplay",
+    "MIC",
     "Mixup",
     "PerpendicularGradient",
     "SampleReweighting",
     "SelectiveBackprop",
+    "SLA",
+    "SLAHead",
     "SelfDistill",
+    "sla_head",
 ]
