@@ -226,3 +226,13 @@ def test_teacher_runs_once_per_step_for_every_reader():
     x += 1  # the same tensor, changed in place
     distill.teacher_outputs(x)
     assert Counting.calls == 3
+
+
+def test_each_named_loss_keeps_its_authors_temperature_unless_one_is_given():
+    teacher = MLP(64, 10, hidden=(8,))
+    defaults = {"kd": 4.0, "nd": 4.0, "dhkd": 2.0, "tgeo": 1.5}
+    for name, temperature in defaults.items():
+        assert Distill(teacher, loss=name).loss.temperature == temperature
+        assert Distill(teacher, loss=name, temperature=3.0).loss.temperature == 3.0
+    with pytest.raises(ValueError, match="give the temperature to the loss"):
+        Distill(teacher, loss=KDLoss(temperature=2.0), temperature=4.0)

@@ -47,7 +47,8 @@ class Distill(Trick):
         teacher: a module, a checkpoint path (``<run>/checkpoints/x.ckpt`` of ``python -m lit_tricks fit``),
             or a list of them; or a :class:`~lit_tricks.distill.Teacher`.
         loss: a name in ``lit_tricks.distill.LOSSES`` (built with ``temperature``) or a ``TeacherLoss``.
-        temperature: :math:`T` of a loss given by name.
+        temperature: :math:`T` of a loss given by name; None: that loss's own default, the authors' value
+            (kd and nd 4, dhkd 2, tgeo 1.5). Give a loss instance its temperature itself.
         weight: :math:`w`.
         hard_weight: :math:`w_{\mathrm{hard}}`, the weight of the module's own per-sample loss.
         warmup_epochs: :math:`E_{\mathrm{warm}}`, epochs of linear ramp-up of :math:`w` (0: none).
@@ -69,18 +70,20 @@ class Distill(Trick):
     """
 
     order = -5
+    tunable = ("weight", "hard_weight")  # PBT may change these mid-run (lit_tricks.tune)
 
     def __init__(
         self,
         teacher: TeacherSpec | Teacher,
         loss: str | TeacherLoss = "kd",
-        temperature: float = 4.0,
+        temperature: float | None = None,
         weight: float = 1.0,
         hard_weight: float = 1.0,
         warmup_epochs: int = 0,
         autocast: bool = False,
     ) -> None:
-        check_number("temperature", temperature, above=0.0, hint="Hinton's KD commonly uses 4; MEAL V2 uses 1.")
+        if temperature is not None:
+            check_number("temperature", temperature, above=0.0, hint="Hinton's KD commonly uses 4; MEAL V2 uses 1.")
         check_number("weight", weight, at_least=0.0)
         check_number("hard_weight", hard_weight, at_least=0.0, hint="MEAL V2 uses 0 (no hard labels).")
         check_number("warmup_epochs", warmup_epochs, at_least=0, integer=True)
@@ -89,6 +92,11 @@ class Distill(Trick):
             self.loss_name = loss
             self.loss = build_loss(loss, temperature)
         elif isinstance(loss, TeacherLoss):
+            if temperature is not None:
+                raise ValueError(
+                    f"temperature={temperature} and a loss instance: give the temperature to the loss "
+                    f"({type(loss).__name__}(temperature=...)) and leave Distill's temperature unset."
+                )
             self.loss_name = type(loss).__name__.removesuffix("Loss").lower()
             self.loss = loss
         else:
@@ -96,7 +104,8 @@ class Distill(Trick):
                 f"loss must be one of {sorted(LOSSES)} or a lit_tricks.distill.TeacherLoss, got {type(loss).__name__}."
             )
         self.teacher = teacher if isinstance(teacher, Teacher) else Teacher(teacher, autocast=autocast)
-        self.temperature, self.weight, self.hard_weight = temperature, weight, hard_weight
+        self.temperature = getattr(self.loss, "temperature", temperature)
+        self.weight, self.hard_weight = weight, hard_weight
         self.warmup_epochs = warmup_epochs
         self.needs_features = self.loss.needs_features
         self._cache: tuple[Tensor, int, tuple[Tensor, Tensor | None]] | None = None

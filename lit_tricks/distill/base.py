@@ -91,9 +91,10 @@ def check_loss_name(name: str) -> None:
         )
 
 
-def build_loss(name: str, temperature: float) -> TeacherLoss:
-    """Construct the registered loss ``name`` as ``cls(temperature=temperature)``."""
+def build_loss(name: str, temperature: float | None = None) -> TeacherLoss:
+    """Construct the registered loss ``name`` as ``cls(temperature=temperature)``, or with the loss's own
+    (the authors') default temperature when ``temperature`` is None."""
     check_loss_name(name)
     module_name, _, class_name = LOSSES[name].rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(temperature=temperature)
+    return cls() if temperature is None else cls(temperature=temperature)
