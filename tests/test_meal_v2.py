@@ -127,7 +127,7 @@ def test_fit_trains_the_discriminator_with_the_student(quiet_trainer_kwargs, tmp
     pl.seed_everything(0)
     teachers = [MLP(64, 10, hidden=(32,)), MLP(64, 10, hidden=(16,))]  # MEAL V2: an ensemble, no hard labels
     loss = MEALV2Loss(hidden=(8, 4))
-    distill = Distill(teachers, loss=loss, temperature=1.0, hard_weight=0.0)
+    distill = Distill(teachers, loss=loss, hard_weight=0.0)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
     kwargs = {**quiet_trainer_kwargs, "enable_checkpointing": True}
     trainer = pl.Trainer(max_steps=3, log_every_n_steps=1, callbacks=[distill, checkpoint], **kwargs)
@@ -163,7 +163,6 @@ def test_built_from_yaml():
           class_path: lit_tricks.Distill
           init_args:
             teacher: {class_path: lit_tricks.nets.MLP, init_args: {in_features: 64, num_classes: 10}}
-            temperature: 1.0
             hard_weight: 0.0
             loss:
               class_path: lit_tricks.distill.meal_v2.MEALV2Loss
