@@ -1,4 +1,5 @@
 import math
+import pickle
 
 import lightning.pytorch as pl
 import pytest
@@ -136,6 +137,7 @@ def test_fit_trains_the_discriminator_with_the_student(quiet_trainer_kwargs, tmp
     start = {k: v.clone() for k, v in loss.discriminator.state_dict().items()}
     trainer.fit(student, DigitsDataModule(batch_size=32))
     assert student.distill_loss.discriminator is loss.discriminator
+    assert_same(pickle.loads(pickle.dumps(loss)).state_dict(), loss.state_dict())  # as ddp_spawn would
     # the student's optimizer holds the discriminator and has stepped it
     held = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert all(id(p) in held for p in loss.discriminator.parameters())

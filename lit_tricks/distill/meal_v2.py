@@ -148,6 +148,9 @@ class MEALV2Loss(TeacherLoss):
             module.log("tricks/Distill/meal_v2_d_acc", told.float().mean(), batch_size=len(d_loss))
         return kd + self.d_weight * d_loss
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_links": None}  # weak references do not pickle; setup sets them again
+
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, d_weight={self.d_weight}, inputs={self.inputs!r}, "
