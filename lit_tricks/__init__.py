@@ -52,6 +52,7 @@ _EXPORTS = {
     "lit_tricks.callbacks.selective_backprop": ("SelectiveBackprop",),
     "lit_tricks.callbacks.self_distill": ("SelfDistill",),
     "lit_tricks.callbacks.sla": ("SLA", "sla_head"),
+    "lit_tricks.callbacks.tract": ("ApplyTrAct",),
     "lit_tricks.core.batch": ("StepOutput", "TrickBatch"),
     "lit_tricks.core.module": ("TrickModule",),
     "lit_tricks.core.trick": ("Trick",),

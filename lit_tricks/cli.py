@@ -49,6 +49,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
     ),
     "callbacks": (
         "lit_tricks.ApplyGhostBatchNorm",
+        "lit_tricks.ApplyTrAct",
         "lit_tricks.ContinualEvaluation",
         "lit_tricks.DataDietScores",
         "lit_tricks.EMATeacher",
@@ -66,6 +67,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.RMT",
         "lit_tricks.Tent",
         "lit_tricks.modules.EDMDiffusion",
+        "lit_tricks.modules.LossConditionedRegression",
         "lit_tricks.modules.SourceOnly",
         "lit_tricks.modules.SparseCBM",
     ),
@@ -84,6 +86,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
     "nets": (
         "lit_tricks.nets.CNN1D",
         "lit_tricks.nets.CNN2D",
+        "lit_tricks.nets.HyperNetwork",
         "lit_tricks.nets.MLP",
         "lit_tricks.nets.NonScalingLayerNorm",
         "lit_tricks.nets.TimeCNN",

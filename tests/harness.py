@@ -248,14 +248,14 @@ def _lion():
     return model, DigitsDataModule(batch_size=32), []
 
 
-@case("ghost_bn_multi_sample_dropout")
+@case("layers_ghost_bn_msd_tract")
 def _layers():
     # the head is wrapped up front so that the DDP harness's pre-fit parameter names match the trained ones
-    from lit_tricks import ApplyGhostBatchNorm, ApplyMultiSampleDropout
+    from lit_tricks import ApplyGhostBatchNorm, ApplyMultiSampleDropout, ApplyTrAct
     from lit_tricks.layers import multi_sample_dropout
 
     model = Classifier(multi_sample_dropout(CNN2D(num_classes=10, width=8), p=0.5, samples=4), num_classes=10)
-    tricks = [ApplyGhostBatchNorm(virtual_batch_size=8), ApplyMultiSampleDropout(p=0.5, samples=4)]
+    tricks = [ApplyGhostBatchNorm(virtual_batch_size=8), ApplyMultiSampleDropout(p=0.5, samples=4), ApplyTrAct(lam=0.1)]
     return model, DigitsDataModule(batch_size=32, as_image=True), tricks
 
 
@@ -287,3 +287,29 @@ def _mic():
 
     model = Classifier(CNN2D(num_classes=10, width=8), num_classes=10)
     return model, DigitsDataModule(batch_size=32, as_image=True), [EMATeacher(decay=0.9), MIC(block_size=2, ratio=0.7)]
+
+
+@case("hypernetwork_mip")
+def _hypernetwork_mip():
+    # the per-sample loss weights lam come from the global RNG (kept in the checkpoint by RestoresRNG)
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lit_tricks.data.loader import ResumableDataLoader
+    from lit_tricks.data.sampler import EpochRandomSampler
+    from lit_tricks.modules import LossConditionedRegression
+    from lit_tricks.nets import HyperNetwork
+
+    x = torch.linspace(-1, 1, 256)[:, None]
+    data = TensorDataset(x, torch.cat([torch.sin(3 * x), torch.cos(3 * x)], dim=1))
+
+    class TwoTargets(pl.LightningDataModule):
+        def train_dataloader(self):
+            # a private generator: worker seeds must not come from (and advance) the global RNG
+            generator = torch.Generator().manual_seed(0)
+            return ResumableDataLoader(data, batch_size=16, sampler=EpochRandomSampler(data), generator=generator)
+
+        def val_dataloader(self):
+            return DataLoader(data, batch_size=64)
+
+    model = LossConditionedRegression(HyperNetwork(1, MLP(1, 1, hidden=(8,)), hidden=(8,)))
+    return model, TwoTargets(), []

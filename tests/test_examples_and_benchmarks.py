@@ -149,3 +149,19 @@ def test_layers_benchmark_quick(tmp_path):
     runs = json.loads((tmp_path / "layers_quick.json").read_text())["runs"]
     assert {r["setup"] for r in runs} >= {"plain BN 512", "Ghost BN 512/32", "MSD K=8"}
     assert all(0.0 <= r["acc"] <= 1.0 and r["fit_seconds"] > 0 for r in runs)
+
+
+def test_tract_benchmark_quick(tmp_path):
+    out = _run([str(ROOT / "benchmarks/tract.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
+    assert out.startswith("Machine: ") and "| digits / CNN2D | 3 | TrAct |" in out
+    runs = json.loads((tmp_path / "tract_quick.json").read_text())["runs"]
+    setups = ("digits / CNN2D", "MNIST-1D / CNN1D")
+    assert {(r["setup"], r["method"]) for r in runs} == {(s, m) for s in setups for m in ("plain", "TrAct")}
+    assert all(0.0 <= r["acc"] <= 1.0 and r["fit_seconds"] > 0 for r in runs)
+
+
+def test_hypernetwork_benchmark_quick(tmp_path):
+    out = _run([str(ROOT / "benchmarks/hypernetwork.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
+    assert out.startswith("Machine: ") and "| MIP lr=0.0003 |" in out
+    result = json.loads((tmp_path / "hypernetwork_quick.json").read_text())
+    assert {"plain lr=0.0003", "MIP lr=0.0003"} <= set(result["runs"]) and result["step_milliseconds"]["MIP"] > 0

@@ -15,10 +15,12 @@ from lit_tricks.callbacks.sample_reweighting import SampleReweighting
 from lit_tricks.callbacks.selective_backprop import SelectiveBackprop
 from lit_tricks.callbacks.self_distill import SelfDistill
 from lit_tricks.callbacks.sla import SLA, SLAHead, sla_head
+from lit_tricks.callbacks.tract import ApplyTrAct
 
 __all__ = [
     "ApplyGhostBatchNorm",
     "ApplyMultiSampleDropout",
+    "ApplyTrAct",
     "ContinualEvaluation",
     "CutMix",
     "DataDietScores",

@@ -13,6 +13,7 @@ _EXPORTS = {
     "lit_tricks.modules.consistency": ("ConsistencyModel",),
     "lit_tricks.modules.edm": ("EDMDiffusion",),
     "lit_tricks.modules.generative": ("GenerativeModule",),
+    "lit_tricks.modules.hypernetwork": ("LossConditionedRegression",),
     "lit_tricks.modules.tta": ("RMT", "AdaNPC", "BNAdapt", "EcoTTA", "SourceOnly", "Tent", "TTAModule"),
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

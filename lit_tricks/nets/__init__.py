@@ -4,6 +4,7 @@ from lit_tricks import lazy_exports
 
 _EXPORTS = {
     "lit_tricks.nets.cnn": ("CNN1D", "CNN2D"),
+    "lit_tricks.nets.hypernetwork": ("HyperNetwork", "encode_input"),
     "lit_tricks.nets.mlp": ("MLP",),
     "lit_tricks.nets.time_conditioned": ("NonScalingLayerNorm", "TimeCNN", "TimeMLP"),
 }
