@@ -242,7 +242,7 @@ def _trial(config: dict[str, Any], *, files: list[str], dims: list[Dimension], m
     if checkpoint is not None:
         ckpt_path = str(Path(checkpoint.to_directory()) / _CHECKPOINT)
     trainer.fit(cli.model, cli.datamodule, ckpt_path=ckpt_path)
-    if metric not in trainer.callback_metrics:
+    if ckpt_path is None and metric not in trainer.callback_metrics:  # (a restored finished run logs nothing)
         raise ValueError(f"metric {metric!r} was never logged; logged: {sorted(trainer.callback_metrics)}.")
 
 
