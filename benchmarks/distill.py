@@ -1,22 +1,22 @@
 """Teacher -> student distillation (issue #14): KD, ND, DHKD, TGeo, MEAL V2, SLA, MIC against the student alone.
 
-    python benchmarks/distill.py --seeds 3
+    python benchmarks/distill.py --seeds 3 --epochs 30
     python benchmarks/distill.py --quick
 
 Two set-ups, each with a 10% validation split that only TGeo reads (its held-out batches; no row validates):
-MNIST-1D with a CNN1D (32 channels) teacher and a narrow CNN1D (8 channels) student, Adam 1e-2; 8x8 digits
-(as images) with a CNN2D (width 16) teacher and a narrow CNN2D (width 4) student, Adam 3e-3. Every student row
-has the same network, data, batch size and epochs. Per seed three teachers are trained once (teacher 0 is the
-single teacher of every row, the three together the MEAL V2 ensemble, loaded from their checkpoint paths), then
-the rows run interleaved on the same seed. Rows: student alone; KD (T 4, hard labels weight 1); ND (KD++:
-NDLoss, T 4, kd and nd weights 1); DHKD (the authors' T 2, non-linear auxiliary head, alpha 1 and gamma 1 as
-their CIFAR-100 command); TGeo (T 1.5); MEAL V2 (the 3 teachers' averaged softmax, T 1, no hard labels); SLA and
-SLA+SD (the SLA head, one test pass; the aggregated 4-pass test is printed below the table); MIC
-(EMATeacher(decay 0.99, warm-up) + MIC(ratio 0.5), evaluated on the EMA weights, as docs/mic.md measured).
-Test accuracy, ECE and NLL (mean ± std over seeds) and the student's fit wall time against "student alone" of
-the same seed (ratio of the means). The teacher forwards are counted in every distillation row (per training
-step and teacher); a last run per set-up stacks KD, EMA-KD (SelfDistill "ema") and MIC on one step and counts
-the Distill teacher's and the EMA model's forwards: one each per step.
+MNIST-1D with a CNN1D (32 channels) teacher and a narrow CNN1D (8 channels) student, Adam 1e-2; 8x8 digits (as
+images) with a CNN2D (width 16) teacher and a narrow CNN2D (width 4) student, Adam 3e-3. Every student row has the
+same network, data, batch size and epochs (``--epochs``; the teachers train 15). Per seed three teachers are trained
+once (teacher 0 is the single teacher of every row, the three together the MEAL V2 ensemble, loaded from their
+checkpoint paths), then the rows run interleaved on the same seed. Rows: student alone; KD (T 4, hard labels weight
+1); ND (KD++: NDLoss, T 4, kd and nd weights 1); DHKD (the authors' T 2, non-linear auxiliary head, alpha 1 and
+gamma 1 as their CIFAR-100 command); TGeo (T 1.5); MEAL V2 (the 3 teachers' averaged softmax, T 1, no hard labels);
+SLA and SLA+SD (the SLA head, one test pass; the aggregated 4-pass test is printed below the table); MIC
+(EMATeacher(decay 0.99, warm-up) + MIC(ratio 0.5), evaluated on the EMA weights, as docs/mic.md measured). Test
+accuracy, ECE and NLL (mean ± std over seeds) and the student's fit wall time against "student alone" of the same
+seed (ratio of the means). The teacher forwards are counted in every distillation row (per training step and
+teacher); a last run per set-up stacks KD, EMA-KD (SelfDistill "ema") and MIC in one fit and counts the Distill
+teacher's and the EMA model's forwards: one each per step.
 """
 
 from __future__ import annotations
@@ -49,14 +49,13 @@ from lit_tricks.nets import CNN1D, CNN2D
 NUM_TEACHERS = 3
 
 # name -> (data module factory(quick), teacher backbone (class path, init args), student backbone factory, Adam lr,
-# teacher epochs, student epochs, MIC block size)
+# teacher epochs, MIC block size); the students' epochs are --epochs
 SETUPS: dict[str, tuple] = {
     "MNIST-1D": (
         lambda quick: MNIST1DDataModule(batch_size=100, val_fraction=0.1, num_samples=500 if quick else 5000),
         ("lit_tricks.nets.CNN1D", {"num_classes": 10, "channels": 32}),
         lambda: CNN1D(10, channels=8),
         1e-2,
-        15,
         15,
         None,
     ),
@@ -65,7 +64,6 @@ SETUPS: dict[str, tuple] = {
         ("lit_tricks.nets.CNN2D", {"num_classes": 10, "width": 16}),
         lambda: CNN2D(10, width=4),
         3e-3,
-        15,
         15,
         2,
     ),
@@ -138,7 +136,7 @@ def adam(lr: float) -> Callable:
 def train_teachers(setup: str, seed: int, quick: bool, folder: Path) -> tuple[list[Classifier], list[str], list]:
     """Train the seed's teachers; each is saved as a ``python -m lit_tricks fit`` run (``config.yaml`` and
     ``checkpoints/last.ckpt``), so Distill can rebuild it from the path. Quick mode: one epoch."""
-    make_data, (class_path, init_args), _, lr, epochs, _, _ = SETUPS[setup]
+    make_data, (class_path, init_args), _, lr, epochs, _ = SETUPS[setup]
     epochs = 1 if quick else epochs
     models, paths, results = [], [], []
     for k in range(NUM_TEACHERS):
@@ -172,10 +170,9 @@ def aggregated_metrics(model: Classifier, datamodule: pl.LightningDataModule) ->
     return {key: value.item() for key, value in metrics.compute().items()}
 
 
-def run_student(setup: str, row: str, callbacks: list, seed: int, quick: bool) -> dict[str, Any]:
-    """Fit and test one student row, counting the teacher forwards. Quick mode: one epoch."""
-    make_data, _, make_student, lr, _, epochs, _ = SETUPS[setup]
-    epochs = 1 if quick else epochs
+def run_student(setup: str, row: str, callbacks: list, seed: int, quick: bool, epochs: int) -> dict[str, Any]:
+    """Fit and test one student row, counting the teacher forwards."""
+    make_data, _, make_student, lr, _, _ = SETUPS[setup]
     pl.seed_everything(100 + seed, verbose=False)
     datamodule = make_data(quick)
     datamodule.seed = seed
@@ -203,9 +200,9 @@ def forward_check(setup: str, teacher: Classifier) -> dict[str, Any]:
         Distill(teacher, loss="kd", temperature=4.0),
         EMATeacher(decay=0.99, warmup=True),
         SelfDistill("ema", temperature=4.0),
-        MIC(block_size=SETUPS[setup][6], ratio=0.5),
+        MIC(block_size=SETUPS[setup][5], ratio=0.5),
     ]
-    result = run_student(setup, "KD + EMA-KD + MIC", callbacks, 0, True)
+    result = run_student(setup, "KD + EMA-KD + MIC", callbacks, 0, True, 1)
     return {
         key: result[key] for key in ("data", "method", "steps", "teacher_forwards_per_step", "ema_forwards_per_step")
     }
@@ -214,7 +211,9 @@ def forward_check(setup: str, teacher: Classifier) -> dict[str, Any]:
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--data", choices=list(SETUPS), nargs="+", default=list(SETUPS), help="set-ups to run")
+    p.add_argument("--epochs", type=int, default=15, help="the students' epochs (teachers: 15)")
     args = p.parse_args()
+    epochs = 1 if args.quick else args.epochs
     torch.set_num_threads(1)
     seeds = range(1 if args.quick else args.seeds)
     runs, teachers, checks = [], [], []
@@ -223,13 +222,13 @@ def main() -> None:
             for seed in seeds:
                 models, paths, results = train_teachers(setup, seed, args.quick, Path(folder))
                 teachers += [{"data": setup, "seed": seed, "teacher": k, **r} for k, r in enumerate(results)]
-                for row, make_callbacks in teacher_rows(models[0], paths, SETUPS[setup][6]).items():
-                    runs.append(run_student(setup, row, make_callbacks(), seed, args.quick))
+                for row, make_callbacks in teacher_rows(models[0], paths, SETUPS[setup][5]).items():
+                    runs.append(run_student(setup, row, make_callbacks(), seed, args.quick, epochs))
             checks.append(forward_check(setup, models[0]))
     print(machine_line())
     print(f"Seeds: {len(seeds)}{' (quick mode: not a measurement)' if args.quick else ''}")
-    epochs = {setup: 1 if args.quick else SETUPS[setup][5] for setup in args.data}
-    print(f"Students: MNIST-1D CNN1D(channels=8), digits CNN2D(width=4); epochs {epochs}\n")
+    teacher_epochs = 1 if args.quick else SETUPS[args.data[0]][4]
+    print(f"Students: MNIST-1D CNN1D(channels=8), digits CNN2D(width=4), {epochs} epochs; teachers {teacher_epochs}\n")
     print("| data | student | test acc (%) | ECE (%) | NLL | fit time vs alone |")
     print("|---|---|---|---|---|---|")
     for setup in args.data:
@@ -265,7 +264,7 @@ def main() -> None:
             f"{check['teacher_forwards_per_step'][0]:.2f}, EMA model forwards per step "
             f"{check['ema_forwards_per_step']:.2f}"
         )
-    payload = {"runs": runs, "teachers": teachers, "forward_checks": checks}
+    payload = {"student_epochs": epochs, "runs": runs, "teachers": teachers, "forward_checks": checks}
     path = write_json(args.out, "distill" + ("_quick" if args.quick else ""), payload)
     print(f"\nRaw numbers: {path}")
 
