@@ -40,6 +40,7 @@ _EXPORTS = {
     "lit_tricks.callbacks.continual_evaluation": ("ContinualEvaluation",),
     "lit_tricks.callbacks.data_diet": ("DataDietScores",),
     "lit_tricks.callbacks.distill": ("Distill",),
+    "lit_tricks.callbacks.efficient_train": ("EfficientTrain",),
     "lit_tricks.callbacks.elr": ("ELR",),
     "lit_tricks.callbacks.ema_teacher": ("EMATeacher",),
     "lit_tricks.callbacks.experience_replay": ("ExperienceReplay",),

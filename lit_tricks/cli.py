@@ -38,6 +38,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.ApplyMultiSampleDropout",
         "lit_tricks.CutMix",
         "lit_tricks.Distill",
+        "lit_tricks.EfficientTrain",
         "lit_tricks.ELR",
         "lit_tricks.ExperienceReplay",
         "lit_tricks.MIC",

@@ -313,3 +313,13 @@ def _hypernetwork_mip():
 
     model = LossConditionedRegression(HyperNetwork(1, MLP(1, 1, hidden=(8,)), hidden=(8,)))
     return model, TwoTargets(), []
+
+
+@case("efficient_train")
+def _efficient_train():
+    # the stage follows global_step over a fixed budget (total_steps: the half run has the same stages) and the
+    # shifts and noise come from the private generator: both must continue exactly after the resume
+    from lit_tricks import EfficientTrain
+
+    model = Classifier(CNN2D(num_classes=10, width=8), num_classes=10)
+    return model, DigitsDataModule(batch_size=32, as_image=True), [EfficientTrain(total_steps=10, seed=5)]

@@ -165,3 +165,10 @@ def test_hypernetwork_benchmark_quick(tmp_path):
     assert out.startswith("Machine: ") and "| MIP lr=0.0003 |" in out
     result = json.loads((tmp_path / "hypernetwork_quick.json").read_text())
     assert {"plain lr=0.0003", "MIP lr=0.0003"} <= set(result["runs"]) and result["step_milliseconds"]["MIP"] > 0
+
+
+def test_efficient_train_benchmark_quick(tmp_path):
+    out = _run([str(ROOT / "benchmarks/efficient_train.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
+    assert out.startswith("Machine: ") and "| digits 16x16 / CNN2D | EfficientTrain |" in out
+    result = json.loads((tmp_path / "efficient_train_quick.json").read_text())
+    assert len(result["runs"]) == 8 and len(result["step_ms"]) == 2

@@ -3,6 +3,7 @@
 from lit_tricks.callbacks.continual_evaluation import ContinualEvaluation
 from lit_tricks.callbacks.data_diet import DataDietScores
 from lit_tricks.callbacks.distill import Distill
+from lit_tricks.callbacks.efficient_train import EfficientTrain
 from lit_tricks.callbacks.elr import ELR
 from lit_tricks.callbacks.ema_teacher import EMATeacher
 from lit_tricks.callbacks.experience_replay import ExperienceReplay
@@ -25,6 +26,7 @@ __all__ = [
     "CutMix",
     "DataDietScores",
     "Distill",
+    "EfficientTrain",
     "ELR",
     "EMATeacher",
     "ExperienceReplay",
