@@ -118,7 +118,7 @@ def test_default_widths_and_bad_input():
 
 def test_default_widths_follow_the_authors_rule(quiet_trainer_kwargs):
     trainer = pl.Trainer(**quiet_trainer_kwargs)
-    for classes, widths in [(1000, [125, 15, 2]), (10, [2, 2, 2])]:  # C // 8, C // 64, at least 2
+    for classes, widths in [(1000, [125, 15, 2]), (10, [16, 8, 2])]:  # C // 8, C // 64, at least 16, 8
         loss = MEALV2Loss()
         loss.setup(trainer, Classifier(MLP(4, classes), num_classes=classes), None)
         assert [m.out_features for m in loss.discriminator if isinstance(m, nn.Linear)] == widths

@@ -80,7 +80,7 @@ class MEALV2Loss(TeacherLoss):
         d_weight: :math:`\lambda_D` (authors: 1).
         inputs: ``"logits"`` or ``"probs"``, what the discriminator sees.
         hidden: :math:`D`'s hidden widths; ``None``: the authors' ``(C // 8, C // 64)`` (125 and 15 for
-            ImageNet's 1000 classes), each at least 2.
+            ImageNet's 1000 classes), at least ``(16, 8)`` (their rule gives zero widths for few classes).
         final_relu: the ReLU on :math:`D`'s two logits (the authors'; it keeps them :math:`\ge 0`).
         adversarial: reverse the gradient from :math:`D` into the student.
     """
@@ -117,7 +117,7 @@ class MEALV2Loss(TeacherLoss):
         self._links = (weakref.ref(trainer), weakref.ref(module))  # for logging, without owning either
         if self.discriminator is not None:
             return
-        hidden = self.hidden or (max(2, num_classes // 8), max(2, num_classes // 64))
+        hidden = self.hidden or (max(16, num_classes // 8), max(8, num_classes // 64))
         device = next(module.parameters()).device
         self.discriminator = MEALV2Discriminator(num_classes, hidden, self.final_relu).to(device)
 
