@@ -43,6 +43,7 @@ _EXPORTS = {
     "lit_tricks.callbacks.efficient_train": ("EfficientTrain",),
     "lit_tricks.callbacks.elr": ("ELR",),
     "lit_tricks.callbacks.ema_teacher": ("EMATeacher",),
+    "lit_tricks.callbacks.ensloss": ("EnsLoss",),
     "lit_tricks.callbacks.experience_replay": ("ExperienceReplay",),
     "lit_tricks.callbacks.ghost_batch_norm": ("ApplyGhostBatchNorm",),
     "lit_tricks.callbacks.mic": ("MIC",),

@@ -40,6 +40,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.Distill",
         "lit_tricks.EfficientTrain",
         "lit_tricks.ELR",
+        "lit_tricks.EnsLoss",
         "lit_tricks.ExperienceReplay",
         "lit_tricks.MIC",
         "lit_tricks.Mixup",

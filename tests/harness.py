@@ -323,3 +323,13 @@ def _efficient_train():
 
     model = Classifier(CNN2D(num_classes=10, width=8), num_classes=10)
     return model, DigitsDataModule(batch_size=32, as_image=True), [EfficientTrain(total_steps=10, seed=5)]
+
+
+@case("ensloss_noisy_labels")
+def _ensloss():
+    # the private generator of the random loss derivatives must continue exactly after the resume; under DDP
+    # every rank draws the same numbers
+    from lit_tricks import EnsLoss
+
+    model = Classifier(MLP(64, 10, hidden=(32,), dropout=0.2), num_classes=10)
+    return model, DigitsDataModule(batch_size=32, label_noise=0.4), [EnsLoss(seed=3)]

@@ -6,6 +6,7 @@ from lit_tricks.callbacks.distill import Distill
 from lit_tricks.callbacks.efficient_train import EfficientTrain
 from lit_tricks.callbacks.elr import ELR
 from lit_tricks.callbacks.ema_teacher import EMATeacher
+from lit_tricks.callbacks.ensloss import EnsLoss
 from lit_tricks.callbacks.experience_replay import ExperienceReplay
 from lit_tricks.callbacks.ghost_batch_norm import ApplyGhostBatchNorm
 from lit_tricks.callbacks.mic import MIC
@@ -29,6 +30,7 @@ __all__ = [
     "EfficientTrain",
     "ELR",
     "EMATeacher",
+    "EnsLoss",
     "ExperienceReplay",
     "MIC",
     "Mixup",

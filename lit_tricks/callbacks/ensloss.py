@@ -50,7 +50,7 @@ class EnsLoss(Trick):
 
         >>> import lightning as L
         >>> from lit_tricks import Classifier
-        >>> from lit_tricks.callbacks.ensloss import EnsLoss
+        >>> from lit_tricks import EnsLoss
         >>> from lit_tricks.data import DigitsDataModule
         >>> from lit_tricks.nets import MLP
         >>> trainer = L.Trainer(max_epochs=1, callbacks=[EnsLoss()], logger=False, enable_checkpointing=False,
