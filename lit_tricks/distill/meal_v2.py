@@ -53,7 +53,7 @@ class MEALV2Loss(TeacherLoss):
               + \lambda_D\,\tfrac14 \sum_k \big[\mathrm{BCE}(D(s_i)_k, \delta_{k1})
               + \mathrm{BCE}(D(t_i)_k, \delta_{k2})\big]
 
-    (:func:`~lit_tricks.functional.discriminator_bce`). With :class:`~lit_tricks.Distill`: a list of teachers,
+    (:func:`~lit_tricks.functional.meal_v2.discriminator_bce`). With :class:`~lit_tricks.Distill`: a list of teachers,
     ``hard_weight=0.0`` (MEAL V2 uses no hard labels) and ``weight=1.0``. At :math:`T = 1` the KL term has the
     gradients of the authors' soft-label cross-entropy (they differ by the teacher's entropy, a constant).
 
@@ -65,8 +65,8 @@ class MEALV2Loss(TeacherLoss):
     ``distill_loss``: the student's optimizer holds it (same learning rate, momentum and weight decay) and the
     module's one backward trains it: the same update as the authors'. There the student also *minimises* the
     discriminator's loss (no gradient reversal, no sign flip), which is what ``adversarial=False`` does;
-    ``adversarial=True`` puts a gradient reversal (:func:`~lit_tricks.functional.reverse_grad`) on the
-    student's outputs, so :math:`D` minimises and the student maximises it (MEAL V1's adversarial reading),
+    ``adversarial=True`` puts a gradient reversal (:func:`~lit_tricks.functional.meal_v2.reverse_grad`) on the
+    student's outputs, so :math:`D` minimises and the student maximises it (a GAN-style minimax; not in the authors' code),
     still in one backward. The teacher's outputs carry no gradient in either case.
 
     ``inputs="logits"`` is ``train.py`` (the discriminator sees logits; with one teacher exactly the authors',
