@@ -65,9 +65,9 @@ class MEALV2Loss(TeacherLoss):
     ``distill_loss``: the student's optimizer holds it (same learning rate, momentum and weight decay) and the
     module's one backward trains it: the same update as the authors'. There the student also *minimises* the
     discriminator's loss (no gradient reversal, no sign flip), which is what ``adversarial=False`` does;
-    ``adversarial=True`` puts a gradient reversal (:func:`~lit_tricks.functional.meal_v2.reverse_grad`) on the
-    student's outputs, so :math:`D` minimises and the student maximises it (a GAN-style minimax; not in the authors' code),
-    still in one backward. The teacher's outputs carry no gradient in either case.
+    ``adversarial=True`` puts a gradient reversal (:func:`~lit_tricks.functional.meal_v2.reverse_grad`) on
+    the student's outputs, so :math:`D` minimises and the student maximises it (a GAN-style minimax, not in
+    the authors' code), still in one backward. The teacher's outputs carry no gradient in either case.
 
     ``inputs="logits"`` is ``train.py`` (the discriminator sees logits; with one teacher exactly the authors',
     with an ensemble it sees :math:`\log \bar p_t`, the log of the mean softmax the
