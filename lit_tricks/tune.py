@@ -387,7 +387,9 @@ def tune(
     domains = {dim.key: dim.ray_domain() for dim in dims}
     pbt = None
     if scheduler == "pbt":
-        pbt = PopulationBasedTraining(perturbation_interval=perturbation_interval, hyperparam_mutations=domains)
+        # PBT's explore: a list is perturbed to a neighbouring value, a domain multiplied by 0.8 or 1.2
+        mutations = {dim.key: list(dim.values) if dim.distribution == "choice" else domains[dim.key] for dim in dims}
+        pbt = PopulationBasedTraining(perturbation_interval=perturbation_interval, hyperparam_mutations=mutations)
     tuner = ray_tune.Tuner(
         ray_tune.with_resources(trainable, {"cpu": cpus_per_trial}),
         param_space=domains,

@@ -44,6 +44,8 @@ class Trick(Callback):
         needs_features: the trick reads ``StepOutput.features``; the module then calls ``forward_features``.
         works_without_trick_module: the trick can act through plain Lightning hooks, so a plain
             ``LightningModule`` is allowed.
+        tunable: attributes read afresh every step, which Population Based Training (:mod:`lit_tricks.tune`)
+            may change mid-run (any callback may declare it).
 
     Example::
 
@@ -62,6 +64,7 @@ class Trick(Callback):
     needs_index: bool = False
     needs_features: bool = False
     works_without_trick_module: bool = False
+    tunable: tuple[str, ...] = ()
 
     def before_forward(self, trainer: pl.Trainer, module: TrickModule, batch: TrickBatch) -> TrickBatch:
         """Change the batch before the forward pass; return it (or a new one)."""
