@@ -7,9 +7,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from lit_tricks.data.balanced_sampler import BalanceMode, ClassBalancedSampler
 from lit_tricks.data.indexed import ArrayDataset
 from lit_tricks.data.label_noise import NoiseKind, flip_labels
 from lit_tricks.data.loader import ResumableDataLoader
+from lit_tricks.data.long_tail import long_tail_indices
 from lit_tricks.data.rs2 import RS2Sampler
 from lit_tricks.data.sampler import EpochRandomSampler
 from lit_tricks.functional.data_diet import keep_by_scores, load_scores
@@ -19,10 +21,13 @@ class ArrayDataModule(pl.LightningDataModule):
     """Train / validation / test splits of in-memory tensors, as dict batches with ``index``.
 
     Subclasses implement :meth:`load_arrays`. The validation split is carved from the training split
-    with a seeded permutation; label noise (if any) is applied to the training split only, and the clean
-    labels travel along as ``batch["clean_targets"]``. Shuffling is a function of ``(seed, epoch)``, no loader
-    draws from the global RNG, and the training loader is a :class:`~lit_tricks.data.ResumableDataLoader`, so runs
-    are reproducible and resume exactly, from end-of-epoch and mid-epoch checkpoints alike.
+    with a seeded permutation; then, if ``imbalance_ratio`` is set, the rest is cut to a long-tailed profile
+    (:func:`~lit_tricks.data.long_tail.long_tail_counts`, class 0 the head), so validation and test stay
+    balanced and measure every class alike; label noise (if any) is applied to the training split only, after
+    the cut as in the long-tail papers, and the clean labels travel along as ``batch["clean_targets"]``.
+    Shuffling is a function of ``(seed, epoch)``, no loader draws from the global RNG, and the training loader is
+    a :class:`~lit_tricks.data.ResumableDataLoader`, so runs are reproducible and resume exactly, from end-of-epoch
+    and mid-epoch checkpoints alike.
 
     Args:
         batch_size: training batch size (evaluation uses ``eval_batch_size``).
@@ -38,6 +43,13 @@ class ArrayDataModule(pl.LightningDataModule):
             averaged) to prune the training split with, or ``None``.
         prune_keep: the fraction of the training split kept: the highest scores.
         prune_offset: skip this many of the highest scores first (useful under label noise).
+        imbalance_ratio: rho = n_max / n_min (>= 1) of the exponential long-tail profile of the training split
+            (100 and 10 are the usual), or ``None`` (as 1) for the balanced split. A long-tailed
+            module exposes its training class counts as :attr:`train_class_counts` (the Classifier then logs
+            balanced and many/medium/few-shot accuracy).
+        balance: draw class-balanced training epochs, ``"over"``-sampling the minority classes or
+            ``"under"``-sampling the majority ones (:class:`~lit_tricks.data.balanced_sampler.ClassBalancedSampler`,
+            by the observed labels), or ``None``. Not combinable with ``rs2_fraction``.
     """
 
     num_classes: int
@@ -55,6 +67,8 @@ class ArrayDataModule(pl.LightningDataModule):
         prune_scores: str | list[str] | None = None,
         prune_keep: float = 1.0,
         prune_offset: int = 0,
+        imbalance_ratio: float | None = None,
+        balance: BalanceMode | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
@@ -73,11 +87,21 @@ class ArrayDataModule(pl.LightningDataModule):
             raise ValueError(f"prune_keep must be in (0, 1], got {prune_keep}.")
         if prune_scores is None and (prune_keep != 1.0 or prune_offset != 0):
             raise ValueError("prune_keep and prune_offset need prune_scores: the score files to prune with.")
+        if imbalance_ratio is not None and not imbalance_ratio >= 1.0:
+            raise ValueError(
+                f"imbalance_ratio must be >= 1 (n_max / n_min; None or 1 for balanced data), got {imbalance_ratio}."
+            )
+        if balance not in (None, "over", "under"):
+            raise ValueError(f"balance must be 'over', 'under' or None, got {balance!r}.")
+        if balance is not None and rs2_fraction is not None:
+            raise ValueError("balance and rs2_fraction both choose the training sampler: set only one of them.")
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_fraction, self.label_noise, self.noise_kind = val_fraction, label_noise, noise_kind
         self.seed, self.num_workers = seed, num_workers
         self.rs2_fraction = rs2_fraction
         self.prune_scores, self.prune_keep, self.prune_offset = prune_scores, prune_keep, prune_offset
+        self.imbalance_ratio, self.balance = imbalance_ratio, balance
+        self.train_class_counts: Tensor | None = None
         self.train_set: ArrayDataset | None = None
         self.val_set: ArrayDataset | None = None
         self.test_set: ArrayDataset | None = None
@@ -93,6 +117,9 @@ class ArrayDataModule(pl.LightningDataModule):
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))
         n_val = round(self.val_fraction * len(x))
         val_idx, train_idx = order[:n_val], order[n_val:]
+        if self.long_tailed:
+            train_idx = train_idx[long_tail_indices(y[train_idx], self.imbalance_ratio, self.num_classes, self.seed)]
+            self.train_class_counts = y[train_idx].bincount(minlength=self.num_classes)
         y_train = y[train_idx]
         noisy = flip_labels(y_train, self.label_noise, self.num_classes, self.noise_kind, seed=self.seed)
         self.train_set = ArrayDataset(x[train_idx], noisy, clean_targets=y_train)
@@ -107,11 +134,18 @@ class ArrayDataModule(pl.LightningDataModule):
         self.val_set = ArrayDataset(x[val_idx], y[val_idx]) if n_val else None
         self.test_set = ArrayDataset(x_test, y_test)
 
+    @property
+    def long_tailed(self) -> bool:
+        """Whether the training split is cut to a long tail (``imbalance_ratio`` set and above 1)."""
+        return self.imbalance_ratio is not None and self.imbalance_ratio > 1.0
+
     def train_dataloader(self) -> DataLoader:
-        if self.rs2_fraction is None:
-            sampler = EpochRandomSampler(self.train_set, seed=self.seed)
-        else:
+        if self.balance is not None:
+            sampler = ClassBalancedSampler(self.train_set.targets, self.balance, seed=self.seed)
+        elif self.rs2_fraction is not None:
             sampler = RS2Sampler(self.train_set, self.rs2_fraction, seed=self.seed)
+        else:
+            sampler = EpochRandomSampler(self.train_set, seed=self.seed)
         return self._loader(self.train_set, self.batch_size, sampler=sampler, loader=ResumableDataLoader)
 
     def val_dataloader(self) -> DataLoader | list:

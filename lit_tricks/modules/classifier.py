@@ -9,6 +9,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lit_tricks.core.module import TrickModule
+from lit_tricks.metrics.long_tail import long_tail_metrics
 
 
 class Classifier(TrickModule):
@@ -28,6 +29,12 @@ class Classifier(TrickModule):
         on_nonfinite: what a NaN/inf training loss does: ``"warn"`` once and train on, ``"raise"``, or
             ``"skip_step"`` (see :class:`~lit_tricks.TrickModule`).
         loss: ``"cross_entropy"`` or ``"stablemax"`` (StableMax cross-entropy; see :class:`~lit_tricks.TrickModule`).
+        many_shot, few_shot: the training-count thresholds of the many-shot (more than ``many_shot``) and few-shot
+            (fewer than ``few_shot``) classes (:func:`~lit_tricks.metrics.long_tail.shot_groups`).
+
+    When the data module is long-tailed (it has ``train_class_counts``, e.g. an
+    :class:`~lit_tricks.data.ArrayDataModule` with ``imbalance_ratio``), validation and test also log
+    ``{stage}/balanced_acc`` (mean per-class recall) and ``{stage}/many_acc``, ``medium_acc``, ``few_acc``.
 
     Example::
 
@@ -54,12 +61,18 @@ class Classifier(TrickModule):
         ece_bins: int = 15,
         on_nonfinite: Literal["warn", "raise", "skip_step"] = "warn",
         loss: Literal["cross_entropy", "stablemax"] = "cross_entropy",
+        many_shot: int = 100,
+        few_shot: int = 20,
     ) -> None:
         super().__init__(num_classes=num_classes, ece_bins=ece_bins, on_nonfinite=on_nonfinite, loss=loss)
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"backbone must be a torch.nn.Module, got {type(backbone).__name__}.")
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}.")
+        if not 0 < few_shot <= many_shot:
+            raise ValueError(
+                f"the shot thresholds must satisfy 0 < few_shot <= many_shot, got {few_shot}, {many_shot}."
+            )
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
         self.backbone = backbone
         self.optimizer = optimizer
@@ -67,6 +80,14 @@ class Classifier(TrickModule):
 
     def forward(self, inputs: Tensor) -> Tensor:
         return self.backbone(inputs)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        counts = getattr(getattr(self._trainer, "datamodule", None), "train_class_counts", None)
+        if counts is not None:
+            many, few = self.hparams.many_shot, self.hparams.few_shot
+            self.val_metrics.add_metrics(long_tail_metrics(self.num_classes, counts, many, few))
+            self.test_metrics.add_metrics(long_tail_metrics(self.num_classes, counts, many, few))
 
     def forward_features(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         if not (hasattr(self.backbone, "forward_features") and hasattr(self.backbone, "forward_head")):
