@@ -144,13 +144,15 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=20, help="steps between held-out evaluations")
     p.add_argument("--p", type=int, default=97, help="the modulus")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel, one torch thread each")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="a subset of rows")
+    p.add_argument("--tag", default="", help="suffix of the JSON and PNG names, for a run of a subset")
     p.add_argument("--figure", type=Path, default=FIGURES / "grokking_curves.png", help="PNG of the curves")
     args = p.parse_args()
     torch.set_num_threads(1)
     seeds = range(1 if args.quick else args.seeds)
     modulus, max_steps = (13, 40) if args.quick else (args.p, args.max_steps)
     eval_every = 5 if args.quick else args.eval_every
-    jobs = [(name, seed, modulus, max_steps, eval_every) for seed in seeds for name in METHODS]
+    jobs = [(name, seed, modulus, max_steps, eval_every) for seed in seeds for name in args.methods]
     with multiprocessing.get_context("spawn").Pool(args.jobs, initializer=torch.set_num_threads, initargs=(1,)) as pool:
         runs = pool.starmap(run, jobs, chunksize=1)
     print(machine_line())
@@ -160,15 +162,16 @@ def main() -> None:
     )
     print(f"| method | steps to {TARGET:.0%} held-out acc (each seed) | train acc at stop | held-out acc at stop |")
     print("|---|---|---|---|")
-    for name in METHODS:
+    for name in args.methods:
         rows = [r for r in runs if r["method"] == name]
         train = sum(r["curve"][-1][1] for r in rows) / len(rows)
         val = sum(r["curve"][-1][2] for r in rows) / len(rows)
         print(f"| {name} | {summary(rows, max_steps)} | {train:.1%} | {val:.1%} |")
     if not args.quick:
-        plot(runs, args.figure)
-        print(f"\nCurves: {args.figure}")
-    path = write_json(args.out, "grokking" + ("_quick" if args.quick else ""), {"runs": runs})
+        figure = args.figure.with_stem(args.figure.stem + args.tag)
+        plot(runs, figure)
+        print(f"\nCurves: {figure}")
+    path = write_json(args.out, "grokking" + args.tag + ("_quick" if args.quick else ""), {"runs": runs})
     print(f"Raw numbers: {path}")
 
 
