@@ -107,6 +107,7 @@ def test_default_widths_and_bad_input():
         ("inputs", {"inputs": "softmax"}),
         ("hidden", {"hidden": (8,)}),
         ("hidden", {"hidden": (8, 0)}),
+        ("hidden", {"hidden": 8}),
         ("d_weight", {"d_weight": -1.0}),
         ("temperature", {"temperature": 0.0}),
     ]:

@@ -20,6 +20,15 @@ if TYPE_CHECKING:
     from lit_tricks.distill.teachers import Teacher
 
 
+def _checked_widths(hidden: tuple[int, int]) -> tuple[int, int]:
+    """``hidden`` as a tuple of two positive ints, or a ``ValueError``/``TypeError`` naming ``hidden``."""
+    if not isinstance(hidden, (tuple, list)) or len(hidden) != 2:
+        raise ValueError(f"hidden must be two widths (h1, h2), e.g. (16, 8), got {hidden!r}.")
+    for width in hidden:
+        check_number("hidden", width, at_least=1, integer=True)
+    return int(hidden[0]), int(hidden[1])
+
+
 class MEALV2Discriminator(nn.Sequential):
     r"""The authors' discriminator on a ``[N, C]`` output: ``C -> h_1 -> h_2 -> 2`` with a ReLU after every
     layer, the last one included (their 1x1 convolutions on a ``[N, C, 1, 1]`` tensor, which are these
@@ -32,7 +41,8 @@ class MEALV2Discriminator(nn.Sequential):
     """
 
     def __init__(self, num_classes: int, hidden: tuple[int, int], final_relu: bool = True) -> None:
-        h1, h2 = hidden
+        check_number("num_classes", num_classes, at_least=1, integer=True)
+        h1, h2 = _checked_widths(hidden)
         layers: list[nn.Module] = [
             nn.Linear(num_classes, h1),
             nn.ReLU(),
@@ -100,11 +110,7 @@ class MEALV2Loss(TeacherLoss):
         if inputs not in ("logits", "probs"):
             raise ValueError(f"inputs must be 'logits' (authors' train.py) or 'probs' (FKD_train.py), got {inputs!r}.")
         if hidden is not None:
-            if len(hidden) != 2:
-                raise ValueError(f"hidden must be two widths (h1, h2), got {hidden!r}.")
-            for width in hidden:
-                check_number("hidden", width, at_least=1, integer=True)
-            hidden = (int(hidden[0]), int(hidden[1]))
+            hidden = _checked_widths(hidden)
         self.temperature, self.d_weight, self.inputs = temperature, d_weight, inputs
         self.hidden, self.final_relu, self.adversarial = hidden, final_relu, adversarial
         self.discriminator: MEALV2Discriminator | None = None
