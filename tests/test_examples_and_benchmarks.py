@@ -172,3 +172,14 @@ def test_efficient_train_benchmark_quick(tmp_path):
     assert out.startswith("Machine: ") and "| digits 16x16 / CNN2D | EfficientTrain |" in out
     result = json.loads((tmp_path / "efficient_train_quick.json").read_text())
     assert len(result["runs"]) == 8 and len(result["step_ms"]) == 2
+
+
+def test_distill_benchmark_quick(tmp_path):
+    out = _run([str(ROOT / "benchmarks/distill.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
+    assert out.startswith("Machine: ") and "| digits | MIC (EMA) |" in out
+    result = json.loads((tmp_path / "distill_quick.json").read_text())
+    assert len(result["runs"]) == 18 and len(result["teachers"]) == 6
+    meal = [r["teacher_forwards_per_step"] for r in result["runs"] if r["method"].startswith("MEAL")]
+    assert meal == [[1.0, 1.0, 1.0]] * 2  # one forward per step per teacher
+    checks = result["forward_checks"]  # KD + EMA-KD + MIC in one fit: each teacher once per step
+    assert all(c["teacher_forwards_per_step"] == [1.0] and c["ema_forwards_per_step"] == 1.0 for c in checks)
