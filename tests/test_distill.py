@@ -176,7 +176,7 @@ def test_teacher_from_a_checkpoint_path(teacher_checkpoint, quiet_trainer_kwargs
 def test_bad_input_fails_clearly(quiet_trainer_kwargs, tmp_path):
     with pytest.raises(FileNotFoundError, match="No teacher checkpoint"):
         Distill(str(tmp_path / "gone.ckpt"))
-    with pytest.raises(ValueError, match=r"loss must be one of \['dhkd', 'kd', 'nd', 'tgeo'\]"):
+    with pytest.raises(ValueError, match=r"loss must be one of \['dhkd', 'kd', 'meal_v2', 'nd', 'tgeo'\]"):
         Distill(nn.Linear(64, 10), loss="kdd")
     with pytest.raises(TypeError, match="loss must be"):
         Distill(nn.Linear(64, 10), loss=nn.MSELoss())
@@ -230,7 +230,7 @@ def test_teacher_runs_once_per_step_for_every_reader():
 
 def test_each_named_loss_keeps_its_authors_temperature_unless_one_is_given():
     teacher = MLP(64, 10, hidden=(8,))
-    defaults = {"kd": 4.0, "nd": 4.0, "dhkd": 2.0, "tgeo": 1.5}
+    defaults = {"kd": 4.0, "nd": 4.0, "dhkd": 2.0, "tgeo": 1.5, "meal_v2": 1.0}
     for name, temperature in defaults.items():
         assert Distill(teacher, loss=name).loss.temperature == temperature
         assert Distill(teacher, loss=name, temperature=3.0).loss.temperature == 3.0

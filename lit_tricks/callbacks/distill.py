@@ -48,7 +48,7 @@ class Distill(Trick):
             or a list of them; or a :class:`~lit_tricks.distill.Teacher`.
         loss: a name in ``lit_tricks.distill.LOSSES`` (built with ``temperature``) or a ``TeacherLoss``.
         temperature: :math:`T` of a loss given by name; None: that loss's own default, the authors' value
-            (kd and nd 4, dhkd 2, tgeo 1.5). Give a loss instance its temperature itself.
+            (kd and nd 4, dhkd 2, tgeo 1.5, meal_v2 1). Give a loss instance its temperature itself.
         weight: :math:`w`.
         hard_weight: :math:`w_{\mathrm{hard}}`, the weight of the module's own per-sample loss.
         warmup_epochs: :math:`E_{\mathrm{warm}}`, epochs of linear ramp-up of :math:`w` (0: none).

@@ -80,6 +80,7 @@ LOSSES: dict[str, str] = {
     "nd": "lit_tricks.distill.nd.NDLoss",
     "dhkd": "lit_tricks.distill.dhkd.DHKDLoss",
     "tgeo": "lit_tricks.distill.tgeo.TGeoLoss",
+    "meal_v2": "lit_tricks.distill.meal_v2.MEALV2Loss",
 }
 
 
