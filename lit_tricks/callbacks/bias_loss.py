@@ -43,7 +43,7 @@ class BiasLoss(Trick):
         >>> from lit_tricks.callbacks.bias_loss import BiasLoss
         >>> from lit_tricks.data import DigitsDataModule
         >>> from lit_tricks.nets import MLP
-        >>> trainer = L.Trainer(max_epochs=1, callbacks=[BiasLoss()], logger=False, enable_checkpointing=False,
+        >>> trainer = L.Trainer(max_steps=5, callbacks=[BiasLoss()], logger=False, enable_checkpointing=False,
         ...                     enable_progress_bar=False, enable_model_summary=False)
         >>> trainer.fit(Classifier(MLP(64, 10), num_classes=10), DigitsDataModule())
         >>> trainer.callback_metrics["train/loss"].isfinite().item()

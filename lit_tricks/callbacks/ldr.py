@@ -54,7 +54,7 @@ class LDRLoss(Trick):
         >>> from lit_tricks.callbacks.ldr import LDRLoss
         >>> from lit_tricks.data import DigitsDataModule
         >>> from lit_tricks.nets import MLP
-        >>> trainer = L.Trainer(max_epochs=1, callbacks=[LDRLoss(adaptive=True)], logger=False,
+        >>> trainer = L.Trainer(max_steps=5, callbacks=[LDRLoss(adaptive=True)], logger=False,
         ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
         >>> trainer.fit(Classifier(MLP(64, 10), num_classes=10), DigitsDataModule(label_noise=0.4))
         >>> trainer.callback_metrics["train/loss"].isfinite().item()
