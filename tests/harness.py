@@ -333,3 +333,12 @@ def _ensloss():
 
     model = Classifier(MLP(64, 10, hidden=(32,), dropout=0.2), num_classes=10)
     return model, DigitsDataModule(batch_size=32, label_noise=0.4), [EnsLoss(seed=3)]
+
+
+@case("long_tail_over_sampling")
+def _long_tail_over_sampling():
+    # the class-balanced epoch list is a function of (seed, epoch): a resumed run, also mid-epoch, must draw the same
+    # over-sampled batches; under DDP the ranks take disjoint shards of one list; validation logs the shot groups
+    model = Classifier(MLP(64, 10, hidden=(32,), dropout=0.2), num_classes=10)
+    datamodule = DigitsDataModule(batch_size=32, imbalance_ratio=10, label_noise=0.2, balance="over")
+    return model, datamodule, []

@@ -4,6 +4,7 @@ from lit_tricks import lazy_exports
 
 _EXPORTS = {
     "lit_tricks.data.array_datamodule": ("ArrayDataModule",),
+    "lit_tricks.data.balanced_sampler": ("ClassBalancedSampler", "class_balanced_indices"),
     "lit_tricks.data.concepts": (
         "ConceptToyDataModule",
         "DigitsConceptDataModule",
@@ -18,6 +19,7 @@ _EXPORTS = {
     "lit_tricks.data.indexed": ("ArrayDataset", "IndexedDataset", "dataset_tensors"),
     "lit_tricks.data.label_noise": ("LabelNoise", "flip_labels"),
     "lit_tricks.data.loader": ("ResumableDataLoader",),
+    "lit_tricks.data.long_tail": ("long_tail_counts", "long_tail_indices"),
     "lit_tricks.data.mnist1d": ("MNIST1DDataModule", "generate_mnist1d"),
     "lit_tricks.data.rs2": ("RS2Sampler", "rs2_indices"),
     "lit_tricks.data.sampler": ("EpochRandomSampler",),

@@ -1,6 +1,7 @@
 """torchmetrics ``Metric`` subclasses, correct under DDP by construction."""
 
 from lit_tricks.metrics.classification import NegativeLogLikelihood, classification_metrics
+from lit_tricks.metrics.long_tail import ClassGroupAccuracy, long_tail_metrics, shot_groups
 from lit_tricks.metrics.sample_quality import (
     EnergyDistance,
     FrechetDistance,
@@ -11,6 +12,7 @@ from lit_tricks.metrics.sample_quality import (
 )
 
 __all__ = [
+    "ClassGroupAccuracy",
     "EnergyDistance",
     "FrechetDistance",
     "KernelInceptionDistance",
@@ -19,4 +21,6 @@ __all__ = [
     "SlicedWasserstein",
     "classification_metrics",
     "digits_features",
+    "long_tail_metrics",
+    "shot_groups",
 ]
