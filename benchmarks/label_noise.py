@@ -6,7 +6,8 @@
 Same networks, data and budgets as benchmarks/baseline.py (digits / MLP 65 epochs, MNIST-1D / CNN1D 150
 epochs). 40% symmetric noise on the training labels (test labels clean) for every method; ERM and Mixup
 also on clean labels, for calibration. Mixup alpha 1.0; ELR beta 0.7, lambda 3 (the paper's CIFAR-10
-values); EnsLoss Box-Cox lambda 0 (the authors' value); SampleReweighting r 1.0, delta 1, uniform for the first
+values); EnsLoss Box-Cox lambda 0 (the authors' value); LDR-KL / ALDR-KL lambda 1, margin 0.1 (ALDR-KL alpha 2);
+Bias loss alpha 0.3, beta 0.3 (the paper's); SampleReweighting r 1.0, delta 1, uniform for the first
 10% of steps.
 """
 
@@ -14,13 +15,16 @@ from __future__ import annotations
 
 from common import SETUPS, fit_and_test, machine_line, mean_std, parser, prepare, write_json
 
-from lit_tricks import ELR, EnsLoss, Mixup, SampleReweighting
+from lit_tricks import ELR, BiasLoss, EnsLoss, LDRLoss, Mixup, SampleReweighting
 
 METHODS = {
     "ERM": lambda steps: [],
     "Mixup": lambda steps: [Mixup(alpha=1.0)],
     "ELR": lambda steps: [ELR(beta=0.7, lam=3.0)],
     "EnsLoss": lambda steps: [EnsLoss()],
+    "LDR-KL": lambda steps: [LDRLoss(lam=1.0)],
+    "ALDR-KL": lambda steps: [LDRLoss(lam=1.0, adaptive=True)],
+    "Bias loss": lambda steps: [BiasLoss()],
     "reweight linupper": lambda steps: [SampleReweighting("linupper", warmup_steps=steps // 10)],
     "reweight quadratic": lambda steps: [SampleReweighting("quadratic", warmup_steps=steps // 10)],
     "reweight extremes": lambda steps: [SampleReweighting("extremes", warmup_steps=steps // 10)],

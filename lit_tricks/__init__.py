@@ -37,6 +37,7 @@ def lazy_exports(package: str, exports: Mapping[str, tuple[str, ...]]) -> tuple[
 
 
 _EXPORTS = {
+    "lit_tricks.callbacks.bias_loss": ("BiasLoss",),
     "lit_tricks.callbacks.continual_evaluation": ("ContinualEvaluation",),
     "lit_tricks.callbacks.data_diet": ("DataDietScores",),
     "lit_tricks.callbacks.distill": ("Distill",),
@@ -46,6 +47,7 @@ _EXPORTS = {
     "lit_tricks.callbacks.ensloss": ("EnsLoss",),
     "lit_tricks.callbacks.experience_replay": ("ExperienceReplay",),
     "lit_tricks.callbacks.ghost_batch_norm": ("ApplyGhostBatchNorm",),
+    "lit_tricks.callbacks.ldr": ("LDRLoss",),
     "lit_tricks.callbacks.mic": ("MIC",),
     "lit_tricks.callbacks.mixup": ("CutMix", "Mixup"),
     "lit_tricks.callbacks.multi_sample_dropout": ("ApplyMultiSampleDropout",),

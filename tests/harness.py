@@ -342,3 +342,21 @@ def _long_tail_over_sampling():
     model = Classifier(MLP(64, 10, hidden=(32,), dropout=0.2), num_classes=10)
     datamodule = DigitsDataModule(batch_size=32, imbalance_ratio=10, label_noise=0.2, balance="over")
     return model, datamodule, []
+
+
+@case("aldr_kl_noisy_labels")
+def _aldr_kl():
+    # ALDR-KL's per-sample lambda table must survive the resume and be filled from both DDP ranks
+    from lit_tricks import LDRLoss
+
+    model = Classifier(MLP(64, 10, hidden=(32,)), num_classes=10)
+    return model, DigitsDataModule(batch_size=32, label_noise=0.4), [LDRLoss(lam=1.0, adaptive=True)]
+
+
+@case("bias_loss")
+def _bias_loss():
+    # the running minimum / maximum of the feature variance is global state: restored on resume, gathered under DDP
+    from lit_tricks import BiasLoss
+
+    model = Classifier(MLP(64, 10, hidden=(32,), dropout=0.2), num_classes=10)
+    return model, DigitsDataModule(batch_size=32), [BiasLoss()]

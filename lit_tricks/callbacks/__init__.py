@@ -1,5 +1,6 @@
 """Callbacks and tricks: one file per technique."""
 
+from lit_tricks.callbacks.bias_loss import BiasLoss
 from lit_tricks.callbacks.continual_evaluation import ContinualEvaluation
 from lit_tricks.callbacks.data_diet import DataDietScores
 from lit_tricks.callbacks.distill import Distill
@@ -9,6 +10,7 @@ from lit_tricks.callbacks.ema_teacher import EMATeacher
 from lit_tricks.callbacks.ensloss import EnsLoss
 from lit_tricks.callbacks.experience_replay import ExperienceReplay
 from lit_tricks.callbacks.ghost_batch_norm import ApplyGhostBatchNorm
+from lit_tricks.callbacks.ldr import LDRLoss
 from lit_tricks.callbacks.mic import MIC
 from lit_tricks.callbacks.mixup import CutMix, Mixup
 from lit_tricks.callbacks.multi_sample_dropout import ApplyMultiSampleDropout
@@ -23,6 +25,7 @@ __all__ = [
     "ApplyGhostBatchNorm",
     "ApplyMultiSampleDropout",
     "ApplyTrAct",
+    "BiasLoss",
     "ContinualEvaluation",
     "CutMix",
     "DataDietScores",
@@ -31,6 +34,7 @@ __all__ = [
     "ELR",
     "EMATeacher",
     "EnsLoss",
+    "LDRLoss",
     "ExperienceReplay",
     "MIC",
     "Mixup",

@@ -20,6 +20,7 @@ _EXPORTS = {
     "lit_tricks.data.label_noise": ("LabelNoise", "flip_labels"),
     "lit_tricks.data.loader": ("ResumableDataLoader",),
     "lit_tricks.data.long_tail": ("long_tail_counts", "long_tail_indices"),
+    "lit_tricks.data.modular": ("ModularArithmeticDataModule", "modular_table"),
     "lit_tricks.data.mnist1d": ("MNIST1DDataModule", "generate_mnist1d"),
     "lit_tricks.data.rs2": ("RS2Sampler", "rs2_indices"),
     "lit_tricks.data.sampler": ("EpochRandomSampler",),

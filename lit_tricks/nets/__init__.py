@@ -6,6 +6,7 @@ _EXPORTS = {
     "lit_tricks.nets.cnn": ("CNN1D", "CNN2D"),
     "lit_tricks.nets.hypernetwork": ("HyperNetwork", "encode_input"),
     "lit_tricks.nets.mlp": ("MLP",),
+    "lit_tricks.nets.output_scale": ("OutputScale", "lazy_rich_lr"),
     "lit_tricks.nets.time_conditioned": ("NonScalingLayerNorm", "TimeCNN", "TimeMLP"),
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
