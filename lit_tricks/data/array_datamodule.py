@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
@@ -14,6 +16,7 @@ from lit_tricks.data.loader import ResumableDataLoader
 from lit_tricks.data.long_tail import long_tail_indices
 from lit_tricks.data.rs2 import RS2Sampler
 from lit_tricks.data.sampler import EpochRandomSampler
+from lit_tricks.data.smote import check_smote_options, smote_features
 from lit_tricks.functional.data_diet import keep_by_scores, load_scores
 
 
@@ -50,6 +53,14 @@ class ArrayDataModule(pl.LightningDataModule):
         balance: draw class-balanced training epochs, ``"over"``-sampling the minority classes or
             ``"under"``-sampling the majority ones (:class:`~lit_tricks.data.balanced_sampler.ClassBalancedSampler`,
             by the observed labels), or ``None``. Not combinable with ``rs2_fraction``.
+        smote: add SMOTE's synthetic minority samples to the training split
+            (:func:`~lit_tricks.data.smote.smote_features`; ``pip install lit_tricks[imbalance]``): ``True`` for
+            the defaults (``k_neighbors=5``, ``sampling_strategy="auto"``: every class up to the largest), a dict
+            of those two options, or ``None``. It runs after the long-tail cut and the label noise (by the
+            observed labels), seeded by ``seed``, on flattened inputs. The synthetic samples are appended, so the
+            real ones keep their indices and the new ones are numbered after them (per-sample tables size to the
+            longer set); their ``clean_targets`` is the class they were made for. ``train_class_counts`` stays
+            the real samples' counts. Not combinable with ``prune_scores``.
     """
 
     num_classes: int
@@ -69,6 +80,7 @@ class ArrayDataModule(pl.LightningDataModule):
         prune_offset: int = 0,
         imbalance_ratio: float | None = None,
         balance: BalanceMode | None = None,
+        smote: bool | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
@@ -95,6 +107,13 @@ class ArrayDataModule(pl.LightningDataModule):
             raise ValueError(f"balance must be 'over', 'under' or None, got {balance!r}.")
         if balance is not None and rs2_fraction is not None:
             raise ValueError("balance and rs2_fraction both choose the training sampler: set only one of them.")
+        if smote is not None and not isinstance(smote, (bool, dict)):
+            raise TypeError(f"smote must be True, a dict of SMOTE options or None, got {smote!r}.")
+        self.smote = {} if smote is True else None if smote is False else smote
+        if self.smote is not None:
+            check_smote_options(self.smote)
+            if prune_scores is not None:
+                raise ValueError("smote and prune_scores cannot be combined: prune the real data or over-sample it.")
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_fraction, self.label_noise, self.noise_kind = val_fraction, label_noise, noise_kind
         self.seed, self.num_workers = seed, num_workers
@@ -122,7 +141,11 @@ class ArrayDataModule(pl.LightningDataModule):
             self.train_class_counts = y[train_idx].bincount(minlength=self.num_classes)
         y_train = y[train_idx]
         noisy = flip_labels(y_train, self.label_noise, self.num_classes, self.noise_kind, seed=self.seed)
-        self.train_set = ArrayDataset(x[train_idx], noisy, clean_targets=y_train)
+        x_train = x[train_idx]
+        if self.smote is not None:
+            x_train, noisy = smote_features(x_train, noisy, seed=self.seed, **self.smote)
+            y_train = torch.cat([y_train, noisy[len(y_train) :]])  # a synthetic sample's class is its clean label
+        self.train_set = ArrayDataset(x_train, noisy, clean_targets=y_train)
         if self.prune_scores is not None:
             scores = load_scores(self.prune_scores)
             if scores.numel() != len(self.train_set):
