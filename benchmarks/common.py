@@ -69,16 +69,16 @@ def fit_and_test(model: pl.LightningModule, datamodule: pl.LightningDataModule, 
 
 
 # The two trick benchmarks' set-ups, with the baselines' networks and budgets:
-# name -> (data module factory(label noise), net factory, Adam lr, epochs)
+# name -> (data module factory(label noise, **other options), net factory, Adam lr, epochs)
 SETUPS = {
     "digits / MLP": (
-        lambda noise: DigitsDataModule(batch_size=64, val_fraction=0.0, label_noise=noise),
+        lambda noise, **options: DigitsDataModule(batch_size=64, val_fraction=0.0, label_noise=noise, **options),
         lambda: MLP(64, 10),
         1e-3,
         65,
     ),
     "MNIST-1D / CNN1D": (
-        lambda noise: MNIST1DDataModule(batch_size=100, val_fraction=0.0, label_noise=noise),
+        lambda noise, **options: MNIST1DDataModule(batch_size=100, val_fraction=0.0, label_noise=noise, **options),
         lambda: CNN1D(10),
         1e-2,
         150,
@@ -86,12 +86,12 @@ SETUPS = {
 }
 
 
-def prepare(setup: str, noise: float, seed: int, quick: bool, quick_epochs: int = 1) -> tuple:
-    """Seed, build and set up one run of a set-up: ``(model, datamodule, epochs, optimizer steps)``.
-    Quick mode: MNIST-1D with 500 signals and ``quick_epochs`` epochs."""
+def prepare(setup: str, noise: float, seed: int, quick: bool, quick_epochs: int = 1, **data_options) -> tuple:
+    """Seed, build and set up one run of a set-up: ``(model, datamodule, epochs, optimizer steps)``; ``data_options``
+    go to the data module. Quick mode: MNIST-1D with 500 signals and ``quick_epochs`` epochs."""
     make_data, make_net, lr, epochs = SETUPS[setup]
     pl.seed_everything(seed, verbose=False)
-    datamodule = make_data(noise)
+    datamodule = make_data(noise, **data_options)
     datamodule.seed = seed
     if quick:
         epochs = quick_epochs

@@ -88,6 +88,13 @@ def test_label_noise_benchmark_quick(tmp_path):
     assert len(runs) == 24 and {r["method"] for r in runs} >= {"ERM", "ELR", "EnsLoss", "ALDR-KL", "Bias loss"}
 
 
+def test_long_tail_benchmark_quick(tmp_path):
+    out = _run([str(ROOT / "benchmarks/long_tail.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
+    assert out.startswith("Machine: ") and "| MNIST-1D / CNN1D | 10 | 0% | over-sampling |" in out
+    runs = json.loads((tmp_path / "long_tail_quick.json").read_text())["runs"]
+    assert len(runs) == 12 and all(0.0 <= r["balanced_acc"] <= 1.0 and r["steps"] > 0 for r in runs)
+
+
 def test_data_selection_benchmark_quick(tmp_path):
     out = _run([str(ROOT / "benchmarks/data_selection.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
     assert out.startswith("Machine: ") and "| RS2 r=0.25 |" in out
