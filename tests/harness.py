@@ -360,3 +360,14 @@ def _bias_loss():
 
     model = Classifier(MLP(64, 10, hidden=(32,), dropout=0.2), num_classes=10)
     return model, DigitsDataModule(batch_size=32), [BiasLoss()]
+
+
+@case("nested_dropout_noisy_labels")
+def _nested_dropout():
+    # the layer's private generator (in the model's state dict) must continue exactly after the resume; under DDP
+    # every rank keeps the same k. The head is wrapped up front so the DDP harness's pre-fit names match.
+    from lit_tricks.callbacks.nested_dropout import ApplyNestedDropout
+    from lit_tricks.layers.nested_dropout import nested_dropout
+
+    model = Classifier(nested_dropout(MLP(64, 10, hidden=(32,)), std=4.0, seed=3), num_classes=10)
+    return model, DigitsDataModule(batch_size=32, label_noise=0.4), [ApplyNestedDropout(std=4.0, seed=3)]
