@@ -371,3 +371,14 @@ def _nested_dropout():
 
     model = Classifier(nested_dropout(MLP(64, 10, hidden=(32,)), std=4.0, seed=3), num_classes=10)
     return model, DigitsDataModule(batch_size=32, label_noise=0.4), [ApplyNestedDropout(std=4.0, seed=3)]
+
+
+@case("adversarial_training_reweighted")
+def _adversarial_training():
+    # the private generator of the PGD random starts must continue exactly after the resume; the attack runs in eval
+    # mode (batch norm, dropout), and the class reweighting switches on at epoch 1, after the half run's resume
+    from lit_tricks.callbacks.adversarial_training import AdversarialTraining
+
+    model = Classifier(CNN2D(num_classes=10, width=8), num_classes=10)
+    trick = AdversarialTraining(eps=0.1, steps=2, clamp_min=0, clamp_max=1, reweight_beta=0.9999, reweight_from_epoch=1)
+    return model, DigitsDataModule(batch_size=32, as_image=True, imbalance_ratio=10), [trick]
