@@ -100,6 +100,11 @@ class TrickModule(RestoresRNG, pl.LightningModule):
         """Loss of each sample ``[N]`` (class ids or probabilities): the ``loss`` chosen at construction."""
         return _LOSSES[self.loss](logits, targets)
 
+    def eval_probabilities(self, logits: Tensor) -> Tensor:
+        """The class probabilities ``[N, C]`` validation, test and predict use: the softmax of the logits. A subclass
+        may adjust them (``Classifier(prior_correction=True)`` divides them by the training class priors)."""
+        return logits.softmax(dim=-1)
+
     @property
     def tricks(self) -> list[Trick]:
         """The tricks this module runs, in the order it runs them."""
@@ -173,13 +178,13 @@ class TrickModule(RestoresRNG, pl.LightningModule):
             inputs = batch[0]
         else:
             inputs = batch
-        return self(inputs).softmax(dim=-1)
+        return self.eval_probabilities(self(inputs))
 
     # ------------------------------------------------------------------ helpers
     def _evaluate(self, batch: Any, metrics: torch.nn.Module, stage: str) -> None:
         tb = TrickBatch.from_batch(batch)
         self._check_first_batch(tb, stage)
-        probs = self(tb.inputs).float().softmax(dim=-1)
+        probs = self.eval_probabilities(self(tb.inputs).float())
         with self._labels_explain_errors(batch):
             metrics.update(probs, tb.hard_targets)
         self.log_dict(metrics, batch_size=len(tb))

@@ -52,6 +52,7 @@ def smote_features(
 
     Example::
 
+        >>> import pytest; imblearn = pytest.importorskip("imblearn")  # the [imbalance] extra
         >>> x = torch.tensor([[0.0], [1.0], [2.0], [3.0], [10.0], [11.0]])
         >>> y = torch.tensor([0, 0, 0, 0, 1, 1])
         >>> x_new, y_new = smote_features(x, y, k_neighbors=1)

@@ -9,6 +9,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lit_tricks.core.module import TrickModule
+from lit_tricks.functional.prior_correction import class_priors, prior_correction
 from lit_tricks.metrics.long_tail import long_tail_metrics
 
 
@@ -31,6 +32,13 @@ class Classifier(TrickModule):
         loss: ``"cross_entropy"`` or ``"stablemax"`` (StableMax cross-entropy; see :class:`~lit_tricks.TrickModule`).
         many_shot, few_shot: the training-count thresholds of the many-shot (more than ``many_shot``) and few-shot
             (fewer than ``few_shot``) classes (:func:`~lit_tricks.metrics.long_tail.shot_groups`).
+        prior_correction: thresholding (Buda et al., 2018): divide the validation, test and predict probabilities
+            by the training class frequencies (the counts over their sum) and renormalise
+            (:func:`~lit_tricks.functional.prior_correction.prior_correction`), so that the decisions stop leaning
+            towards the frequent classes. The counts are the data module's ``train_class_counts`` (the real
+            samples of a long-tailed :class:`~lit_tricks.data.ArrayDataModule`), read at ``setup``; the priors
+            are the buffer ``class_prior``, saved in checkpoints (a loaded checkpoint's priors replace them).
+            Training is unchanged.
 
     When the data module is long-tailed (it has ``train_class_counts``, e.g. an
     :class:`~lit_tricks.data.ArrayDataModule` with ``imbalance_ratio``), validation and test also log
@@ -63,6 +71,7 @@ class Classifier(TrickModule):
         loss: Literal["cross_entropy", "stablemax"] = "cross_entropy",
         many_shot: int = 100,
         few_shot: int = 20,
+        prior_correction: bool = False,
     ) -> None:
         super().__init__(num_classes=num_classes, ece_bins=ece_bins, on_nonfinite=on_nonfinite, loss=loss)
         if not isinstance(backbone, nn.Module):
@@ -73,7 +82,11 @@ class Classifier(TrickModule):
             raise ValueError(
                 f"the shot thresholds must satisfy 0 < few_shot <= many_shot, got {few_shot}, {many_shot}."
             )
+        if not isinstance(prior_correction, bool):
+            raise TypeError(f"prior_correction must be True or False, got {prior_correction!r}.")
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+        if prior_correction:  # NaN until setup finds the training counts (or a checkpoint brings them)
+            self.register_buffer("class_prior", torch.full((num_classes,), float("nan")))
         self.backbone = backbone
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -84,10 +97,39 @@ class Classifier(TrickModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         counts = getattr(getattr(self._trainer, "datamodule", None), "train_class_counts", None)
+        if self.hparams.prior_correction:
+            if counts is not None:
+                self.class_prior.copy_(class_priors(counts))
+            elif stage == "fit":
+                raise ValueError(
+                    "prior_correction=True needs the training class counts: use a data module with "
+                    "train_class_counts (e.g. an ArrayDataModule with imbalance_ratio=...)."
+                )
         if counts is not None:
             many, few = self.hparams.many_shot, self.hparams.few_shot
             self.val_metrics.add_metrics(long_tail_metrics(self.num_classes, counts, many, few))
             self.test_metrics.add_metrics(long_tail_metrics(self.num_classes, counts, many, few))
+
+    def eval_probabilities(self, logits: Tensor) -> Tensor:
+        probs = logits.softmax(dim=-1)
+        return prior_correction(probs, self.class_prior) if self.hparams.prior_correction else probs
+
+    def on_validation_start(self) -> None:
+        self._check_priors()
+
+    def on_test_start(self) -> None:
+        self._check_priors()
+
+    def on_predict_start(self) -> None:
+        self._check_priors()
+
+    def _check_priors(self) -> None:
+        """Once per evaluation, after a checkpoint is loaded: the priors must be known."""
+        if self.hparams.prior_correction and self.class_prior.isnan().any():
+            raise ValueError(
+                "prior_correction=True has no class priors: evaluate with a data module that has "
+                "train_class_counts, or load a checkpoint trained with prior_correction=True."
+            )
 
     def forward_features(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         if not (hasattr(self.backbone, "forward_features") and hasattr(self.backbone, "forward_head")):
