@@ -382,3 +382,20 @@ def _adversarial_training():
     model = Classifier(CNN2D(num_classes=10, width=8), num_classes=10)
     trick = AdversarialTraining(eps=0.1, steps=2, clamp_min=0, clamp_max=1, reweight_beta=0.9999, reweight_from_epoch=1)
     return model, DigitsDataModule(batch_size=32, as_image=True, imbalance_ratio=10), [trick]
+
+
+def _smote_prior_correction():
+    # SMOTE's synthetic samples are made once at setup, seeded: a resumed run and both DDP ranks must see the same
+    # training set; the class_prior buffer of the prior correction travels in the checkpoint
+    model = Classifier(MLP(64, 10, hidden=(32,), dropout=0.2), num_classes=10, prior_correction=True)
+    return model, DigitsDataModule(batch_size=32, imbalance_ratio=10, smote=True), []
+
+
+def _has_imblearn() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("imblearn") is not None
+
+
+if _has_imblearn():  # SMOTE needs the [imbalance] extra; without it the case is left out
+    case("smote_prior_correction")(_smote_prior_correction)
