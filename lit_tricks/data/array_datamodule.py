@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lit_tricks.data.balanced_sampler import BalanceMode, ClassBalancedSampler
+from lit_tricks.data.hard_batches import HardBatchSampler
 from lit_tricks.data.indexed import ArrayDataset
 from lit_tricks.data.label_noise import NoiseKind, flip_labels
 from lit_tricks.data.loader import ResumableDataLoader
@@ -61,6 +62,9 @@ class ArrayDataModule(pl.LightningDataModule):
             real ones keep their indices and the new ones are numbered after them (per-sample tables size to the
             longer set); their ``clean_targets`` is the class they were made for. ``train_class_counts`` stays
             the real samples' counts. Not combinable with ``prune_scores``.
+        hard_batches: delta: train on fixed batches, after the first epoch each epoch only the fraction
+            ``hard_batches`` of them with the highest last loss (:class:`~lit_tricks.data.HardBatchSampler`; needs
+            the :class:`~lit_tricks.HardBatches` callback), or ``None``. Not combinable with another sampler option.
     """
 
     num_classes: int
@@ -81,6 +85,7 @@ class ArrayDataModule(pl.LightningDataModule):
         imbalance_ratio: float | None = None,
         balance: BalanceMode | None = None,
         smote: bool | dict[str, Any] | None = None,
+        hard_batches: float | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
@@ -107,6 +112,11 @@ class ArrayDataModule(pl.LightningDataModule):
             raise ValueError(f"balance must be 'over', 'under' or None, got {balance!r}.")
         if balance is not None and rs2_fraction is not None:
             raise ValueError("balance and rs2_fraction both choose the training sampler: set only one of them.")
+        if hard_batches is not None and not 0.0 < hard_batches <= 1.0:
+            raise ValueError(f"hard_batches must be delta in (0, 1] (or None), got {hard_batches}.")
+        if hard_batches is not None and (balance is not None or rs2_fraction is not None):
+            raise ValueError("hard_batches chooses the training sampler: set neither balance nor rs2_fraction with it.")
+        self.hard_batches = hard_batches
         if smote is not None and not isinstance(smote, (bool, dict)):
             raise TypeError(f"smote must be True, a dict of SMOTE options or None, got {smote!r}.")
         self.smote = {} if smote is True else None if smote is False else smote
@@ -167,6 +177,13 @@ class ArrayDataModule(pl.LightningDataModule):
             sampler = ClassBalancedSampler(self.train_set.targets, self.balance, seed=self.seed)
         elif self.rs2_fraction is not None:
             sampler = RS2Sampler(self.train_set, self.rs2_fraction, seed=self.seed)
+        elif self.hard_batches is not None:
+            trainer = self.trainer
+            world, rank, epoch = (
+                (trainer.world_size, trainer.global_rank, trainer.current_epoch) if trainer else (1, 0, 0)
+            )
+            sampler = HardBatchSampler(len(self.train_set), self.batch_size, self.hard_batches, self.seed, world, rank)
+            sampler.set_epoch(epoch)  # Lightning measures the epoch's length before it calls set_epoch
         else:
             sampler = EpochRandomSampler(self.train_set, seed=self.seed)
         return self._loader(self.train_set, self.batch_size, sampler=sampler, loader=ResumableDataLoader)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lit_tricks.functional.loss_ranking import kept_count
+
 
 def selection_probabilities(n: int, keep: float) -> Tensor:
     """``[n]`` probabilities of the samples ranked by ascending loss (sums to 1)."""
@@ -24,12 +26,13 @@ def selection_probabilities(n: int, keep: float) -> Tensor:
 
 
 def select_by_loss(losses: Tensor, keep: float, generator: torch.Generator | None = None) -> Tensor:
-    """Indices (into the batch) of ``max(1, floor(keep * N))`` samples drawn towards the highest losses.
+    """Indices (into the batch) of ``max(1, floor(keep * N))`` samples drawn towards the highest losses (the count
+    is :func:`~lit_tricks.functional.loss_ranking.kept_count`, shared with the hard mini-batches rule).
 
     The draw happens on the CPU over loss *ranks*, and is mapped to samples by an ``argsort`` on the losses'
     device, so there is no host-device synchronisation.
     """
     n = losses.numel()
-    size = max(1, int(keep * n))
-    ranks = torch.multinomial(selection_probabilities(n, keep), size, replacement=False, generator=generator)
+    probabilities = selection_probabilities(n, keep)
+    ranks = torch.multinomial(probabilities, kept_count(n, keep, "keep"), replacement=False, generator=generator)
     return losses.argsort()[ranks.to(losses.device)]
