@@ -399,3 +399,15 @@ def _has_imblearn() -> bool:
 
 if _has_imblearn():  # SMOTE needs the [imbalance] extra; without it the case is left out
     case("smote_prior_correction")(_smote_prior_correction)
+
+
+@case("hard_batches")
+def _hard_batches():
+    # the batch losses and the current round are sampler state, saved by HardBatches: a resumed run (also mid-epoch)
+    # replays the same round and then picks the same hardest batches; under DDP the ranks record the all-reduced
+    # loss of each global batch and choose alike. 1294 digits in batches of 200: b = 6 fixed batches, rounds of 5
+    # (5 epoch-0 batches trained under limit_train_batches=5, so round 1 is the untrained batch and the 4 hardest)
+    from lit_tricks.callbacks.hard_batches import HardBatches
+
+    model = Classifier(MLP(64, 10, hidden=(32,), dropout=0.2), num_classes=10)
+    return model, DigitsDataModule(batch_size=200, hard_batches=0.85), [HardBatches()]

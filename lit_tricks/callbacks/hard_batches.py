@@ -49,8 +49,14 @@ class HardBatches(Trick):
         self.sampler: HardBatchSampler | None = None
         self._loaded: dict[str, Any] | None = None
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._bind(trainer)  # a run resumed mid-epoch starts without on_train_epoch_start
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # every epoch: with reload_dataloaders_every_n_epochs the loader (and maybe the sampler) is new
+        self._bind(trainer)  # with reload_dataloaders_every_n_epochs the loader (and maybe the sampler) is new
+
+    def _bind(self, trainer: pl.Trainer) -> None:
+        """Find the training loader's sampler; give it the checkpoint's state, or the previous sampler's."""
         loader = trainer.train_dataloader
         sampler = getattr(loader, "sampler", None)
         if not isinstance(sampler, HardBatchSampler):
