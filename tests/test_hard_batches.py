@@ -213,3 +213,13 @@ def test_fit_trains_all_batches_then_the_hardest_within_the_step_budget():
     # the recorded loss is the batch's mean training loss (the module's per-sample cross-entropy)
     assert torch.all(record.losses[0] > 0) and torch.all(record.losses[0] < 10)
     assert float(trainer.callback_metrics["val/acc"]) > 0.5  # step-based validation ran
+
+
+def test_resume_in_the_middle_of_a_round_is_bit_exact(tmp_path):
+    """The harness resumes in epoch 0; here the checkpoint is 2 batches into round 1, after its first batches updated
+    their losses: the resumed run must replay the round chosen at its start, not one chosen from the new losses."""
+    from test_harness_resume import _assert_same_run, _fit
+
+    full = _fit("hard_batches", tmp_path / "full", 2, every_n_train_steps=7)
+    checkpoint = tmp_path / "full" / "steps" / "step=7.ckpt"
+    _assert_same_run(full, _fit("hard_batches", tmp_path / "resumed", 2, ckpt_path=checkpoint))
