@@ -182,7 +182,13 @@ class RecordRounds(Trick):
     order = 50
 
     def __init__(self):
-        self.indices, self.losses = {}, []
+        self.indices, self.losses, self.lengths, self.validations = {}, [], [], 0
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.lengths.append(trainer.num_training_batches)
+
+    def on_validation_end(self, trainer, pl_module):
+        self.validations += not trainer.sanity_checking
 
     def before_forward(self, trainer, module, batch):
         self.indices.setdefault(trainer.current_epoch, []).append(batch.index.clone())
@@ -192,11 +198,16 @@ class RecordRounds(Trick):
         self.losses.append(trainer.train_dataloader.sampler.losses.clone())
 
 
-def test_fit_trains_all_batches_then_the_hardest_within_the_step_budget():
+@pytest.mark.parametrize("reload", [False, True])
+def test_fit_trains_all_batches_then_the_hardest_within_the_step_budget(reload):
     torch.manual_seed(0)
     record, feed = RecordRounds(), HardBatches()
     data = DigitsDataModule(batch_size=128, hard_batches=0.4)  # 1294 samples: b = 10 batches, rounds of 4
-    trainer = _trainer([record, feed], max_steps=20, val_check_interval=10, check_val_every_n_epoch=None)
+    if reload:  # a new loader (and sampler) each epoch: Lightning sizes every round, validates after each
+        schedule = {"reload_dataloaders_every_n_epochs": 1}
+    else:  # Lightning sizes epochs once (10 batches): validate every b = 10 steps instead
+        schedule = {"val_check_interval": 10, "check_val_every_n_epoch": None}
+    trainer = _trainer([record, feed], max_steps=20, **schedule)
     trainer.fit(Classifier(MLP(64, 10), num_classes=10), data)
     sampler = feed.sampler
     assert trainer.global_step == 20 and [len(record.indices[e]) for e in range(4)] == [10, 4, 4, 2]
@@ -212,7 +223,11 @@ def test_fit_trains_all_batches_then_the_hardest_within_the_step_budget():
     assert ids(1) != ids(2)
     # the recorded loss is the batch's mean training loss (the module's per-sample cross-entropy)
     assert torch.all(record.losses[0] > 0) and torch.all(record.losses[0] < 10)
-    assert float(trainer.callback_metrics["val/acc"]) > 0.5  # step-based validation ran
+    assert float(trainer.callback_metrics["val/acc"]) > 0.5
+    assert record.lengths == ([10, 4, 4, 4] if reload else [10, 10, 10, 10])
+    assert record.validations == (3 if reload else 2)  # at steps 10, 14, 18 or at 10, 20
+    # the same rounds either way; early in training the batches trained longest ago carry the highest losses
+    assert ids(1) == [0, 1, 2, 3] and ids(2) == [4, 5, 6, 7]
 
 
 def test_resume_in_the_middle_of_a_round_is_bit_exact(tmp_path):
