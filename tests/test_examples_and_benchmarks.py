@@ -190,3 +190,15 @@ def test_distill_benchmark_quick(tmp_path):
     assert meal == [[1.0, 1.0, 1.0]] * 2  # one forward per step per teacher
     checks = result["forward_checks"]  # KD + EMA-KD + MIC in one fit: each teacher once per step
     assert all(c["teacher_forwards_per_step"] == [1.0] and c["ema_forwards_per_step"] == 1.0 for c in checks)
+
+
+def test_adversarial_training_benchmark_quick(tmp_path):
+    out = _run([str(ROOT / "benchmarks/adversarial_training.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
+    assert out.startswith("Machine: ") and "| long tail rho=10 | PGD-AT + DRW |" in out
+    runs = json.loads((tmp_path / "adversarial_training_quick.json").read_text())["runs"]
+    assert {(r["rho"], r["method"]) for r in runs} == {
+        *((10.0, m) for m in ("ERM", "PGD-AT", "PGD-AT + RW", "PGD-AT + DRW")),
+        (None, "ERM"),
+        (None, "PGD-AT"),
+    }
+    assert all(0.0 <= r["pgd_acc"] <= r["clean_acc"] + 0.05 for r in runs)
