@@ -3,6 +3,7 @@
     python benchmarks/data_selection.py --seeds 3
     python benchmarks/data_selection.py --quick
     python benchmarks/data_selection.py --seeds 3 --part one_epoch   # only the second table
+    python benchmarks/data_selection.py --seeds 3 --part hard_batches   # only the third table
 
 MNIST-1D with 70,000 signals (56,000 training, 14,000 test), the CNN1D, Adam (lr 1e-2) with a cosine schedule
 over each run's own optimizer steps, batch 128, 10 epochs (RS2: 10 rounds of a fraction r of the data, the
@@ -16,6 +17,13 @@ MNIST-1D signals vs many epochs over a fixed set of 5,000 or 15,000 of them (a d
 The signals are generated once (64,000 with the package's generator, seed 7: 51,200 training, 12,800 test); as
 every signal is an independent draw, one pass over the pool is the same as generating a fresh batch every step.
 Final accuracy on the 12,800 test signals.
+
+Third table, hard mini-batches (Sahayam et al., arXiv 2304.03486) at the paper's equal budget: the first table's
+data, net and optimizer, E = 10 epochs of b = 437 batches = 4,370 optimizer steps in every row (cosine over them).
+Plain shuffled training; the paper's baseline (fixed batches in a fixed order, delta = 1); and hard batches (fixed
+batches, a full first epoch, then rounds of the int(delta * b) batches of highest last loss). Accuracy on the 5,000
+test signals every b steps (one epoch's worth); the target is the shuffled run's final accuracy minus one point
+(per seed), reached after how many epochs' worth of steps (the paper's "faster generalisation").
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from common import machine_line, mean_std, parser, write_json
 from lightning.pytorch.callbacks import Callback
 
 from lit_tricks import Classifier, SelectiveBackprop
+from lit_tricks.callbacks.hard_batches import HardBatches
 from lit_tricks.core.eval_mode import eval_mode
 from lit_tricks.data import MNIST1DDataModule
 from lit_tricks.data.indexed import ArrayDataset
@@ -44,6 +53,8 @@ METHODS = {
     "SelectiveBackprop (Composer defaults)": ({}, [lambda: SelectiveBackprop(keep=0.5, start=0.5, end=0.9)]),
     "SelectiveBackprop keep=0.3, whole run": ({}, [lambda: SelectiveBackprop(0.3, start=0.0, end=1.0, interrupt=0)]),
 }
+HARD_BATCHES = {"shuffled batches": None, "fixed batches (delta = 1)": 1.0, "hard batches delta = 0.5": 0.5,
+                "hard batches delta = 0.2": 0.2}  # fmt: skip
 
 
 class AccuracyClock(Callback):
@@ -189,16 +200,69 @@ def selection(args) -> None:
     print(f"\nRaw numbers: {path}")
 
 
+def hard_batch_run(base: MNIST1DDataModule, method: str, seed: int, epochs: int) -> dict:
+    """``epochs * b`` optimizer steps, shuffled or on hard batches; the test accuracy every ``b`` steps."""
+    delta = HARD_BATCHES[method]
+    pl.seed_everything(seed, verbose=False)
+    datamodule = MNIST1DDataModule(batch_size=BATCH, val_fraction=0.0, seed=seed, hard_batches=delta)
+    datamodule.train_set, datamodule.test_set = base.train_set, base.test_set
+    b = len(base.train_set) // BATCH
+    model = Classifier(
+        CNN1D(10),
+        num_classes=10,
+        optimizer=lambda params: torch.optim.Adam(params, lr=1e-2),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * b),
+        scheduler_interval="step",
+    )
+    clock = AccuracyClock(base.test_set.inputs[:EVAL_SAMPLES], base.test_set.targets[:EVAL_SAMPLES], b)
+    trainer = pl.Trainer(
+        max_steps=epochs * b, max_epochs=-1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[*([] if delta is None else [HardBatches()]), clock],
+    )  # fmt: skip
+    trainer.fit(model, datamodule)
+    return {"method": method, "seed": seed, "steps": trainer.global_step, "curve": clock.curve,
+            "final_acc": clock.curve[-1][1], "best_acc": max(acc for _, acc in clock.curve)}  # fmt: skip
+
+
+def hard_batches(args) -> None:
+    """The third table: hard mini-batches vs shuffled and fixed-order training at equal steps."""
+    seeds = range(1 if args.quick else args.seeds)
+    epochs = 2 if args.quick else EPOCHS
+    base = MNIST1DDataModule(num_samples=2000 if args.quick else 70_000, val_fraction=0.0)
+    base.setup()
+    runs = [hard_batch_run(base, method, seed, epochs) for seed in seeds for method in HARD_BATCHES]
+    for r in runs:
+        baseline = next(b for b in runs if b["seed"] == r["seed"] and b["method"] == "shuffled batches")
+        r["target"] = baseline["final_acc"] - 0.01
+        r["epochs_to_target"] = next((i + 1 for i, (_, acc) in enumerate(r["curve"]) if acc >= r["target"]), None)
+
+    print(machine_line())
+    print(f"Seeds: {len(seeds)}{' (quick mode: not a measurement)' if args.quick else ''}\n")
+    print("| method | optimizer steps | final acc (%) | best acc (%) | reached target | epochs (x b steps) to target |")
+    print("|---|---|---|---|---|---|")
+    for method in HARD_BATCHES:
+        rows = [r for r in runs if r["method"] == method]
+        reached = [r["epochs_to_target"] for r in rows if r["epochs_to_target"] is not None]
+        print(
+            f"| {method} | {rows[0]['steps']} | {mean_std([r['final_acc'] for r in rows], 100)} "
+            f"| {mean_std([r['best_acc'] for r in rows], 100)} | {len(reached)}/{len(rows)} "
+            f"| {mean_std(reached) if reached else '-'} |"
+        )
+    path = write_json(args.out, "data_selection_hard_batches" + ("_quick" if args.quick else ""), {"runs": runs})
+    print(f"\nRaw numbers: {path}")
+
+
 def main() -> None:
     cli = parser(__doc__.splitlines()[0])
-    cli.add_argument("--part", choices=("all", "selection", "one_epoch"), default="all", help="which table(s)")
+    parts = ("all", "selection", "one_epoch", "hard_batches")
+    cli.add_argument("--part", choices=parts, default="all", help="which table(s)")
     args = cli.parse_args()
-    if args.part in ("all", "selection"):
-        selection(args)
-    if args.part == "all":
-        print()
-    if args.part in ("all", "one_epoch"):
-        one_epoch(args)
+    tables = {"selection": selection, "one_epoch": one_epoch, "hard_batches": hard_batches}
+    for i, name in enumerate(name for name in tables if args.part in ("all", name)):
+        if i:
+            print()
+        tables[name](args)
 
 
 if __name__ == "__main__":
