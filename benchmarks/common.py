@@ -86,9 +86,13 @@ SETUPS = {
 }
 
 
-def prepare(setup: str, noise: float, seed: int, quick: bool, quick_epochs: int = 1, **data_options) -> tuple:
-    """Seed, build and set up one run of a set-up: ``(model, datamodule, epochs, optimizer steps)``; ``data_options``
-    go to the data module. Quick mode: MNIST-1D with 500 signals and ``quick_epochs`` epochs."""
+def prepare(
+    setup: str, noise: float, seed: int, quick: bool, quick_epochs: int = 1, model_options: dict | None = None,
+    **data_options,
+) -> tuple:  # fmt: skip
+    """Seed, build and set up one run of a set-up: ``(model, datamodule, epochs, optimizer steps)``; ``model_options``
+    go to the ``Classifier``, ``data_options`` to the data module. Quick mode: MNIST-1D with 500 signals and
+    ``quick_epochs`` epochs."""
     make_data, make_net, lr, epochs = SETUPS[setup]
     pl.seed_everything(seed, verbose=False)
     datamodule = make_data(noise, **data_options)
@@ -99,5 +103,6 @@ def prepare(setup: str, noise: float, seed: int, quick: bool, quick_epochs: int 
             datamodule.num_samples = 500
     datamodule.setup()
     steps = epochs * -(-len(datamodule.train_set) // datamodule.batch_size)
-    model = Classifier(make_net(), num_classes=10, optimizer=lambda params: torch.optim.Adam(params, lr=lr))
+    optimizer = lambda params: torch.optim.Adam(params, lr=lr)  # noqa: E731
+    model = Classifier(make_net(), num_classes=10, optimizer=optimizer, **(model_options or {}))
     return model, datamodule, epochs, steps

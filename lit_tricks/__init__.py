@@ -37,6 +37,7 @@ def lazy_exports(package: str, exports: Mapping[str, tuple[str, ...]]) -> tuple[
 
 
 _EXPORTS = {
+    "lit_tricks.callbacks.adversarial_training": ("AdversarialTraining",),
     "lit_tricks.callbacks.bias_loss": ("BiasLoss",),
     "lit_tricks.callbacks.continual_evaluation": ("ContinualEvaluation",),
     "lit_tricks.callbacks.data_diet": ("DataDietScores",),

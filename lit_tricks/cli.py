@@ -35,6 +35,7 @@ COMMANDS = {
 # Every public part by kind, as the `class_path` a config names; tests/test_cli.py checks it against the classes.
 CATALOGUE: dict[str, tuple[str, ...]] = {
     "tricks": (
+        "lit_tricks.AdversarialTraining",
         "lit_tricks.ApplyMultiSampleDropout",
         "lit_tricks.BiasLoss",
         "lit_tricks.CutMix",

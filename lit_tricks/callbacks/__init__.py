@@ -1,5 +1,6 @@
 """Callbacks and tricks: one file per technique."""
 
+from lit_tricks.callbacks.adversarial_training import AdversarialTraining
 from lit_tricks.callbacks.bias_loss import BiasLoss
 from lit_tricks.callbacks.continual_evaluation import ContinualEvaluation
 from lit_tricks.callbacks.data_diet import DataDietScores
@@ -22,6 +23,7 @@ from lit_tricks.callbacks.sla import SLA, SLAHead, sla_head
 from lit_tricks.callbacks.tract import ApplyTrAct
 
 __all__ = [
+    "AdversarialTraining",
     "ApplyGhostBatchNorm",
     "ApplyMultiSampleDropout",
     "ApplyTrAct",

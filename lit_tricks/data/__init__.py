@@ -23,6 +23,7 @@ _EXPORTS = {
     "lit_tricks.data.modular": ("ModularArithmeticDataModule", "modular_table"),
     "lit_tricks.data.mnist1d": ("MNIST1DDataModule", "generate_mnist1d"),
     "lit_tricks.data.rs2": ("RS2Sampler", "rs2_indices"),
+    "lit_tricks.data.smote": ("smote_features",),
     "lit_tricks.data.sampler": ("EpochRandomSampler",),
     "lit_tricks.data.toy2d": ("Toy2DDataModule", "toy_2d"),
 }

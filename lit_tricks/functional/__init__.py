@@ -16,6 +16,8 @@ from lit_tricks.functional.mixing import (
     sample_mixing,
     smooth_labels,
 )
+from lit_tricks.functional.pgd import class_balanced_weights, pgd_attack
+from lit_tricks.functional.prior_correction import class_priors, prior_correction
 from lit_tricks.functional.reweighting import normalize_losses, reweighting_weights, strategy_scores
 from lit_tricks.functional.selective_backprop import select_by_loss, selection_probabilities
 from lit_tricks.functional.stablemax import log_stablemax, stablemax, stablemax_cross_entropy, stablemax_s
@@ -30,6 +32,8 @@ from lit_tricks.functional.tta import (
 )
 
 __all__ = [
+    "class_balanced_weights",
+    "class_priors",
     "class_prototypes",
     "cutmix_",
     "cutmix_box",
@@ -54,6 +58,8 @@ __all__ = [
     "normalize_losses",
     "one_hot",
     "paste_box_",
+    "pgd_attack",
+    "prior_correction",
     "prototype_contrastive_loss",
     "pskd_alpha",
     "pskd_targets",
