@@ -52,6 +52,7 @@ _EXPORTS = {
     "lit_tricks.callbacks.mic": ("MIC",),
     "lit_tricks.callbacks.mixup": ("CutMix", "Mixup"),
     "lit_tricks.callbacks.multi_sample_dropout": ("ApplyMultiSampleDropout",),
+    "lit_tricks.callbacks.nested_dropout": ("ApplyNestedDropout",),
     "lit_tricks.callbacks.perp_grad": ("PerpendicularGradient",),
     "lit_tricks.callbacks.sample_reweighting": ("SampleReweighting",),
     "lit_tricks.callbacks.selective_backprop": ("SelectiveBackprop",),

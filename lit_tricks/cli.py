@@ -54,6 +54,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
     ),
     "callbacks": (
         "lit_tricks.ApplyGhostBatchNorm",
+        "lit_tricks.ApplyNestedDropout",
         "lit_tricks.ApplyTrAct",
         "lit_tricks.ContinualEvaluation",
         "lit_tricks.DataDietScores",

@@ -203,3 +203,10 @@ def test_adversarial_training_benchmark_quick(tmp_path):
         (None, "PGD-AT"),
     }
     assert all(0.0 <= r["pgd_acc"] <= r["clean_acc"] + 0.05 for r in runs)
+
+
+def test_nested_dropout_benchmark_quick(tmp_path):
+    out = _run([str(ROOT / "benchmarks/nested_dropout.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
+    assert out.startswith("Machine: ") and "| digits / MLP | 40% | ERM |" in out
+    runs = json.loads((tmp_path / "nested_dropout_quick.json").read_text())["runs"]
+    assert len(runs) == 4 and all(0.0 <= r["acc"] <= 1.0 for r in runs)

@@ -15,6 +15,7 @@ from lit_tricks.callbacks.ldr import LDRLoss
 from lit_tricks.callbacks.mic import MIC
 from lit_tricks.callbacks.mixup import CutMix, Mixup
 from lit_tricks.callbacks.multi_sample_dropout import ApplyMultiSampleDropout
+from lit_tricks.callbacks.nested_dropout import ApplyNestedDropout
 from lit_tricks.callbacks.perp_grad import PerpendicularGradient
 from lit_tricks.callbacks.sample_reweighting import SampleReweighting
 from lit_tricks.callbacks.selective_backprop import SelectiveBackprop
@@ -26,6 +27,7 @@ __all__ = [
     "AdversarialTraining",
     "ApplyGhostBatchNorm",
     "ApplyMultiSampleDropout",
+    "ApplyNestedDropout",
     "ApplyTrAct",
     "BiasLoss",
     "ContinualEvaluation",

@@ -77,7 +77,7 @@ class HardBatchSampler(DistributedSampler):
         check_number("batch_size", batch_size, at_least=1, integer=True)
         check_number("num_replicas", num_replicas, at_least=1, integer=True)
         check_number("rank", rank, at_least=0, below=num_replicas, integer=True)
-        kept_count(1, delta, "delta")  # checks delta
+        check_number("delta", delta, above=0.0, at_most=1.0, hint="1 is plain training in a fixed order.")
         # DistributedSampler.__init__ needs a dataset and a process group: set its attributes here instead
         self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
         self.shuffle, self.drop_last = False, True
