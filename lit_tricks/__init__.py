@@ -48,6 +48,7 @@ _EXPORTS = {
     "lit_tricks.callbacks.ensloss": ("EnsLoss",),
     "lit_tricks.callbacks.experience_replay": ("ExperienceReplay",),
     "lit_tricks.callbacks.ghost_batch_norm": ("ApplyGhostBatchNorm",),
+    "lit_tricks.callbacks.hard_batches": ("HardBatches",),
     "lit_tricks.callbacks.ldr": ("LDRLoss",),
     "lit_tricks.callbacks.mic": ("MIC",),
     "lit_tricks.callbacks.mixup": ("CutMix", "Mixup"),

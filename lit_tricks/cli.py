@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import hashlib
 import importlib
 import inspect
 import re
@@ -45,6 +46,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.EnsLoss",
         "lit_tricks.LDRLoss",
         "lit_tricks.ExperienceReplay",
+        "lit_tricks.HardBatches",
         "lit_tricks.MIC",
         "lit_tricks.Mixup",
         "lit_tricks.SampleReweighting",
@@ -347,12 +349,21 @@ def __getattr__(name: str) -> Any:
 # ---------------------------------------------------------------------------- the parsed config
 def run_name(config: Any) -> None:
     """Name the run after the config files (``lightning_logs/quickstart+mixup/version_N``) when the logger keeps
-    Lightning's default name and directory (``name: lightning_logs``, ``save_dir: .``); other names stay."""
+    Lightning's default name and directory (``name: lightning_logs``, ``save_dir: .``); other names stay. A name
+    longer than a file name may be becomes ``<first>+<n>_more-<hash of the whole name>``."""
     args = _logger_args(config)
     files = config.get("config") or []
     if files and args is not None and args.get("name") == "lightning_logs" and str(args.get("save_dir")) == ".":
         args.save_dir = "lightning_logs"
-        args.name = "+".join(Path(str(file)).stem for file in files)
+        args.name = _joined_name([Path(str(file)).stem for file in files])
+
+
+def _joined_name(stems: list[str], limit: int = 120) -> str:
+    """``a+b+c``, or, past ``limit`` characters, ``a+2_more-<8 hex digits>`` (distinct stacks stay distinct)."""
+    name = "+".join(stems)
+    if len(name) <= limit:
+        return name
+    return f"{stems[0][:limit // 2]}+{len(stems) - 1}_more-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
 def _logger_args(config: Any) -> Any:

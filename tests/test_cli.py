@@ -19,6 +19,7 @@ from lit_tricks.cli import (
     CATALOGUE,
     ConfigError,
     LitTricksCLI,
+    _joined_name,
     condense_error,
     init_arguments,
     main,
@@ -197,3 +198,11 @@ def test_misspelled_option_gets_a_suggestion(capsys):
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_preflight_passes_every_shipped_config(config):
     assert cli.preflight(["fit", "--config", QUICKSTART, "--config", str(config)]) is None
+
+
+def test_run_name_of_a_long_stack_fits_a_file_name():
+    assert _joined_name(["quickstart", "mixup"]) == "quickstart+mixup"
+    stems = ["quickstart"] + [f"snippet_number_{i}" for i in range(20)]
+    name = _joined_name(stems)
+    assert len(name) <= 120 and name.startswith("quickstart+20_more-")
+    assert name != _joined_name(stems[:-1] + ["another"])  # distinct stacks, distinct directories

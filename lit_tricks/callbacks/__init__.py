@@ -11,6 +11,7 @@ from lit_tricks.callbacks.ema_teacher import EMATeacher
 from lit_tricks.callbacks.ensloss import EnsLoss
 from lit_tricks.callbacks.experience_replay import ExperienceReplay
 from lit_tricks.callbacks.ghost_batch_norm import ApplyGhostBatchNorm
+from lit_tricks.callbacks.hard_batches import HardBatches
 from lit_tricks.callbacks.ldr import LDRLoss
 from lit_tricks.callbacks.mic import MIC
 from lit_tricks.callbacks.mixup import CutMix, Mixup
@@ -40,6 +41,7 @@ __all__ = [
     "EnsLoss",
     "LDRLoss",
     "ExperienceReplay",
+    "HardBatches",
     "MIC",
     "Mixup",
     "PerpendicularGradient",

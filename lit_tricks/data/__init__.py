@@ -16,6 +16,7 @@ _EXPORTS = {
     "lit_tricks.data.corruption_stream": ("CorruptionStreamDataModule",),
     "lit_tricks.data.corruptions": ("CORRUPTIONS", "corrupt", "corrupt_signals"),
     "lit_tricks.data.digits": ("DigitsDataModule",),
+    "lit_tricks.data.hard_batches": ("HardBatchSampler",),
     "lit_tricks.data.indexed": ("ArrayDataset", "IndexedDataset", "dataset_tensors"),
     "lit_tricks.data.label_noise": ("LabelNoise", "flip_labels"),
     "lit_tricks.data.loader": ("ResumableDataLoader",),

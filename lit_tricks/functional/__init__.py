@@ -4,6 +4,8 @@ from lit_tricks.functional.data_diet import el2n_scores, grand_scores, keep_by_s
 from lit_tricks.functional.distillation import distillation_kl, pskd_alpha, pskd_targets, sigmoid_rampup
 from lit_tricks.functional.elr import elr_penalty, elr_probabilities, elr_targets
 from lit_tricks.functional.ema import ema_decay, ema_update_, half_life_to_decay
+from lit_tricks.functional.hard_batches import fixed_batches, hard_batch_round
+from lit_tricks.functional.loss_ranking import highest_losses, kept_count
 from lit_tricks.functional.losses import soft_target_cross_entropy, to_probabilities, weighted_mean
 from lit_tricks.functional.mixing import (
     cutmix_,
@@ -47,9 +49,13 @@ __all__ = [
     "ema_decay",
     "ema_update_",
     "filtered_entropy",
+    "fixed_batches",
     "grand_scores",
     "half_life_to_decay",
+    "hard_batch_round",
+    "highest_losses",
     "keep_by_scores",
+    "kept_count",
     "knn_probabilities",
     "load_scores",
     "log_stablemax",
