@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from lit_tricks.callbacks.mic import MIC
 from lit_tricks.callbacks.self_distill import SelfDistill
 from lit_tricks.core.batch import StepOutput, TrickBatch
-from lit_tricks.core.checks import check_number
+from lit_tricks.core.checks import check_number, named_submodule
 from lit_tricks.core.eval_mode import eval_mode
 from lit_tricks.core.trick import Trick, logging_due
 from lit_tricks.functional.sla import (
@@ -75,17 +75,8 @@ def sla_head(
     (e.g. built with ``sla_head(CNN2D(10))`` and then wrapped) is left as it is. The state-dict keys become
     ``head.joint.*`` (and ``head.single.*`` with ``self_distill``).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    target = named_submodule(model, head, "the final Linear layer")
     check_number("num_transforms", num_transforms, at_least=2, integer=True)
-    try:
-        target = model.get_submodule(head)
-    except AttributeError as error:
-        names = [name for name, _ in model.named_modules() if name][:12]
-        raise ValueError(
-            f"{type(model).__name__} has no submodule {head!r}: set head to the dotted name of the final Linear layer "
-            f"(some of its submodules: {names})."
-        ) from error
     if isinstance(target, SLAHead):
         if target.num_transforms != num_transforms or (target.single is not None) != self_distill:
             raise ValueError(

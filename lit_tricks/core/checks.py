@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from numbers import Real
 
+from torch import nn
+
 
 def check_number(
     name: str,
@@ -50,3 +52,18 @@ def check_number(
     )
     if not inside:
         raise ValueError(f"{wanted}, got {value!r}.{suffix}")
+
+
+def named_submodule(model: object, name: str, wanted: str) -> nn.Module:
+    """``model``'s submodule at the dotted path ``name`` (a model transform's ``head=`` argument), or a clear error:
+    a ``TypeError`` if ``model`` is not an ``nn.Module``, a ``ValueError`` naming ``wanted`` and some submodules."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    try:
+        return model.get_submodule(name)
+    except AttributeError as error:
+        names = [path for path, _ in model.named_modules() if path][:12]
+        raise ValueError(
+            f"{type(model).__name__} has no submodule {name!r}: set head to the dotted name of {wanted} (some of its "
+            f"submodules: {names})."
+        ) from error

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_tricks.core.checks import check_number
+from lit_tricks.core.checks import check_number, named_submodule
 
 
 class MultiSampleDropout(nn.Module):
@@ -80,18 +80,9 @@ def multi_sample_dropout(model: nn.Module, p: float = 0.5, samples: int = 8, hea
           (head): Linear(in_features=256, out_features=10, bias=True)
         )
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    target = named_submodule(model, head, "the layers after the features, to wrap")
     check_number("p", p, at_least=0.0, below=1.0)
     check_number("samples", samples, at_least=1, integer=True)
-    try:
-        target = model.get_submodule(head)
-    except AttributeError as error:
-        names = [name for name, _ in model.named_modules() if name][:12]
-        raise ValueError(
-            f"{type(model).__name__} has no submodule {head!r} to wrap: set head to the dotted name of the layers "
-            f"after the features (some of its submodules: {names})."
-        ) from error
     if isinstance(target, MultiSampleDropout):
         target.p, target.samples = p, samples
         return model

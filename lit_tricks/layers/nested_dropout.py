@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lit_tricks.core.checks import check_number
+from lit_tricks.core.checks import check_number, named_submodule
 
 Distribution = Literal["gaussian", "geometric"]
 
@@ -197,17 +197,8 @@ def nested_dropout(
           (1): Linear(in_features=256, out_features=10, bias=True)
         )
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    target = named_submodule(model, head, "the layers after the features, to put nested dropout before")
     layer = NestedDropout(std, distribution, p, per_sample, eval_units, seed)
-    try:
-        target = model.get_submodule(head)
-    except AttributeError as error:
-        names = [name for name, _ in model.named_modules() if name][:12]
-        raise ValueError(
-            f"{type(model).__name__} has no submodule {head!r} to put nested dropout before: set head to the dotted "
-            f"name of the layers after the features (some of its submodules: {names})."
-        ) from error
     if isinstance(target, nn.Sequential) and len(target) == 2 and isinstance(target[0], NestedDropout):
         target[0] = layer.train(target[0].training)
         return model
