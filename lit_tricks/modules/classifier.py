@@ -111,7 +111,7 @@ class Classifier(TrickModule):
             self.test_metrics.add_metrics(long_tail_metrics(self.num_classes, counts, many, few))
 
     def eval_probabilities(self, logits: Tensor) -> Tensor:
-        probs = logits.softmax(dim=-1)
+        probs = super().eval_probabilities(logits)
         return prior_correction(probs, self.class_prior) if self.hparams.prior_correction else probs
 
     def on_validation_start(self) -> None:
