@@ -1,9 +1,14 @@
-"""Run one harness case under DDP (2 CPU processes, gloo) and save what each rank ends with.
+"""Run harness cases under DDP (2 CPU processes, gloo) and save what each rank ends with.
 
-Usage: python tests/ddp_run.py CASE OUT_DIR   (Lightning re-launches this script for rank 1)
+Usage: python tests/ddp_run.py OUT_DIR CASE [CASE ...]   (Lightning re-launches this script for rank 1)
+
+The cases run one after another in the same two processes (one process group): starting Python, importing
+Lightning and connecting gloo is most of a tiny case's cost. Each case is seeded afresh and gets a new Trainer;
+a case that raises on both ranks writes its traceback to ``OUT_DIR/CASE/error.txt`` and the next case runs.
 """
 
 import sys
+import traceback
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -13,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from harness import CASES, tear_down_process_group  # noqa: E402
 
 
-def main(name: str, out: Path) -> None:
+def run_case(name: str, out: Path) -> None:
     pl.seed_everything(0, verbose=False)
     model, datamodule, callbacks = CASES[name]()
     trainer = pl.Trainer(
@@ -42,6 +47,18 @@ def main(name: str, out: Path) -> None:
     torch.save(result, out / f"rank{trainer.global_rank}.pt")
 
 
+def main(out: Path, names: list[str]) -> None:
+    for name in names:
+        case_dir = out / name
+        case_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_case(name, case_dir)
+        except Exception:  # both ranks fail alike in a broken case; record it and go on to the next one
+            (case_dir / "error.txt").write_text(traceback.format_exc())
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    main(Path(sys.argv[1]), sys.argv[2:])
     tear_down_process_group()
