@@ -411,3 +411,14 @@ def _hard_batches():
 
     model = Classifier(MLP(64, 10, hidden=(32,), dropout=0.2), num_classes=10)
     return model, DigitsDataModule(batch_size=200, hard_batches=0.85), [HardBatches()]
+
+
+@case("adawac")
+def _adawac():
+    # AdaWAC's per-sample weights table must survive the resume and be filled from both DDP ranks; its two views
+    # draw from the global RNG, which the resume restores. Batches of 256: 5 batches cover nearly all 1294 digits,
+    # so the second epoch updates weights stored in the first
+    from lit_tricks.callbacks.adawac import AdaWAC
+
+    model = Classifier(MLP(64, 10, hidden=(32,), dropout=0.2), num_classes=10)
+    return model, DigitsDataModule(batch_size=256, label_noise=0.4), [AdaWAC(step_size=1.0)]
