@@ -64,9 +64,15 @@ _EXPORTS = {
     "lit_tricks.core.module": ("TrickModule",),
     "lit_tricks.core.trick": ("Trick",),
     "lit_tricks.modules.classifier": ("Classifier",),
-    "lit_tricks.modules.concept_bottleneck": ("ConceptBottleneckModel", "ConceptEmbeddingModel", "PostHocCBM"),
+    "lit_tricks.modules.concept_bottleneck.cbm": ("ConceptBottleneckModel",),
+    "lit_tricks.modules.concept_bottleneck.cem": ("ConceptEmbeddingModel",),
+    "lit_tricks.modules.concept_bottleneck.post_hoc": ("PostHocCBM",),
     "lit_tricks.modules.consistency": ("ConsistencyModel",),
-    "lit_tricks.modules.tta": ("AdaNPC", "BNAdapt", "EcoTTA", "RMT", "Tent"),
+    "lit_tricks.modules.tta.adanpc": ("AdaNPC",),
+    "lit_tricks.modules.tta.bn_adapt": ("BNAdapt",),
+    "lit_tricks.modules.tta.ecotta": ("EcoTTA",),
+    "lit_tricks.modules.tta.rmt": ("RMT",),
+    "lit_tricks.modules.tta.tent": ("Tent",),
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 

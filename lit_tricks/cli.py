@@ -363,7 +363,7 @@ def _joined_name(stems: list[str], limit: int = 120) -> str:
     name = "+".join(stems)
     if len(name) <= limit:
         return name
-    return f"{stems[0][:limit // 2]}+{len(stems) - 1}_more-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return f"{stems[0][: limit // 2]}+{len(stems) - 1}_more-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
 def _logger_args(config: Any) -> Any:

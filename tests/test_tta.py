@@ -23,7 +23,8 @@ from lit_tricks.functional.tta import (
     softmax_entropy,
     symmetric_cross_entropy,
 )
-from lit_tricks.modules.tta import SourceOnly, _MetaPart
+from lit_tricks.modules.tta import SourceOnly
+from lit_tricks.modules.tta.ecotta import _MetaPart
 from lit_tricks.nets import CNN1D, CNN2D
 
 

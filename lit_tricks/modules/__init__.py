@@ -4,17 +4,21 @@ from lit_tricks import lazy_exports
 
 _EXPORTS = {
     "lit_tricks.modules.classifier": ("Classifier",),
-    "lit_tricks.modules.concept_bottleneck": (
-        "ConceptBottleneckModel",
-        "ConceptEmbeddingModel",
-        "PostHocCBM",
-        "SparseCBM",
-    ),
+    "lit_tricks.modules.concept_bottleneck.cbm": ("ConceptBottleneckModel",),
+    "lit_tricks.modules.concept_bottleneck.cem": ("ConceptEmbeddingModel",),
+    "lit_tricks.modules.concept_bottleneck.post_hoc": ("PostHocCBM",),
+    "lit_tricks.modules.concept_bottleneck.sparse": ("SparseCBM",),
     "lit_tricks.modules.consistency": ("ConsistencyModel",),
     "lit_tricks.modules.edm": ("EDMDiffusion",),
     "lit_tricks.modules.generative": ("GenerativeModule",),
     "lit_tricks.modules.hypernetwork": ("LossConditionedRegression",),
-    "lit_tricks.modules.tta": ("RMT", "AdaNPC", "BNAdapt", "EcoTTA", "SourceOnly", "Tent", "TTAModule"),
+    "lit_tricks.modules.tta.adanpc": ("AdaNPC",),
+    "lit_tricks.modules.tta.base": ("TTAModule",),
+    "lit_tricks.modules.tta.bn_adapt": ("BNAdapt",),
+    "lit_tricks.modules.tta.ecotta": ("EcoTTA",),
+    "lit_tricks.modules.tta.rmt": ("RMT",),
+    "lit_tricks.modules.tta.source_only": ("SourceOnly",),
+    "lit_tricks.modules.tta.tent": ("Tent",),
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(name for names in _EXPORTS.values() for name in names)
