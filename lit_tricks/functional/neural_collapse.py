@@ -120,8 +120,8 @@ def self_duality(weight: Tensor, centred_means: Tensor) -> Tensor:
     Example::
 
         >>> m = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
-        >>> self_duality(3 * m, m)
-        tensor(0.)
+        >>> round(float(self_duality(3 * m, m)), 6)
+        0.0
     """
     if weight.shape != centred_means.shape:
         raise ValueError(
