@@ -1,4 +1,4 @@
-"""Label-noise robustness and calibration: ERM vs Mixup vs ELR vs loss-based reweighting.
+"""Label-noise robustness and calibration: ERM vs Mixup vs ELR vs loss-based reweighting vs AdaWAC.
 
     python benchmarks/label_noise.py --seeds 3
     python benchmarks/label_noise.py --quick
@@ -8,7 +8,7 @@ epochs). 40% symmetric noise on the training labels (test labels clean) for ever
 also on clean labels, for calibration. Mixup alpha 1.0; ELR beta 0.7, lambda 3 (the paper's CIFAR-10
 values); EnsLoss Box-Cox lambda 0 (the authors' value); LDR-KL / ALDR-KL lambda 1, margin 0.1 (ALDR-KL alpha 2);
 Bias loss alpha 0.3, beta 0.3 (the paper's); SampleReweighting r 1.0, delta 1, uniform for the first
-10% of steps.
+10% of steps; AdaWAC eta 1, lambda_AC 1 (the authors' code defaults), two default_augment views.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 from common import SETUPS, fit_and_test, machine_line, mean_std, parser, prepare, write_json
 
 from lit_tricks import ELR, BiasLoss, EnsLoss, LDRLoss, Mixup, SampleReweighting
+from lit_tricks.callbacks.adawac import AdaWAC
 
 METHODS = {
     "ERM": lambda steps: [],
@@ -25,6 +26,7 @@ METHODS = {
     "LDR-KL": lambda steps: [LDRLoss(lam=1.0)],
     "ALDR-KL": lambda steps: [LDRLoss(lam=1.0, adaptive=True)],
     "Bias loss": lambda steps: [BiasLoss()],
+    "AdaWAC": lambda steps: [AdaWAC(step_size=1.0, consistency_weight=1.0)],
     "reweight linupper": lambda steps: [SampleReweighting("linupper", warmup_steps=steps // 10)],
     "reweight quadratic": lambda steps: [SampleReweighting("quadratic", warmup_steps=steps // 10)],
     "reweight extremes": lambda steps: [SampleReweighting("extremes", warmup_steps=steps // 10)],

@@ -85,14 +85,15 @@ def test_label_noise_benchmark_quick(tmp_path):
     out = _run([str(ROOT / "benchmarks/label_noise.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
     assert out.startswith("Machine: ") and "| MNIST-1D / CNN1D | 40% | ELR |" in out
     runs = json.loads((tmp_path / "label_noise_quick.json").read_text())["runs"]
-    assert len(runs) == 24 and {r["method"] for r in runs} >= {"ERM", "ELR", "EnsLoss", "ALDR-KL", "Bias loss"}
+    assert len(runs) == 26 and {r["method"] for r in runs} >= {"ERM", "ELR", "ALDR-KL", "Bias loss", "AdaWAC"}
 
 
 def test_long_tail_benchmark_quick(tmp_path):
     out = _run([str(ROOT / "benchmarks/long_tail.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
     assert out.startswith("Machine: ") and "| MNIST-1D / CNN1D | 10 | 0% | over-sampling |" in out
     runs = json.loads((tmp_path / "long_tail_quick.json").read_text())["runs"]
-    assert len(runs) == 18 and all(0.0 <= r["balanced_acc"] <= 1.0 and r["steps"] > 0 for r in runs)
+    assert len(runs) == 20 and all(0.0 <= r["balanced_acc"] <= 1.0 and r["steps"] > 0 for r in runs)
+    assert "| digits / MLP | 10 | 0% | AdaWAC |" in out
     assert "| digits / MLP | 10 | 0% | ERM + prior correction |" in out
 
 
