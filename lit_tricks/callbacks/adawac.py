@@ -39,9 +39,10 @@ class AdaWAC(Trick):
               {\lVert \beta_i \odot \exp(\eta\,[\ell^{\rm CE}_i, \ell^{\rm AC}_i]) \rVert_1},
 
     and the per-sample loss becomes :math:`\beta_{i,0}\ell^{\rm CE}_i + \beta_{i,1}\ell^{\rm AC}_i` (the weights
-    detached). Samples whose labels the model fits poorly (a large :math:`\ell^{\rm CE}`) move their weight to the
-    consistency term. The weights live in a table indexed by dataset index (batches must carry ``index``), filled
-    from every rank under DDP and saved in checkpoints.
+    detached). The weights ascend: each sample's weight moves to the larger of its two terms, so a sample the model
+    already fits (small :math:`\ell^{\rm CE}`, as the paper's label-sparse slices) is trained mostly for consistency,
+    and a hard or mislabelled one mostly on its label. The weights live in a table indexed by dataset index (batches
+    must carry ``index``), filled from every rank under DDP and saved in checkpoints.
 
     The first view replaces the batch's inputs in ``before_forward`` (so tricks after this one see it); the second is
     a second forward pass in ``after_loss``. Without ``augment_first_view`` the first view is the batch as the data
