@@ -38,7 +38,7 @@ class RCAL(Trick):
 
     * drops each class's Local Outlier Factor outliers (``lof_neighbors``; 0 keeps every sample),
     * estimates each class's Gaussian :math:`\hat\mu_k, \hat\Sigma_k` from the rest,
-    * calibrates every tail class (fewer than ``head_ratio`` times the largest class count) with its ``q``
+    * calibrates every tail class (fewer kept samples than ``head_ratio`` times the largest class's) with its ``q``
       nearest head classes: :math:`\tilde\mu_k = (\hat\mu_k + \sum_{j\in C_k^q}\hat\mu_j)/(q+1)`,
       :math:`\tilde\Sigma_k = (\hat\Sigma_k + \sum_{j\in C_k^q}\hat\Sigma_j)/(q+1) + \alpha`.
 
@@ -168,8 +168,10 @@ class RCAL(Trick):
             and (epoch - self.warmup_epochs) % self.every_n_epochs == 0
         )
         if due and self.computed_epoch != epoch:  # a run resumed mid-epoch keeps the statistics it had
-            self.compute(trainer, pl_module)
+            outlier_fraction, tail_classes = self.compute(trainer, pl_module)
             self.computed_epoch = epoch
+            pl_module.log(self.tag("outlier_fraction"), outlier_fraction)
+            pl_module.log(self.tag("tail_classes"), float(tail_classes))
 
     def after_loss(
         self, trainer: pl.Trainer, module: pl.LightningModule, batch: TrickBatch, out: StepOutput
@@ -195,8 +197,9 @@ class RCAL(Trick):
 
     # ------------------------------------------------------------------ the statistics pass
     @torch.no_grad()
-    def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Pass over the training set; store the calibrated means and covariance factors; log the pass."""
+    def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[float, int]:
+        """Pass over the training set; store the calibrated means and covariance factors; return the fraction of
+        samples dropped as outliers and the number of tail classes."""
         features, labels = self._training_features(trainer, pl_module)
         num_classes = pl_module.num_classes
         keep = (
@@ -211,8 +214,7 @@ class RCAL(Trick):
         self.valid = valid
         self._classes = valid.nonzero().flatten().cpu()
         tail = valid & (counts < self.head_ratio * counts.max())
-        pl_module.log(self.tag("outlier_fraction"), 1.0 - keep.float().mean().item())
-        pl_module.log(self.tag("tail_classes"), float(tail.sum()))
+        return 1.0 - keep.float().mean().item(), int(tail.sum())
 
     def _training_features(self, trainer: pl.Trainer, module: pl.LightningModule) -> tuple[Tensor, Tensor]:
         """Penultimate features and integer labels of the whole training set, identical on every rank."""
