@@ -422,3 +422,16 @@ def _adawac():
 
     model = Classifier(MLP(64, 10, hidden=(32,), dropout=0.2), num_classes=10)
     return model, DigitsDataModule(batch_size=256, label_noise=0.4), [AdaWAC(step_size=1.0)]
+
+
+@case("rcal")
+def _rcal():
+    # RCAL's class Gaussians (from a pass at the start of each epoch) and its frozen encoder copy are state: a resume
+    # (also mid-epoch) keeps the epoch's statistics, recomputes them at epoch 1 like the uninterrupted run, and draws
+    # the same sampled features (a generator seeded by step and rank); under DDP the ranks gather the pass's
+    # features and compute the same statistics
+    from lit_tricks.callbacks.rcal import RCAL
+
+    model = Classifier(MLP(64, 10, hidden=(32,), dropout=0.2), num_classes=10)
+    datamodule = DigitsDataModule(batch_size=32, imbalance_ratio=10, label_noise=0.2)
+    return model, datamodule, [RCAL(q=2, alpha=0.1, every_n_epochs=1)]
