@@ -269,7 +269,10 @@ class RCAL(Trick):
             state.update(means=self.means.cpu(), factors=self.factors.cpu(), valid=self.valid.cpu())
         encoder = self._encoder.state_dict() if self._encoder is not None else self._encoder_state
         if encoder is not None:
-            state["encoder"] = {key: value.detach().cpu().clone() for key, value in encoder.items()}
+            state["encoder"] = {  # a layer's extra state (e.g. a generator's) may be a dict: copied as it is
+                key: value.detach().cpu().clone() if isinstance(value, Tensor) else copy.deepcopy(value)
+                for key, value in encoder.items()
+            }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
