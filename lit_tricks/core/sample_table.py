@@ -134,8 +134,9 @@ class SampleTable:
             f"count in), or give indices that count from 0 within the training set."
         )
         if index.device.type == "cpu":
-            if len(index) and (int(index.min()) < 0 or int(index.max()) >= n):
-                raise ValueError(f"{message} Got indices in [{int(index.min())}, {int(index.max())}].")
+            low, high = (int(end) for end in torch.aminmax(index)) if len(index) else (0, 0)
+            if low < 0 or high >= n:
+                raise ValueError(f"{message} Got indices in [{low}, {high}].")
         else:
             torch._assert_async(((index >= 0) & (index < n)).all(), message)
         self._checked_index, self._checked_table_index = index, index.to(self.values.device)

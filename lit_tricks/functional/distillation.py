@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -16,8 +17,8 @@ def pskd_alpha(epoch: int, total_epochs: int, alpha_T: float = 0.8) -> float:
 
 
 def pskd_targets(onehot: Tensor, past: Tensor, alpha: float) -> Tensor:
-    r"""PS-KD's soft targets :math:`(1 - \alpha_t)\,\mathrm{onehot}(y) + \alpha_t\, p_{t-1}(x)`."""
-    return (1.0 - alpha) * onehot + alpha * past
+    r"""PS-KD's soft targets :math:`(1 - \alpha_t)\,\mathrm{onehot}(y) + \alpha_t\, p_{t-1}(x)`, as one ``lerp``."""
+    return torch.lerp(onehot, past, alpha)
 
 
 def distillation_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:

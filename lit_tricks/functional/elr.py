@@ -15,10 +15,10 @@ def elr_targets(previous: Tensor, probs: Tensor, beta: float) -> Tensor:
     r"""The running targets :math:`t \leftarrow \beta t + (1 - \beta)\,\hat p`, with :math:`\hat p` the
     clamped probabilities renormalised to sum to 1 (no gradient)."""
     p = probs.detach()
-    return beta * previous + (1.0 - beta) * p / p.sum(dim=-1, keepdim=True)
+    return torch.lerp(p / p.sum(dim=-1, keepdim=True), previous, beta)
 
 
 def elr_penalty(probs: Tensor, targets: Tensor) -> Tensor:
     r"""Per-sample :math:`\log(1 - \langle t_i, p_i \rangle)`; its gradient flows through :math:`p` only.
     Minimising it pulls :math:`p` towards the targets the model predicted early in training."""
-    return torch.log(1.0 - (targets.detach() * probs).sum(dim=-1))
+    return torch.log(1.0 - torch.linalg.vecdot(targets.detach(), probs))
