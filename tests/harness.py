@@ -435,3 +435,15 @@ def _rcal():
     model = Classifier(MLP(64, 10, hidden=(32,), dropout=0.2), num_classes=10)
     datamodule = DigitsDataModule(batch_size=32, imbalance_ratio=10, label_noise=0.2)
     return model, datamodule, [RCAL(q=2, alpha=0.1, every_n_epochs=1)]
+
+
+@case("sbcl_long_tail")
+def _sbcl():
+    # subclasses clustered at the start of epochs 0 and 1: a mid-epoch resume must keep epoch 0's labels (not re-cluster
+    # under the newer weights), an end-of-epoch resume re-clusters exactly; the projection head is added at setup;
+    # under DDP the ranks gather the clustering pass and get the same labels; the second view's noise is global RNG
+    from lit_tricks.callbacks.sbcl import SBCL
+
+    model = Classifier(MLP(64, 10, hidden=(32,), dropout=0.2), num_classes=10)
+    trick = SBCL(warmup_epochs=0, every_n_epochs=1, projection_dim=16, min_subclass_size=5)
+    return model, DigitsDataModule(batch_size=32, imbalance_ratio=10), [trick]

@@ -177,7 +177,7 @@ class SBCL(Trick):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
         due = epoch >= self.warmup_epochs and (epoch - self.warmup_epochs) % self.every_n_epochs == 0
-        if due and self.clustered_epoch != epoch:  # a mid-epoch resume keeps the epoch's clustering
+        if due:  # not called again when a run resumes mid-epoch: the restored labels stay (the harness checks it)
             self.cluster(trainer, pl_module)
             self.clustered_epoch = epoch
 
