@@ -14,7 +14,6 @@ from torchmetrics.functional.classification import multiclass_calibration_error
 
 from lit_tricks.core.batch import TrickBatch
 from lit_tricks.core.checks import check_number
-from lit_tricks.core.eval_mode import eval_mode
 from lit_tricks.core.trick import log_tag
 from lit_tricks.functional.temperature_scaling import fit_temperature, scale_logits
 
@@ -24,15 +23,18 @@ class TemperatureScaling(Callback):
     baseline whose limits under class overlap "On the Limitations of Temperature Scaling for Distributions with
     Overlaps" (Chidambaram & Ge, ICLR 2024) proves.
 
-    At the end of ``fit`` it runs the module over the (first) validation dataloader, gathers the logits from every
-    process and fits :math:`T^\star = \arg\min_{T>0} \mathrm{NLL}(\mathrm{softmax}(z/T), y)`
-    (:func:`~lit_tricks.functional.temperature_scaling.fit_temperature`, L-BFGS on :math:`\log T`). Afterwards,
-    in ``validate``, ``test`` and ``predict`` (not in a later ``fit``), a forward hook divides the module's output
-    logits by :math:`T^\star`, so ``test/nll``, ``test/ece`` and the predicted probabilities are the calibrated
-    ones; accuracy is unchanged. :math:`T^\star` is the callback's checkpoint state (``ckpt_path=`` restores it).
+    During ``fit``, at the end of every validation epoch it reads the logits of the module's own validation forward
+    (a forward hook; no extra pass) on the first validation dataloader, gathers them from every process and fits
+    :math:`T^\star = \arg\min_{T>0} \mathrm{NLL}(\mathrm{softmax}(z/T), y)`
+    (:func:`~lit_tricks.functional.temperature_scaling.fit_temperature`, L-BFGS on :math:`\log T`); so the
+    temperature at the end of ``fit`` is the one of the final weights (when the last epoch validates, the default),
+    and every checkpoint, saved after its validation, holds the :math:`T^\star` of its own weights (``ckpt_path=``
+    restores it). The ``fit``'s own validation metrics stay uncalibrated. In ``validate``, ``test`` and ``predict``
+    a forward hook divides the module's output logits by :math:`T^\star`, so ``val/nll``, ``test/ece`` and the
+    predicted probabilities are the calibrated ones; accuracy is unchanged.
 
-    It logs ``tricks/TemperatureScaling/temperature`` and the validation ``nll_before``, ``nll_after``,
-    ``ece_before``, ``ece_after`` (top-label ECE with ``ece_bins`` bins) to the loggers; the same values are in
+    It logs, at each fit, ``tricks/TemperatureScaling/temperature`` and the validation ``nll_before``,
+    ``nll_after``, ``ece_before``, ``ece_after`` (top-label ECE with ``ece_bins`` bins); the last values are also in
     :attr:`fit_summary`.
 
     Args:
@@ -62,17 +64,52 @@ class TemperatureScaling(Callback):
         self.max_iter, self.ece_bins = max_iter, ece_bins
         self.temperature: float | None = None
         self.fit_summary: dict[str, float] = {}
-        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._hook: torch.utils.hooks.RemovableHandle | None = None  # applies T in validate / test / predict
+        self._capture_hook: torch.utils.hooks.RemovableHandle | None = None  # reads the logits in fit's validation
+        self._logits: list[Tensor] = []
+        self._targets: list[Tensor] = []
+        self._captured: Tensor | None = None
 
     # ------------------------------------------------------------------ fitting
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        logits, targets = self._validation_logits(trainer, pl_module)
-        num_classes = logits.shape[1]
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.limit_val_batches == 0:
+            raise ValueError(
+                "TemperatureScaling fits the temperature on the validation set, but limit_val_batches=0 turns "
+                "validation off: let the run validate (and give the data module a val_dataloader)."
+            )
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._logits, self._targets, self._captured = [], [], None
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._capture_hook = pl_module.register_forward_hook(self._capture)
+
+    def _capture(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
+        self._captured = output.detach().float()
+
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:  # fmt: skip
+        if self._capture_hook is not None and dataloader_idx == 0 and self._captured is not None:
+            self._logits.append(self._captured)
+            self._targets.append(TrickBatch.from_batch(batch).hard_targets)
+        self._captured = None
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._capture_hook is None:
+            return
+        self._capture_hook.remove()
+        self._capture_hook = None
+        logits, targets = torch.cat(self._logits), torch.cat(self._targets)
+        self._logits, self._targets = [], []
+        if trainer.world_size > 1:  # each rank holds its share (equal sizes under the distributed sampler)
+            logits = pl_module.all_gather(logits).flatten(0, 1)
+            targets = pl_module.all_gather(targets).flatten(0, 1)
         temperature = fit_temperature(logits, targets, max_iter=self.max_iter)
 
         def summary(z: Tensor) -> tuple[float, float]:
             nll = F.cross_entropy(z.double(), targets).item()
-            ece = multiclass_calibration_error(z.softmax(1), targets, num_classes, n_bins=self.ece_bins).item()
+            ece = multiclass_calibration_error(z.softmax(1), targets, z.shape[1], n_bins=self.ece_bins).item()
             return nll, ece
 
         (nll_before, ece_before), (nll_after, ece_after) = summary(logits), summary(scale_logits(logits, temperature))
@@ -81,44 +118,23 @@ class TemperatureScaling(Callback):
             "temperature": temperature, "nll_before": nll_before, "nll_after": nll_after,
             "ece_before": ece_before, "ece_after": ece_after,
         }  # fmt: skip
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics({log_tag(self, k): v for k, v in self.fit_summary.items()}, step=trainer.global_step)
-
-    @torch.no_grad()
-    def _validation_logits(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor]:
-        loaders = trainer.val_dataloaders
-        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-        if loader is None:
-            raise ValueError(
-                "TemperatureScaling fits the temperature on the validation set, but the run has no validation "
-                "dataloader: give the data module a val_dataloader (and do not set limit_val_batches=0)."
-            )
-        logits, targets = [], []
-        with eval_mode(pl_module):
-            for batch in loader:
-                batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
-                tb = TrickBatch.from_batch(batch)
-                logits.append(pl_module(tb.inputs).float())
-                targets.append(tb.hard_targets)
-        logits, targets = torch.cat(logits), torch.cat(targets)
-        if trainer.world_size > 1:  # each rank holds its share (equal sizes under the distributed sampler)
-            logits = pl_module.all_gather(logits).flatten(0, 1)
-            targets = pl_module.all_gather(targets).flatten(0, 1)
-        return logits, targets
+        for name, value in self.fit_summary.items():  # the same on every rank
+            pl_module.log(log_tag(self, name), value, sync_dist=False)
 
     # ------------------------------------------------------------------ applying
     def _apply(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
         return scale_logits(output, self.temperature)
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.temperature is not None and trainer.state.fn != TrainerFn.FITTING and self._hook is None:
+        if self.temperature is not None and trainer.state.fn != TrainerFn.FITTING:
+            self._end()
             self._hook = pl_module.register_forward_hook(self._apply)
 
     def _end(self, *args: Any, **kwargs: Any) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for name in ("_hook", "_capture_hook"):
+            if getattr(self, name) is not None:
+                getattr(self, name).remove()
+                setattr(self, name, None)
 
     on_validation_start = on_test_start = on_predict_start = _start
     on_validation_end = on_test_end = on_predict_end = teardown = _end
