@@ -114,3 +114,16 @@ def test_identical_views_have_no_consistency_so_weight_moves_to_the_supervised_t
 def test_augment_of_the_wrong_shape_is_a_clear_error():
     with pytest.raises(ValueError, match="augment must return a tensor of the inputs' shape"):
         _fit(AdaWAC(augment=lambda x: x[:, :10]), steps=1)
+
+
+def test_first_view_is_augmented_unless_told_otherwise():
+    from lit_tricks.core.batch import TrickBatch
+
+    x, y = torch.zeros(3, 4), torch.tensor([0, 1, 2])
+    shifted = AdaWAC(augment=lambda inputs: inputs + 1.0)
+    batch = shifted.before_forward(None, None, TrickBatch(x, y, torch.arange(3)))
+    assert torch.equal(batch.inputs, x + 1.0) and batch.extras["adawac_inputs"] is x  # view 2 is drawn from x
+    plain = AdaWAC(augment=lambda inputs: inputs + 1.0, augment_first_view=False)
+    batch = plain.before_forward(None, None, TrickBatch(x, y, torch.arange(3)))
+    assert batch.inputs is x and batch.extras == {}
+    assert AdaWAC().needs_features and not AdaWAC(consistency_on="logits").needs_features
