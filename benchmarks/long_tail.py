@@ -10,7 +10,9 @@ same number of optimizer steps: ERM's epochs over the long-tailed split, so a sa
 epoch does not change the budget. Metrics on the test split: balanced accuracy (mean per-class recall), few-shot
 accuracy (classes with <= 20 training samples), accuracy, ECE. Methods: class-balanced over- and under-sampling
 (`balance=`, Buda et al.), LDR-KL (lambda 1, margin 0.1), the Bias loss (alpha = beta = 0.3), ELR (beta 0.7,
-lambda 3) and AdaWAC (eta 1, lambda_AC 1, two default_augment views), each with its authors' defaults, none tuned;
+lambda 3), AdaWAC (eta 1, lambda_AC 1, two default_augment views) and SBCL (beside the cross-entropy, weight 1; tau 0.1,
+tau_b 0.07, gamma 0.25, subclasses of >= 10, re-clustered every 10 epochs after 10 of SupCon), each with its authors'
+defaults, none tuned;
 SMOTE (imbalanced-learn, k = 2 neighbours; not on digits at rho 100, whose tail class has one sample); ERM and
 over-sampling also tested with the prior correction (thresholding) of Buda et al. (`Classifier(prior_correction=True)`),
 the same fit tested twice. Fit time: the fit's wall time over
@@ -26,6 +28,7 @@ from common import SETUPS, fit_and_test, machine_line, mean_std, parser, prepare
 
 from lit_tricks import ELR, BiasLoss, LDRLoss
 from lit_tricks.callbacks.adawac import AdaWAC
+from lit_tricks.callbacks.sbcl import SBCL
 
 # method -> (data-module options, the tricks)
 METHODS: dict[str, tuple[dict, Callable[[], list]]] = {
@@ -37,6 +40,7 @@ METHODS: dict[str, tuple[dict, Callable[[], list]]] = {
     "Bias loss": ({}, lambda: [BiasLoss()]),
     "ELR": ({}, lambda: [ELR(beta=0.7, lam=3.0)]),
     "AdaWAC": ({}, lambda: [AdaWAC(step_size=1.0, consistency_weight=1.0)]),
+    "SBCL": ({}, lambda: [SBCL()]),
 }
 CELLS = [(100.0, 0.0), (100.0, 0.2), (10.0, 0.0), (10.0, 0.2)]  # (rho, label noise)
 # tested a second time with Classifier(prior_correction=True)'s thresholding: one fit, two rows
