@@ -48,6 +48,17 @@ class ContinualEvaluation(Callback):
     Reading ``batch["task"]`` costs one host-device synchronisation per step; evaluating costs about
     ``seen tasks x subset_size`` forward passes per evaluated step.
 
+    With ``eval_period`` it also runs the online protocol of Si-Blurry (Moon et al., ICCV 2023; the authors'
+    ``_Trainer``): the classes that have appeared in training batches so far are the *seen* classes; whenever the
+    training samples counted so far (batch size x world size per step) exceed the next multiple of
+    ``eval_period``, the model is evaluated on the subsets' samples of the seen classes with the logits of unseen
+    classes masked out (sample-weighted accuracy; logged as ``.../online_acc``), and the threshold moves up by one
+    period. :meth:`summary` then adds
+
+    - ``a_auc`` :math:`= \frac1E\sum_{e=1}^{E} A_e`, the mean of these periodic accuracies ("area under the
+      accuracy curve", the evaluations at the end of tasks and of training not included, as in the authors' code);
+    - ``a_last``, the same accuracy at the end of training; ``a_avg``, its mean over the ends of the tasks.
+
     Args:
         every_n_steps: evaluate every this many optimizer steps (1: the paper's per-iteration evaluation).
         subset_size: samples per task's evaluation subset (the paper: 1000). ``None``: up to 1000.
@@ -60,6 +71,9 @@ class ContinualEvaluation(Callback):
             the class lists come from the data module's ``task_classes()``).
         batch_size: evaluation batch size.
         seed: seed of the subsets.
+        eval_period: if set, evaluate on the seen classes every this many training samples and report
+            ``a_auc``, ``a_last`` and ``a_avg`` (Si-Blurry's online metrics; the authors' ``eval_period``: 100 by
+            default, 1000 in their CIFAR-100 scripts). ``None``: off, no extra cost.
 
     Example::
 
@@ -86,6 +100,7 @@ class ContinualEvaluation(Callback):
         task_incremental: bool = False,
         batch_size: int = 500,
         seed: int = 0,
+        eval_period: int | None = None,
     ) -> None:
         check_number("every_n_steps", every_n_steps, at_least=1, integer=True, hint="1: after every optimizer step.")
         if subset_size is not None:
@@ -95,6 +110,9 @@ class ContinualEvaluation(Callback):
         if not windows or min(windows) < 2:
             raise ValueError(f"windows must be evaluation counts >= 2, e.g. (10, 100); got {windows}.")
         check_number("batch_size", batch_size, at_least=1, integer=True)
+        if eval_period is not None:
+            check_number("eval_period", eval_period, at_least=1, integer=True, hint="Training samples, or None.")
+        self.eval_period = eval_period
         self.every_n_steps, self.subset_size, self.dense_steps = every_n_steps, subset_size, dense_steps
         self.windows, self.eval_sets, self.task_incremental = tuple(windows), eval_sets, task_incremental
         self.batch_size, self.seed = batch_size, seed
@@ -107,6 +125,15 @@ class ContinualEvaluation(Callback):
         self.task = 0
         self.switch_step = 0
         self._final: tuple | None = None
+        # the online (Si-Blurry) protocol's history, in the checkpoint too
+        self.samples = 0
+        self.next_online = eval_period or 0
+        self.online_samples: list[int] = []
+        self.online_accuracy: list[float] = []
+        self.online_task_end: list[float] = []
+        self._seen: Tensor | None = None  # [C] bool: the classes seen in training batches
+        self._restored_seen: list[int] | None = None
+        self._last_online: float | None = None
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -129,6 +156,15 @@ class ContinualEvaluation(Callback):
             self._class_masks = torch.zeros(len(classes), pl_module.num_classes, dtype=torch.bool)
             for k, members in enumerate(classes):
                 self._class_masks[k, members] = True
+        if self.eval_period is not None:
+            num_classes = getattr(pl_module, "num_classes", None) or getattr(datamodule, "num_classes", None)
+            if not isinstance(num_classes, int):
+                raise ValueError(
+                    "eval_period needs the number of classes: give the module or the data module a num_classes "
+                    "attribute (Classifier and ContinualDataModule have one), or set eval_period=None."
+                )
+            if self._seen is None or len(self._seen) != num_classes:
+                self._seen = torch.zeros(num_classes, dtype=torch.bool)
 
     def _subset(self, task: int, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         size = min(len(inputs), 1000) if self.subset_size is None else self.subset_size
@@ -153,7 +189,12 @@ class ContinualEvaluation(Callback):
         self._ends = torch.tensor([len(y) for _, y in shards]).cumsum(0).tolist()
         if self._class_masks is not None:
             self._class_masks = self._class_masks.to(pl_module.device)
-        self._final = None
+        if self._seen is not None:
+            if self._restored_seen is not None:  # from a checkpoint
+                self._seen = torch.zeros_like(self._seen).index_fill_(0, torch.tensor(self._restored_seen), True)
+                self._restored_seen = None
+            self._seen = self._seen.to(device)
+        self._final = self._last_online = None
         if not self.steps:
             self.evaluate(trainer, pl_module)  # before the first update
 
@@ -176,8 +217,23 @@ class ContinualEvaluation(Callback):
         if task > self.task:
             if self.steps[-1] != trainer.global_step:
                 self.evaluate(trainer, pl_module)  # the end of the finished task
+            if self.eval_period is not None:
+                self.online_task_end.append(self.evaluate_online(trainer, pl_module))
             self._log_metrics(trainer)
             self.task, self.switch_step = task, trainer.global_step
+        if self.eval_period is not None:
+            self._see(trainer, pl_module, TrickBatch.from_batch(batch).targets)
+
+    def _see(self, trainer: pl.Trainer, pl_module: pl.LightningModule, targets: Tensor) -> None:
+        """Count the batch's samples (over all ranks) and add its classes to the seen ones (union over ranks)."""
+        self.samples += len(targets) * trainer.world_size
+        if targets.ndim == 2:  # probabilities (mixed labels): every class with mass
+            present = (targets > 0).any(dim=0)
+        else:
+            present = torch.zeros_like(self._seen).index_fill_(0, targets.long(), True)
+        if trainer.world_size > 1:  # every rank must hold the same seen classes (and so the same state)
+            present = pl_module.all_gather(present).any(dim=0)
+        self._seen |= present
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -186,11 +242,17 @@ class ContinualEvaluation(Callback):
         dense = self.dense_steps is not None and step - self.switch_step <= self.dense_steps
         if (dense or step % self.every_n_steps == 0) and self.steps[-1] != step:
             self.evaluate(trainer, pl_module)
+        if self.eval_period is not None and self.samples > self.next_online:
+            self.online_samples.append(self.samples)
+            self.online_accuracy.append(self.evaluate_online(trainer, pl_module))
+            self.next_online += self.eval_period
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.steps[-1] != trainer.global_step:
             # in the summary but not in the state: a run resumed from here continues the regular schedule
             self._final = self.evaluate(trainer, pl_module, record=False)
+        if self.eval_period is not None:
+            self._last_online = self.evaluate_online(trainer, pl_module)
         self._log_metrics(trainer)
         self._log_figure(trainer)
 
@@ -226,6 +288,25 @@ class ContinualEvaluation(Callback):
             trainer.logger.log_metrics(values, step=trainer.global_step)
         return point
 
+    def evaluate_online(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        """Accuracy on the subsets' samples of the seen classes, the logits of unseen classes masked out (NaN if no
+        class is seen yet); logged at this step as ``.../online_acc``."""
+        seen = self._seen
+        rows = seen[self._targets].nonzero().flatten()  # a host sync, once per evaluation
+        hits = torch.zeros(len(rows), device=pl_module.device)
+        with torch.inference_mode(), eval_mode(pl_module):
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start : start + self.batch_size]
+                logits = pl_module(self._inputs[chunk]).masked_fill(~seen, -math.inf)
+                hits[start : start + len(chunk)] = (logits.argmax(dim=-1) == self._targets[chunk]).float()
+        counts = torch.stack([hits.sum(), torch.tensor(float(len(rows)), device=hits.device)])
+        if trainer.world_size > 1:
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        accuracy = (counts[0] / counts[1]).item() if counts[1] > 0 else math.nan
+        if trainer.logger is not None and trainer.is_global_zero and not math.isnan(accuracy):
+            trainer.logger.log_metrics({log_tag(self, "online_acc"): accuracy}, step=trainer.global_step)
+        return accuracy
+
     # ------------------------------------------------------------------ metrics
     def history(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(steps [E], current task [E], accuracy [E, T] with NaN for unseen tasks)``, including the evaluation
@@ -240,7 +321,8 @@ class ContinualEvaluation(Callback):
     def summary(self, end_of_task_only: bool = False) -> dict[str, float]:
         """The metrics of the run so far, as fractions: ``acc``, ``min_acc``, ``wc_acc``, ``wf<w>``, ``wp<w>``,
         ``lca10``, ``forgetting``, ``bwt``. With ``end_of_task_only=True``, the same computed from the task-end
-        evaluations only: what the usual evaluation would report."""
+        evaluations only: what the usual evaluation would report. With ``eval_period`` also the online metrics
+        ``a_auc``, ``a_last`` and ``a_avg`` (NaN before their first evaluation), the same either way."""
         if not self.steps:
             raise ValueError("No evaluation yet: fit with this callback first.")
         _, current, acc = self.history()
@@ -258,6 +340,11 @@ class ContinualEvaluation(Callback):
         for w in self.windows:
             result[f"wf{w}"] = metrics.windowed_forgetting(acc, w)
             result[f"wp{w}"] = metrics.windowed_plasticity(acc, w)
+        if self.eval_period is not None:
+            final = [] if self._last_online is None else [self._last_online]
+            result["a_auc"] = _mean(self.online_accuracy)
+            result["a_last"] = ([math.nan] + self.online_accuracy + final)[-1]
+            result["a_avg"] = _mean(self.online_task_end + final)
         return result
 
     def _log_metrics(self, trainer: pl.Trainer) -> None:
@@ -292,10 +379,25 @@ class ContinualEvaluation(Callback):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "current": self.current, "accuracy": self.accuracy,
-                "task": self.task, "switch_step": self.switch_step}  # fmt: skip
+        state = {"steps": self.steps, "current": self.current, "accuracy": self.accuracy,
+                 "task": self.task, "switch_step": self.switch_step}  # fmt: skip
+        if self.eval_period is not None:
+            seen = None if self._seen is None else self._seen.nonzero().flatten().tolist()
+            state["online"] = {"samples": self.samples, "next": self.next_online, "at": self.online_samples,
+                               "accuracy": self.online_accuracy, "task_end": self.online_task_end,
+                               "seen": seen}  # fmt: skip
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.steps, self.current = list(state_dict["steps"]), list(state_dict["current"])
         self.accuracy = [list(row) for row in state_dict["accuracy"]]
         self.task, self.switch_step = state_dict["task"], state_dict["switch_step"]
+        online = state_dict.get("online")
+        if online is not None and self.eval_period is not None:
+            self.samples, self.next_online = online["samples"], online["next"]
+            self.online_samples, self.online_accuracy = list(online["at"]), list(online["accuracy"])
+            self.online_task_end, self._restored_seen = list(online["task_end"]), online["seen"]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan

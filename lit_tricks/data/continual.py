@@ -9,11 +9,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lit_tricks.core.checks import check_number
 from lit_tricks.data.array_datamodule import ArrayDataModule
 from lit_tricks.data.indexed import ArrayDataset
 from lit_tricks.data.loader import ResumableDataLoader
+from lit_tricks.data.si_blurry import SiBlurrySplit, si_blurry_classes, si_blurry_split
 
-Scenario = Literal["class", "task", "domain"]
+Scenario = Literal["class", "task", "domain", "si_blurry"]
 
 
 def split_classes(num_classes: int, num_tasks: int, class_order: list[int] | None = None) -> Tensor:
@@ -53,19 +55,26 @@ class ContinualDataModule(pl.LightningDataModule):
     so a multi-head model or :class:`~lit_tricks.ContinualEvaluation` can restrict predictions to the task's
     classes, see :meth:`task_classes`), and ``"domain"``-incremental (the same split with labels taken within
     the group, ``y mod C/T``, so every task shares one output space). Boundaries are sharp, or fuzzy with
-    ``blur``. Every batch carries ``task`` (``[N]``, per sample); :meth:`task_eval_sets` gives each task's
-    evaluation set for :class:`~lit_tricks.ContinualEvaluation`. Under DDP rank r of W trains on stream positions
-    r, r + W, r + 2W, ..., so the task order holds; mid-epoch checkpoints resume exactly.
+    ``blur``. ``"si_blurry"`` is the online class-incremental Si-Blurry stream (Moon et al., ICCV 2023;
+    :func:`~lit_tricks.data.si_blurry.si_blurry_split`): random disjoint and blurry class groups per task, tasks
+    of random size, ``blurry_percent`` % of blurry-class samples leaking across tasks, one pass; ``task`` is then
+    the stream's task of each training sample (each evaluation sample's: its class's home task), and
+    :attr:`si_blurry` holds the split. Every batch carries ``task`` (``[N]``, per sample); :meth:`task_eval_sets`
+    gives each task's evaluation set for :class:`~lit_tricks.ContinualEvaluation`. Under DDP rank r of W trains on
+    stream positions r, r + W, r + 2W, ..., so the task order holds; mid-epoch checkpoints resume exactly.
 
     Args:
         dataset: the labelled data module to split (e.g. ``DigitsDataModule(val_fraction=0)``).
-        scenario: ``"class"``, ``"task"`` or ``"domain"``.
-        num_tasks: number of tasks; must divide the number of classes.
-        epochs_per_task: passes over each task's training samples before the next task starts.
+        scenario: ``"class"``, ``"task"``, ``"domain"`` or ``"si_blurry"``.
+        num_tasks: number of tasks; must divide the number of classes (except under ``"si_blurry"``).
+        epochs_per_task: passes over each task's training samples before the next task starts (1 under
+            ``"si_blurry"``, which is online).
         blur: 0 for sharp boundaries; ``b > 0`` mixes neighbouring tasks over ``2b`` of a task's length.
         class_order: the classes in task order (default ``0, 1, ...``).
         batch_size: training batch size (``None``: the wrapped data module's).
-        seed: seed of the stream order.
+        seed: seed of the stream order (and of the Si-Blurry split: the authors' ``rnd_seed``).
+        disjoint_percent: Si-Blurry's :math:`N`, percent of classes that are disjoint (the authors' 50).
+        blurry_percent: Si-Blurry's :math:`M`, percent of blurry-class samples that leak across tasks (their 10).
 
     Example::
 
@@ -86,17 +95,27 @@ class ContinualDataModule(pl.LightningDataModule):
         class_order: list[int] | None = None,
         batch_size: int | None = None,
         seed: int = 0,
+        disjoint_percent: int = 50,
+        blurry_percent: int = 10,
     ) -> None:
         super().__init__()
-        if scenario not in ("class", "task", "domain"):
-            raise ValueError(f"scenario must be 'class', 'task' or 'domain', got {scenario!r}.")
+        if scenario not in ("class", "task", "domain", "si_blurry"):
+            raise ValueError(f"scenario must be 'class', 'task', 'domain' or 'si_blurry', got {scenario!r}.")
         if epochs_per_task < 1:
             raise ValueError(f"epochs_per_task must be >= 1, got {epochs_per_task}.")
         if not 0.0 <= blur <= 1.0:
             raise ValueError(f"blur must be in [0, 1] (0: sharp boundaries), got {blur}.")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        self.task_of_class = split_classes(dataset.num_classes, num_tasks, class_order)
+        check_number("disjoint_percent", disjoint_percent, at_least=0, at_most=100, integer=True)
+        check_number("blurry_percent", blurry_percent, at_least=0, at_most=100, integer=True)
+        if scenario == "si_blurry":
+            self.task_of_class = self._si_blurry_homes(dataset.num_classes, num_tasks, epochs_per_task, blur,
+                                                       class_order, disjoint_percent, seed)  # fmt: skip
+        else:
+            self.task_of_class = split_classes(dataset.num_classes, num_tasks, class_order)
+        self.disjoint_percent, self.blurry_percent = disjoint_percent, blurry_percent
+        self.si_blurry: SiBlurrySplit | None = None
         self.dataset, self.scenario, self.num_tasks = dataset, scenario, num_tasks
         self.epochs_per_task, self.blur, self.seed = epochs_per_task, blur, seed
         self.batch_size = batch_size or dataset.batch_size
@@ -104,21 +123,43 @@ class ContinualDataModule(pl.LightningDataModule):
         self.num_classes = group if scenario == "domain" else dataset.num_classes
         self.train_set: ArrayDataset | None = None
 
+    @staticmethod
+    def _si_blurry_homes(num_classes: int, num_tasks: int, epochs_per_task: int, blur: float,
+                         class_order: list[int] | None, disjoint_percent: int, seed: int) -> Tensor:  # fmt: skip
+        """``[C]`` the home task of each class in the Si-Blurry split (the classes' part of it, drawn again)."""
+        check_number("num_tasks", num_tasks, at_least=1, at_most=num_classes, integer=True)
+        if epochs_per_task != 1 or blur != 0 or class_order is not None:
+            raise ValueError(
+                "scenario='si_blurry' is online with its own random class split and task boundaries: leave "
+                f"epochs_per_task=1, blur=0 and class_order=None (got {epochs_per_task}, {blur}, {class_order})."
+            )
+        generator = torch.Generator().manual_seed(seed)
+        disjoint, blurry = si_blurry_classes(num_classes, num_tasks, disjoint_percent, generator)
+        homes = torch.empty(num_classes, dtype=torch.long)
+        for k in range(num_tasks):
+            homes[disjoint[k] + blurry[k]] = k
+        return homes
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         self.dataset.setup(stage)
         train = self.dataset.train_set
-        tasks = self.task_of_class[train.targets]
-        stream = task_stream(tasks, self.epochs_per_task, self.blur, torch.Generator().manual_seed(self.seed))
-        self.train_set = self._with_tasks(train, stream)
+        if self.scenario == "si_blurry":
+            self.si_blurry = si_blurry_split(train.targets, self.dataset.num_classes, self.num_tasks,
+                                             self.disjoint_percent, self.blurry_percent, self.seed)  # fmt: skip
+            self.train_set = self._with_tasks(train, self.si_blurry.stream, self.si_blurry.stream_task)
+        else:
+            tasks = self.task_of_class[train.targets]
+            stream = task_stream(tasks, self.epochs_per_task, self.blur, torch.Generator().manual_seed(self.seed))
+            self.train_set = self._with_tasks(train, stream)
         self.val_set = None if self.dataset.val_set is None else self._with_tasks(self.dataset.val_set)
         self.test_set = self._with_tasks(self.dataset.test_set)
 
-    def _with_tasks(self, data: ArrayDataset, rows: Tensor | None = None) -> ArrayDataset:
-        """``data`` (at ``rows``) with a ``task`` per sample and the scenario's labels."""
+    def _with_tasks(self, data: ArrayDataset, rows: Tensor | None = None, tasks: Tensor | None = None) -> ArrayDataset:
+        """``data`` (at ``rows``) with a ``task`` per sample (``tasks``, else its class's) and the scenario's labels."""
         data = data if rows is None else data.subset(rows)
-        tasks = self.task_of_class[data.targets]
+        tasks = self.task_of_class[data.targets] if tasks is None else tasks
         targets = self._labels(data.targets)
         extras = {name: self._labels(t) if name == "clean_targets" else t for name, t in data.extras.items()}
         return ArrayDataset(data.inputs, targets, task=tasks, **extras)
