@@ -77,7 +77,7 @@ def test_fit_then_validate_test_predict_use_the_temperature(tmp_path):
     with torch.no_grad():
         raw = model.eval()(inputs)
     torch.testing.assert_close(probs, (raw / scaling.temperature).softmax(1))
-    assert not model._forward_hooks  # the hook is only there during evaluation
+    assert not model.backbone._forward_hooks  # the hook is only there during evaluation
 
     # a fresh callback gets T back from the checkpoint
     restored = TemperatureScaling()
@@ -103,6 +103,12 @@ def test_state_dict_round_trip_and_unfitted_is_a_no_op():
 def test_bad_input():
     with pytest.raises(ValueError, match="max_iter"):
         TemperatureScaling(max_iter=0)
+    with pytest.raises(TypeError, match="logits_module"):
+        TemperatureScaling(logits_module=None)
+    with pytest.raises(ValueError, match="no submodule 'net'"):
+        _trainer(callbacks=[TemperatureScaling(logits_module="net")]).fit(_model(), DigitsDataModule(batch_size=64))
+    with pytest.raises(ValueError, match=r"\[N, C\] logits \(C = num_classes\) from 'backbone.body'"):
+        _trainer(callbacks=[TemperatureScaling(logits_module="backbone.body")]).fit(_model(), DigitsDataModule())
     with pytest.raises(TypeError, match="ece_bins"):
         TemperatureScaling(ece_bins=2.5)
     with pytest.raises(ValueError, match=r"logits must be \[N, C\]"):

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from lit_tricks.core.batch import TrickBatch
-from lit_tricks.core.checks import check_number
+from lit_tricks.core.checks import check_number, named_submodule
 from lit_tricks.core.trick import log_tag
 from lit_tricks.functional.temperature_scaling import fit_temperature, scale_logits
 
@@ -23,14 +23,15 @@ class TemperatureScaling(Callback):
     baseline whose limits under class overlap "On the Limitations of Temperature Scaling for Distributions with
     Overlaps" (Chidambaram & Ge, ICLR 2024) proves.
 
-    During ``fit``, at the end of every validation epoch it reads the logits of the module's own validation forward
-    (a forward hook; no extra pass) on the first validation dataloader, gathers them from every process and fits
+    During ``fit``, at the end of every validation epoch it reads the logits of the module's own validation
+    forward (a forward hook on ``logits_module``; no extra pass) on the first validation dataloader, gathers them
+    from every process and fits
     :math:`T^\star = \arg\min_{T>0} \mathrm{NLL}(\mathrm{softmax}(z/T), y)`
     (:func:`~lit_tricks.functional.temperature_scaling.fit_temperature`, L-BFGS on :math:`\log T`); so the
     temperature at the end of ``fit`` is the one of the final weights (when the last epoch validates, the default),
     and every checkpoint, saved after its validation, holds the :math:`T^\star` of its own weights (``ckpt_path=``
     restores it). The ``fit``'s own validation metrics stay uncalibrated. In ``validate``, ``test`` and ``predict``
-    a forward hook divides the module's output logits by :math:`T^\star`, so ``val/nll``, ``test/ece`` and the
+    a forward hook divides that network's output logits by :math:`T^\star`, so ``val/nll``, ``test/ece`` and the
     predicted probabilities are the calibrated ones; accuracy is unchanged.
 
     It logs, at each fit, ``tricks/TemperatureScaling/temperature`` and the validation ``nll_before``,
@@ -40,6 +41,9 @@ class TemperatureScaling(Callback):
     Args:
         max_iter: L-BFGS iterations (Guo et al.'s code: 50).
         ece_bins: bins of the logged expected calibration error (the module's ``val/ece`` uses 15).
+        logits_module: dotted name of the submodule whose output are the module's logits (``backbone`` for a
+            :class:`~lit_tricks.Classifier`); the hooks sit on it rather than on the LightningModule, whose
+            ``forward`` Lightning redirects to the step methods under DDP.
 
     Example::
 
@@ -58,10 +62,12 @@ class TemperatureScaling(Callback):
         True
     """
 
-    def __init__(self, max_iter: int = 50, ece_bins: int = 15) -> None:
+    def __init__(self, max_iter: int = 50, ece_bins: int = 15, logits_module: str = "backbone") -> None:
         check_number("max_iter", max_iter, at_least=1, integer=True, hint="Guo et al. use 50.")
         check_number("ece_bins", ece_bins, at_least=1, integer=True)
-        self.max_iter, self.ece_bins = max_iter, ece_bins
+        if not isinstance(logits_module, str) or not logits_module:
+            raise TypeError(f"logits_module must be a dotted submodule name such as 'backbone', got {logits_module!r}.")
+        self.max_iter, self.ece_bins, self.logits_module = max_iter, ece_bins, logits_module
         self.temperature: float | None = None
         self.fit_summary: dict[str, float] = {}
         self._hook: torch.utils.hooks.RemovableHandle | None = None  # applies T in validate / test / predict
@@ -69,9 +75,13 @@ class TemperatureScaling(Callback):
         self._logits: list[Tensor] = []
         self._targets: list[Tensor] = []
         self._captured: Tensor | None = None
+        self._net: nn.Module | None = None
+        self._classes: int | None = None
 
     # ------------------------------------------------------------------ fitting
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._net = named_submodule(pl_module, self.logits_module, "the network whose output are the logits")
+        self._classes: int | None = getattr(pl_module, "num_classes", None)
         if stage == "fit" and trainer.limit_val_batches == 0:
             raise ValueError(
                 "TemperatureScaling fits the temperature on the validation set, but limit_val_batches=0 turns "
@@ -81,9 +91,15 @@ class TemperatureScaling(Callback):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._logits, self._targets, self._captured = [], [], None
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
-            self._capture_hook = pl_module.register_forward_hook(self._capture)
+            self._capture_hook = self._net.register_forward_hook(self._capture)
 
     def _capture(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
+        if not isinstance(output, Tensor) or output.ndim != 2 or output.shape[1] != (self._classes or output.shape[1]):
+            raise ValueError(
+                f"TemperatureScaling needs [N, C] logits (C = num_classes) from {self.logits_module!r}, got "
+                f"{type(output).__name__} {tuple(getattr(output, 'shape', ()))}: set logits_module to the network "
+                "that outputs the logits."
+            )
         self._captured = output.detach().float()
 
     def on_validation_batch_end(
@@ -128,7 +144,7 @@ class TemperatureScaling(Callback):
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.temperature is not None and trainer.state.fn != TrainerFn.FITTING:
             self._end()
-            self._hook = pl_module.register_forward_hook(self._apply)
+            self._hook = self._net.register_forward_hook(self._apply)
 
     def _end(self, *args: Any, **kwargs: Any) -> None:
         for name in ("_hook", "_capture_hook"):
