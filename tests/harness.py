@@ -482,28 +482,3 @@ def _mixoe():
         OODEvaluation({"near": datamodule.near_ood_set, "far": datamodule.far_ood_set}),
     ]
     return model, datamodule, tricks
-
-
-def _uniform_noise_images(n: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.rand(n, 1, 8, 8, generator=generator)
-
-
-@case("mixoe_outlier_exposure")
-def _mixoe():
-    # MixOE's outlier order (100 outliers: a new permutation every few steps), its lambda / box generator and OE's
-    # callable-source generator must continue exactly after the resume; under DDP the ranks take disjoint shares of one
-    # outlier stream and keep identical state; batch norm sees the ID, mixed and outlier forwards
-    from lit_tricks.callbacks.mixoe import MixOE
-    from lit_tricks.callbacks.ood_evaluation import OODEvaluation
-    from lit_tricks.callbacks.outlier_exposure import OutlierExposure
-    from lit_tricks.data.open_set import OpenSetDigitsDataModule
-
-    datamodule = OpenSetDigitsDataModule(known_classes=6, batch_size=32, as_image=True)
-    datamodule.setup()
-    model = Classifier(CNN2D(num_classes=6, width=8), num_classes=6)
-    tricks = [
-        MixOE(datamodule.outlier_set.subset(torch.arange(100)), op="cutmix", alpha=2.0, seed=3),
-        OutlierExposure(_uniform_noise_images, beta=0.5, batch_size=16, seed=4),
-        OODEvaluation({"near": datamodule.near_ood_set, "far": datamodule.far_ood_set}),
-    ]
-    return model, datamodule, tricks
