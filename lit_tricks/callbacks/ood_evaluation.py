@@ -116,7 +116,8 @@ class OODEvaluation(Callback):
         self._hook = pl_module.register_forward_hook(self._capture)
 
     def _capture(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
-        self._captured = output.detach()
+        if isinstance(output, Tensor):  # under DDP the step itself is routed through forward: its output is None
+            self._captured = output.detach()
 
     def _batch_end(self, pl_module: pl.LightningModule, batch: Any, dataloader_idx: int) -> None:
         if self._hook is None or dataloader_idx != 0:
