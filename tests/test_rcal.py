@@ -71,15 +71,14 @@ def test_gaussian_factors_and_sample_moments_with_a_fixed_generator():
     factors = gaussian_factors(cov)
     torch.testing.assert_close(factors @ factors.transpose(1, 2), cov, atol=1e-6, rtol=1e-6)
     means = torch.tensor([[1.0, -2.0], [0.0, 3.0]])
-    classes = torch.tensor([0, 1]).repeat(20000)
-    z = sample_features(means, factors, classes, torch.Generator().manual_seed(0))
-    assert z.shape == (40000, 2)
+    z, rows = sample_features(means, factors, 20000, torch.Generator().manual_seed(0))
+    assert z.shape == (40000, 2) and torch.equal(rows, torch.tensor([0, 1]).repeat_interleave(20000))
     for k in (0, 1):
-        torch.testing.assert_close(z[classes == k].mean(0), means[k], atol=0.04, rtol=0)
-        torch.testing.assert_close(torch.cov(z[classes == k].T), cov[k], atol=0.06, rtol=0)
-    again = sample_features(means, factors, classes, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(z[rows == k].mean(0), means[k], atol=0.04, rtol=0)
+        torch.testing.assert_close(torch.cov(z[rows == k].T), cov[k], atol=0.06, rtol=0)
+    again, _ = sample_features(means, factors, 20000, torch.Generator().manual_seed(0))
     assert torch.equal(again, z)
-    torch.testing.assert_close((z[classes == 1, 0] - z[classes == 1, 1]).abs().max(), torch.tensor(3.0))
+    torch.testing.assert_close((z[rows == 1, 0] - z[rows == 1, 1]).abs().max(), torch.tensor(3.0))  # rank 1: y = x + 3
 
 
 def test_representation_distance_by_hand():
@@ -168,6 +167,7 @@ def test_statistics_follow_the_training_set_order_and_sampled_loss_trains_only_t
     out = rcal.after_loss(trainer, model, batch, StepOutput(logits, feats, torch.zeros(8)))
     model.zero_grad()
     out.aux_losses["rcal_sampled"].backward()
+    assert rcal.num_sampled is None  # a batch's worth, equally from the 10 classes: ceil(8 / 10) = 1 each
     assert model.backbone.head.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.backbone.body.parameters())
 

@@ -47,11 +47,11 @@ class RCAL(Trick):
     .. math:: \texttt{sampled\_weight}\cdot\frac1M\sum_{m=1}^M \mathrm{CE}\big(h(\tilde z_m), k_m\big)
               + \texttt{reg\_weight}\cdot\frac1N\sum_{i=1}^N \lVert z_i - z^{\rm c}_i\rVert_2^2,
 
-    where :math:`k_m` are ``num_sampled`` classes drawn uniformly from those with a distribution,
-    :math:`\tilde z_m \sim \mathcal N(\tilde\mu_{k_m}, \tilde\Sigma_{k_m})`, :math:`h` the classifier head (only it
-    learns from the sampled features), :math:`z_i` the batch's features and :math:`z^{\rm c}_i` those a frozen copy
-    of the encoder, taken when training starts, gives the same inputs (the individual representation calibration;
-    the paper also trains with mixup: stack :class:`~lit_tricks.Mixup`).
+    where the :math:`M` sampled features :math:`\tilde z_m \sim \mathcal N(\tilde\mu_{k_m}, \tilde\Sigma_{k_m})`
+    come equally from every class with a distribution (``ceil(num_sampled / classes)`` each), :math:`h` is the
+    classifier head (only it learns from the sampled features), :math:`z_i` are the batch's features and
+    :math:`z^{\rm c}_i` those a frozen copy of the encoder, taken when training starts, gives the same inputs (the
+    individual representation calibration; the paper also trains with mixup: stack :class:`~lit_tricks.Mixup`).
 
     The statistics pass runs in eval mode with a sequential loader (no global random draw); under DDP each rank
     passes a strided shard, the features and labels are all-gathered and every rank computes the same statistics.
@@ -64,7 +64,8 @@ class RCAL(Trick):
         alpha: added to every entry of a tail class's calibrated covariance (spread of its sampled features).
         head_ratio: a class is a head class when it has at least ``head_ratio`` times the largest class count.
         lof_neighbors: neighbours of the Local Outlier Factor (scikit-learn's default 20); 0: no outlier removal.
-        num_sampled: features sampled per step; ``None``: the batch size.
+        num_sampled: features sampled per step, spread equally over the classes (rounded up to a multiple of their
+            number); ``None``: the batch size.
         sampled_weight: weight of the cross-entropy on the sampled features.
         reg_weight: weight of the distance to the frozen encoder's features; 0: no frozen copy is kept.
         warmup_epochs: the first pass runs at the start of this epoch (0: from the pre-trained encoder, as the
@@ -138,7 +139,7 @@ class RCAL(Trick):
         self.factors: Tensor | None = None  # [C, D, D], factors @ factors.T = calibrated covariances
         self.valid: Tensor | None = None  # [C] classes with a distribution
         self.computed_epoch = -1  # epoch whose start ran the last pass
-        self._classes: Tensor | None = None  # ids of the valid classes, on the CPU
+        self._classes: Tensor | None = None  # ids of the valid classes
         self._head: Callable[[Tensor], Tensor] | None = None
         self._encoder: nn.Module | None = None
         self._encoder_state: dict[str, Tensor] | None = None  # from a checkpoint, until the copy exists
@@ -159,6 +160,7 @@ class RCAL(Trick):
             self._encoder = encoder
         if self.means is not None:  # loaded from a checkpoint, on the CPU
             self.means, self.factors = self.means.to(pl_module.device), self.factors.to(pl_module.device)
+            self._classes = self._classes.to(pl_module.device)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -182,17 +184,14 @@ class RCAL(Trick):
             distance = representation_distance(out.features.float(), anchors.float())
             out.aux_losses["rcal_reg"] = self.reg_weight * distance.mean()
         if self.means is not None and self.sampled_weight > 0:
-            classes = self._classes
             generator = torch.Generator().manual_seed(
                 self.seed + 1_000_003 * (trainer.global_step * trainer.world_size + trainer.global_rank)
             )
-            m = self.num_sampled or len(batch)
-            picked = classes[torch.randint(len(classes), (m,), generator=generator)]
-            sampled = sample_features(self.means, self.factors, picked, generator).to(out.features.dtype)
-            logits = self._head(sampled)
-            out.aux_losses["rcal_sampled"] = self.sampled_weight * F.cross_entropy(
-                logits.float(), picked.to(logits.device)
-            )
+            per_class = max(1, math.ceil((self.num_sampled or len(batch)) / len(self._classes)))
+            valid = self._classes
+            sampled, rows = sample_features(self.means[valid], self.factors[valid], per_class, generator)
+            logits = self._head(sampled.to(out.features.dtype))
+            out.aux_losses["rcal_sampled"] = self.sampled_weight * F.cross_entropy(logits.float(), valid[rows])
         return out
 
     # ------------------------------------------------------------------ the statistics pass
@@ -212,7 +211,7 @@ class RCAL(Trick):
         self.means = means.float()
         self.factors = gaussian_factors(covariances).float()
         self.valid = valid
-        self._classes = valid.nonzero().flatten().cpu()
+        self._classes = valid.nonzero().flatten()
         tail = valid & (counts < self.head_ratio * counts.max())
         return 1.0 - keep.float().mean().item(), int(tail.sum())
 

@@ -15,7 +15,7 @@ The steps, each a function here:
              \tilde\Sigma_k = \frac{\hat\Sigma_k + \sum_{j \in C_k^q} \hat\Sigma_j}{q + 1} + \alpha;
 
 4. :func:`gaussian_factors` and :func:`sample_features` draw features :math:`z \sim \mathcal N(\tilde\mu_k,
-   \tilde\Sigma_k)` for the classifier to learn from;
+   \tilde\Sigma_k)`, as many from every class, for the classifier to learn from;
 5. :func:`representation_distance` is the individual calibration: the squared distance of each learned feature
    to the feature the (frozen) contrastively pre-trained encoder gives the same input.
 """
@@ -127,23 +127,27 @@ def gaussian_factors(covariances: Tensor) -> Tensor:
 
 
 def sample_features(
-    means: Tensor, factors: Tensor, classes: Tensor, generator: torch.Generator | None = None
-) -> Tensor:
-    r"""Draw one feature per entry of ``classes [M]``: :math:`z = \mu_k + L_k \varepsilon`,
-    :math:`\varepsilon \sim \mathcal N(0, I)` from ``generator`` (on the CPU; the result is moved to ``means``'
-    device). Returns ``[M, D]`` in ``means``' dtype.
+    means: Tensor, factors: Tensor, per_class: int, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    r"""Draw ``per_class`` features from each of the ``C`` Gaussians: :math:`z = \mu_k + L_k \varepsilon`,
+    :math:`\varepsilon \sim \mathcal N(0, I)` from ``generator`` (on the CPU; moved to ``means``' device). One
+    batched product per class's block (no gather of a ``[D, D]`` factor per sample).
+
+    Returns ``(features [C * per_class, D], rows [C * per_class])`` in ``means``' dtype, ``rows`` the position in
+    ``means`` of each feature's class (``per_class`` copies of 0, then of 1, ...).
 
     Example::
 
         >>> means, factors = torch.tensor([[1.0, -1.0]]), torch.eye(2).unsqueeze(0) * 2
-        >>> z = sample_features(means, factors, torch.zeros(4000, dtype=torch.long), torch.Generator().manual_seed(0))
+        >>> z, rows = sample_features(means, factors, 4000, torch.Generator().manual_seed(0))
         >>> z.shape, bool((z.mean(0) - means[0]).abs().max() < 0.15), bool((z.std(0) - 2).abs().max() < 0.1)
         (torch.Size([4000, 2]), True, True)
     """
-    noise = torch.randn(len(classes), means.shape[1], generator=generator, dtype=means.dtype)
-    noise = noise.to(means.device)
-    classes = classes.to(means.device)
-    return means[classes] + (factors[classes] @ noise.unsqueeze(-1)).squeeze(-1)
+    num_classes, dim = means.shape
+    noise = torch.randn(num_classes, per_class, dim, generator=generator, dtype=means.dtype).to(means.device)
+    features = means.unsqueeze(1) + noise @ factors.transpose(1, 2)  # [C, per_class, D]
+    rows = torch.arange(num_classes, device=means.device).repeat_interleave(per_class)
+    return features.reshape(-1, dim), rows
 
 
 def representation_distance(features: Tensor, anchors: Tensor) -> Tensor:
