@@ -482,3 +482,16 @@ def _mixoe():
         OODEvaluation({"near": datamodule.near_ood_set, "far": datamodule.far_ood_set}),
     ]
     return model, datamodule, tricks
+
+
+@case("si_blurry_nmc")
+def _si_blurry_nmc():
+    # a Si-Blurry stream (task 0 ends within the first epoch's 5 batches of 64) read by ContinualEvaluation's online
+    # metrics (samples counted, seen classes, the periodic accuracies), and the NMC's class sums and counts (buffers):
+    # all must survive the resume; under DDP the ranks sum each step's class sums and share their seen classes
+    from lit_tricks.modules.nmc import NearestMeanClassifier
+
+    encoder = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Tanh())
+    model = NearestMeanClassifier(encoder, num_classes=10)
+    stream = ContinualDataModule(DigitsDataModule(batch_size=64), scenario="si_blurry", seed=1)
+    return model, stream, [ContinualEvaluation(every_n_steps=2, eval_period=100)]

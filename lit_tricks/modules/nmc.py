@@ -36,9 +36,9 @@ class NearestMeanClassifier(TrickModule):
     ``encoder(x)`` (``[N, D]``) for a plain network, or the penultimate features (``forward_features``) of a
     lit_tricks :class:`~lit_tricks.TrickModule` or of a network with ``forward_features``/``forward_head``.
     Under DDP each step's sums are summed across ranks (one ``all_reduce``), so every rank holds the means of
-    all the data seen; DDP's gradient wrapper, with nothing to reduce, is skipped. ``configure_optimizers``
-    returns ``None`` (Lightning runs a no-op optimizer, so ``global_step`` still counts the batches) and
-    ``training_step`` returns ``None``: Lightning warns once that it did, on purpose here.
+    all the data seen; DDP's gradient wrapper, with nothing to reduce, is skipped. Automatic optimisation is off
+    and ``configure_optimizers`` returns ``None``: Lightning then runs a no-op optimizer, which ``training_step``
+    steps so that ``global_step`` counts the batches (for ``max_steps``, checkpoints and evaluation schedules).
 
     Args:
         encoder: the frozen feature extractor: an ``nn.Module``, or the path of a Lightning checkpoint of a
@@ -87,6 +87,7 @@ class NearestMeanClassifier(TrickModule):
         # sized [C, D] at the first batch (D is the encoder's), or by a checkpoint's
         self.register_buffer("class_sums", torch.zeros(num_classes, 0))
         self.register_buffer("class_counts", torch.zeros(num_classes))
+        self.automatic_optimization = False
 
     # ------------------------------------------------------------------ the classifier
     def features(self, inputs: Tensor) -> Tensor:
@@ -158,7 +159,8 @@ class NearestMeanClassifier(TrickModule):
             update = self._trainer.strategy.reduce(update, reduce_op="sum")
         self.class_sums += update[:, :-1]
         self.class_counts += update[:, -1]
-        return None
+        if self._trainer is not None and self._trainer.optimizers:
+            self.optimizers().step()  # Lightning's no-op optimizer: counts the step in global_step
 
     def configure_optimizers(self) -> None:
         return None
