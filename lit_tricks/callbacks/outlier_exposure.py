@@ -29,6 +29,8 @@ class OutlierBatches:
     the next begins with a new permutation. A callable gets a private ``torch.Generator``. One draw of ``n`` per rank
     takes ``n * world_size`` outliers from the one stream all ranks follow, and rank ``r`` keeps the ``r``-th slice,
     so the ranks see different outliers and keep identical state (``pass``, ``position`` or the generator's state).
+    A data set with an ``inputs`` tensor (:class:`~lit_tricks.data.indexed.ArrayDataset`,
+    :class:`~lit_tricks.data.open_set.NoiseDataset`) is read by one gather; any other item by item.
 
     Args:
         source: an :data:`OutlierSource`.
@@ -64,6 +66,9 @@ class OutlierBatches:
         rows = self._next_rows(n * world_size)[rank * n : (rank + 1) * n]
         if isinstance(self.source, Tensor):
             return self.source[torch.as_tensor(rows)]
+        stored = getattr(self.source, "inputs", None)  # in-memory data sets (ours): one gather, no loop
+        if isinstance(stored, Tensor) and len(stored) == len(self.source):
+            return stored[torch.as_tensor(rows)]
         return torch.stack([_inputs_of(self.source[int(i)]) for i in rows])
 
     def _next_rows(self, k: int) -> np.ndarray:
