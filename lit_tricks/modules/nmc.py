@@ -42,7 +42,7 @@ class NearestMeanClassifier(TrickModule):
 
     Args:
         encoder: the frozen feature extractor: an ``nn.Module``, or the path of a Lightning checkpoint of a
-            lit_tricks fit (rebuilt as :func:`~lit_tricks.distill.teachers.load_teacher` does).
+            lit_tricks fit (rebuilt as :func:`~lit_tricks.distill.teachers.load_teacher` does; ``os.PathLike`` too).
         num_classes: number of classes ``C``.
         normalize: L2-normalise the features before averaging and comparing (the authors': yes).
         ece_bins: bins of the validation calibration error.
@@ -61,9 +61,7 @@ class NearestMeanClassifier(TrickModule):
         (1438.0, True)
     """
 
-    def __init__(
-        self, encoder: nn.Module | str | os.PathLike, num_classes: int, normalize: bool = True, ece_bins: int = 15
-    ) -> None:
+    def __init__(self, encoder: nn.Module | str, num_classes: int, normalize: bool = True, ece_bins: int = 15) -> None:
         super().__init__(num_classes=num_classes, ece_bins=ece_bins)
         if isinstance(encoder, (str, os.PathLike)):
             from lit_tricks.distill.teachers import load_teacher
