@@ -105,6 +105,9 @@ class FewShotFineTune(TTAModule):
             return torch.optim.Adam(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         return torch.optim.Adam(self.head.parameters(), lr=self.lp_lr, weight_decay=self.weight_decay)
 
+    def on_train_start(self) -> None:
+        self.train(True)  # Lightning keeps the modes it finds; the base leaves every network in eval mode
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if not self.finetuning and self.trainer.global_step >= self.lp_steps:
             self.finetuning.fill_(True)
