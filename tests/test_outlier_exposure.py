@@ -220,3 +220,17 @@ def test_bad_input_is_a_clear_error():
     plain = pl.LightningModule()
     with pytest.raises(TypeError, match="TrickModule"):
         MixOE(data).setup(_trainer([]), plain, "fit")
+
+
+def test_item_by_item_and_in_memory_sources_agree():
+    from torch.utils.data import TensorDataset
+
+    x = torch.rand(11, 4)
+    a, b = OutlierBatches(x, seed=2), OutlierBatches(TensorDataset(x, torch.zeros(11)), seed=2)
+    for _ in range(4):
+        torch.testing.assert_close(a.draw(5), b.draw(5))
+    model = torch.nn.Linear(4, 3)
+    whole = ood_scores_of(model, x, batch_size=4)
+    torch.testing.assert_close(ood_scores_of(model, TensorDataset(x), batch_size=4), whole)
+    shares = [ood_scores_of(model, x, batch_size=2, rank=r, world_size=2) for r in (0, 1)]
+    torch.testing.assert_close(torch.cat(shares).sort().values, whole.sort().values)

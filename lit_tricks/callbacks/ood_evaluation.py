@@ -11,7 +11,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from lit_tricks.callbacks.outlier_exposure import _inputs_of
+from lit_tricks.callbacks.outlier_exposure import item_inputs
 from lit_tricks.core.batch import TrickBatch
 from lit_tricks.core.checks import check_number
 from lit_tricks.core.eval_mode import eval_mode
@@ -40,10 +40,16 @@ def ood_scores_of(
         torch.Size([4])
     """
     rows = range(rank, len(dataset), world_size)
+    stored = dataset if isinstance(dataset, Tensor) else getattr(dataset, "inputs", None)
+    in_memory = isinstance(stored, Tensor) and len(stored) == len(dataset)  # ours: sliced, not read item by item
     scores = []
     with eval_mode(model):
         for start in range(0, len(rows), batch_size):
-            inputs = torch.stack([_inputs_of(dataset[i]) for i in rows[start : start + batch_size]])
+            chunk = rows[start : start + batch_size]
+            if in_memory:
+                inputs = stored[chunk.start : chunk.stop : chunk.step]
+            else:
+                inputs = torch.stack([item_inputs(dataset[i]) for i in chunk])
             scores.append(ood_score(model(inputs.to(device)), score))
     return torch.cat(scores) if scores else torch.zeros(0, device=device)
 

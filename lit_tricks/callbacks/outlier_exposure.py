@@ -69,7 +69,7 @@ class OutlierBatches:
         stored = getattr(self.source, "inputs", None)  # in-memory data sets (ours): one gather, no loop
         if isinstance(stored, Tensor) and len(stored) == len(self.source):
             return stored[torch.as_tensor(rows)]
-        return torch.stack([_inputs_of(self.source[int(i)]) for i in rows])
+        return torch.stack([item_inputs(self.source[int(i)]) for i in rows])
 
     def _next_rows(self, k: int) -> np.ndarray:
         size, taken = len(self.source), []
@@ -92,7 +92,8 @@ class OutlierBatches:
         self.generator.set_state(state["generator"])
 
 
-def _inputs_of(item: Any) -> Tensor:
+def item_inputs(item: Any) -> Tensor:
+    """The inputs of one data-set item: the tensor itself, the first element of a tuple, or ``item["inputs"]``."""
     if isinstance(item, Mapping):
         return torch.as_tensor(item["inputs"])
     if isinstance(item, Sequence) and not isinstance(item, str):
