@@ -62,6 +62,8 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.DataDietScores",
         "lit_tricks.EMATeacher",
         "lit_tricks.PerpendicularGradient",
+        "lit_tricks.NeuralCollapse",
+        "lit_tricks.TemperatureScaling",
     ),
     "modules": (
         "lit_tricks.AdaNPC",

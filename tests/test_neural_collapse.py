@@ -180,8 +180,10 @@ def test_bad_input():
         NeuralCollapse(head="")
     with pytest.raises(ValueError, match="no submodule 'head'"):
         _fit([NeuralCollapse(head="head")], epochs=1)
+    with pytest.raises(ValueError, match="32 outputs but the module has num_classes=10"):
+        _fit([NeuralCollapse(head="backbone.body")], epochs=1)  # its last nn.Linear is a hidden layer
     with pytest.raises(ValueError, match="final nn.Linear"):
-        _fit([NeuralCollapse(head="backbone.body")], epochs=1)
+        _fit([NeuralCollapse(head="backbone.body.2")], epochs=1)  # an activation: no nn.Linear in it
     metric = NeuralCollapseMetrics(3, 4)
     with pytest.raises(ValueError, match=r"features must be \[N, 4\]"):
         metric.update(torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), torch.zeros(2, 3))
@@ -191,3 +193,12 @@ def test_bad_input():
     metric.weight = torch.zeros(2, 4)
     with pytest.raises(ValueError, match="weight"):
         metric.compute()
+
+
+def test_a_wrapped_head_is_read_at_its_final_linear():
+    """A head another part wrapped (e.g. multi-sample dropout's Sequential) is measured at its last nn.Linear."""
+    from lit_tricks import ApplyMultiSampleDropout
+
+    trainer, model = _fit([ApplyMultiSampleDropout(), NeuralCollapse()], epochs=1)
+    assert isinstance(model.backbone.head, torch.nn.Module) and not isinstance(model.backbone.head, torch.nn.Linear)
+    assert 0.0 < float(trainer.callback_metrics["tricks/NeuralCollapse/nc4_ncc_agreement"]) <= 1.0

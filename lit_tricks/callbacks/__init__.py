@@ -17,11 +17,13 @@ from lit_tricks.callbacks.mic import MIC
 from lit_tricks.callbacks.mixup import CutMix, Mixup
 from lit_tricks.callbacks.multi_sample_dropout import ApplyMultiSampleDropout
 from lit_tricks.callbacks.nested_dropout import ApplyNestedDropout
+from lit_tricks.callbacks.neural_collapse import NeuralCollapse
 from lit_tricks.callbacks.perp_grad import PerpendicularGradient
 from lit_tricks.callbacks.sample_reweighting import SampleReweighting
 from lit_tricks.callbacks.selective_backprop import SelectiveBackprop
 from lit_tricks.callbacks.self_distill import SelfDistill
 from lit_tricks.callbacks.sla import SLA, SLAHead, sla_head
+from lit_tricks.callbacks.temperature_scaling import TemperatureScaling
 from lit_tricks.callbacks.tract import ApplyTrAct
 
 __all__ = [
@@ -35,20 +37,22 @@ __all__ = [
     "CutMix",
     "DataDietScores",
     "Distill",
-    "EfficientTrain",
     "ELR",
     "EMATeacher",
+    "EfficientTrain",
     "EnsLoss",
-    "LDRLoss",
     "ExperienceReplay",
     "HardBatches",
+    "LDRLoss",
     "MIC",
     "Mixup",
+    "NeuralCollapse",
     "PerpendicularGradient",
-    "SampleReweighting",
-    "SelectiveBackprop",
     "SLA",
     "SLAHead",
+    "SampleReweighting",
+    "SelectiveBackprop",
     "SelfDistill",
+    "TemperatureScaling",
     "sla_head",
 ]

@@ -72,12 +72,15 @@ class NeuralCollapse(Callback):
         self._captured: tuple[Tensor, Tensor] | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        linear = named_submodule(pl_module, self.head, "the final nn.Linear layer (features -> logits)")
-        if not isinstance(linear, nn.Linear):
+        head = named_submodule(pl_module, self.head, "the final nn.Linear layer (features -> logits)")
+        # a head another part wrapped (e.g. multi-sample dropout's Sequential) still ends in the same nn.Linear
+        linears = [head] if isinstance(head, nn.Linear) else [m for m in head.modules() if isinstance(m, nn.Linear)]
+        if not linears:
             raise ValueError(
                 f"NeuralCollapse reads the features at the input of the final nn.Linear, but {self.head!r} is a "
-                f"{type(linear).__name__}: set head to the dotted name of the final nn.Linear."
+                f"{type(head).__name__} without one: set head to the dotted name of the final nn.Linear."
             )
+        linear = linears[-1]
         num_classes = getattr(pl_module, "num_classes", linear.out_features)
         if linear.out_features != num_classes:
             raise ValueError(

@@ -18,11 +18,20 @@ from lit_tricks.functional.mixing import (
     sample_mixing,
     smooth_labels,
 )
+from lit_tricks.functional.neural_collapse import (
+    equiangularity,
+    equinorm,
+    nc1,
+    nearest_class_centre,
+    neural_collapse,
+    self_duality,
+)
 from lit_tricks.functional.pgd import class_balanced_weights, pgd_attack
 from lit_tricks.functional.prior_correction import class_priors, prior_correction
 from lit_tricks.functional.reweighting import normalize_losses, reweighting_weights, strategy_scores
 from lit_tricks.functional.selective_backprop import select_by_loss, selection_probabilities
 from lit_tricks.functional.stablemax import log_stablemax, stablemax, stablemax_cross_entropy, stablemax_s
+from lit_tricks.functional.temperature_scaling import fit_temperature, scale_logits
 from lit_tricks.functional.tta import (
     class_prototypes,
     default_augment,
@@ -48,7 +57,10 @@ __all__ = [
     "elr_targets",
     "ema_decay",
     "ema_update_",
+    "equiangularity",
+    "equinorm",
     "filtered_entropy",
+    "fit_temperature",
     "fixed_batches",
     "grand_scores",
     "half_life_to_decay",
@@ -61,6 +73,9 @@ __all__ = [
     "log_stablemax",
     "mixed_one_hot",
     "mixup_",
+    "nc1",
+    "nearest_class_centre",
+    "neural_collapse",
     "normalize_losses",
     "one_hot",
     "paste_box_",
@@ -71,8 +86,10 @@ __all__ = [
     "pskd_targets",
     "reweighting_weights",
     "sample_mixing",
+    "scale_logits",
     "select_by_loss",
     "selection_probabilities",
+    "self_duality",
     "sigmoid_rampup",
     "smooth_labels",
     "soft_target_cross_entropy",

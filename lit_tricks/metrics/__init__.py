@@ -2,6 +2,7 @@
 
 from lit_tricks.metrics.classification import NegativeLogLikelihood, classification_metrics
 from lit_tricks.metrics.long_tail import ClassGroupAccuracy, long_tail_metrics, shot_groups
+from lit_tricks.metrics.neural_collapse import NeuralCollapseMetrics
 from lit_tricks.metrics.sample_quality import (
     EnergyDistance,
     FrechetDistance,
@@ -18,6 +19,7 @@ __all__ = [
     "KernelInceptionDistance",
     "MaximumMeanDiscrepancy",
     "NegativeLogLikelihood",
+    "NeuralCollapseMetrics",
     "SlicedWasserstein",
     "classification_metrics",
     "digits_features",
