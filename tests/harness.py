@@ -495,3 +495,17 @@ def _si_blurry_nmc():
     model = NearestMeanClassifier(encoder, num_classes=10)
     stream = ContinualDataModule(DigitsDataModule(batch_size=64), scenario="si_blurry", seed=1)
     return model, stream, [ContinualEvaluation(every_n_steps=2, eval_period=100)]
+
+
+@case("few_shot_lp_ft")
+def _few_shot_lp_ft():
+    # LP-FT switches stage at step 4: the mid-epoch checkpoint (step 4) still holds the probe's optimizer and must
+    # rebuild the fine-tune's on resume exactly as the uninterrupted run; the end-of-epoch one (step 5) holds the
+    # fine-tune's Adam over every parameter. The body's dropout is off during the probe (eval mode) and draws from the
+    # global RNG after the switch; under DDP every parameter is synchronised after the switch
+    from lit_tricks.data.few_shot import FewShotDataModule
+    from lit_tricks.modules.tta.few_shot import FewShotFineTune
+
+    model = FewShotFineTune(MLP(64, 10, hidden=(32,), dropout=0.2), lp_steps=4, lp_lr=1e-2, lr=1e-3)
+    datamodule = FewShotDataModule(DigitsDataModule(val_fraction=0.0), shots=2, steps_per_epoch=5, batch_size=16)
+    return model, datamodule, []

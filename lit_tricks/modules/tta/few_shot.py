@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_tricks.core.checks import check_number, named_submodule
+from lit_tricks.core.rng import RestoresRNG
 from lit_tricks.modules.tta.base import TTAModule
 
 
-class FewShotFineTune(TTAModule):
+class FewShotFineTune(RestoresRNG, TTAModule):
     r"""LP-FT on ``k`` labelled target samples per class ("Few-shot Fine-tuning is All You Need for Source-free
     Domain Adaptation"; code ``daintlab/fewshot-SFDA``): first a linear probe, then a full fine-tune, both minimising
     :math:`\frac1N\sum_i \mathrm{CE}(f_\theta(\mathrm{aug}(x_i)), y_i)` on the few-shot set.
@@ -25,12 +26,12 @@ class FewShotFineTune(TTAModule):
     optimizer steps train only the ``head`` (Adam, ``lp_lr``; the rest in eval mode, so its BatchNorm keeps its
     source statistics), then the optimizer is rebuilt as a fresh Adam over every parameter with ``lr`` and the
     whole model trains (train mode). The stage is a buffer, so a checkpoint resumes in the right stage with its
-    optimizer. Validation logs ``val/loss`` (the paper keeps the checkpoint of the lowest validation loss:
-    ``ModelCheckpoint(monitor="val/loss")``) and ``val/acc``. ``Trainer.test`` on a target stream then predicts
-    with the fine-tuned model, frozen (no test-time adaptation), logging the same ``test/acc`` and
-    ``test/error/<domain>`` as the other TTA modules. Authors' protocol (``daintlab/fewshot-SFDA``): 1 or 3
-    shots, batch 32, Adam without weight decay, LP 400 steps at 1e-4, FT 1000 steps at 1e-5, so
-    ``Trainer(max_steps=lp_steps + 1000)``.
+    optimizer, and with the global RNG state (dropout, augmentation). Validation logs ``val/loss`` (the paper
+    keeps the checkpoint of the lowest validation loss: ``ModelCheckpoint(monitor="val/loss")``) and ``val/acc``.
+    ``Trainer.test`` on a target stream then predicts with the fine-tuned model, frozen (no test-time
+    adaptation), logging the same ``test/acc`` and ``test/error/<domain>`` as the other TTA modules.
+    Authors' protocol (``daintlab/fewshot-SFDA``): 1 or 3 shots, batch 32, Adam without weight decay, LP 400
+    steps at 1e-4, FT 1000 steps at 1e-5, so ``Trainer(max_steps=lp_steps + 1000)``.
 
     Example::
 
@@ -106,7 +107,12 @@ class FewShotFineTune(TTAModule):
         return torch.optim.Adam(self.head.parameters(), lr=self.lp_lr, weight_decay=self.weight_decay)
 
     def on_train_start(self) -> None:
+        super().on_train_start()  # a resumed run's RNG states
         self.train(True)  # Lightning keeps the modes it finds; the base leaves every network in eval mode
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        RestoresRNG.on_load_checkpoint(self, checkpoint)
+        TTAModule.on_load_checkpoint(self, checkpoint)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if not self.finetuning and self.trainer.global_step >= self.lp_steps:
