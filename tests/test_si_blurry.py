@@ -1,5 +1,7 @@
 """Si-Blurry: the stream against the authors' sampler and its statistics, the data-module mode, the online metrics."""
 
+import math
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -7,6 +9,7 @@ import torch
 from lit_tricks import Classifier, ContinualEvaluation
 from lit_tricks.data import ContinualDataModule, DigitsDataModule
 from lit_tricks.data.si_blurry import si_blurry_classes, si_blurry_split
+from lit_tricks.functional import continual as cm
 from lit_tricks.nets import MLP
 
 # The authors' OnlineSampler (KHU-AGI/Si-Blurry @c90d6d7, utils/online_sampler.py, varing_NM=True) on 60 samples
@@ -173,3 +176,25 @@ def test_online_metrics_add_keys_and_change_nothing_else():
     restored.load_state_dict(state)
     assert restored.online_accuracy == online.online_accuracy and restored.samples == online.samples
     assert "online" not in plain.state_dict()
+
+
+def test_metrics_skip_a_task_without_evaluation_samples():
+    # a Si-Blurry task can own no class (seed 2 on Digits: task 0 is 2 leaked samples), so its accuracy is NaN
+    nan = float("nan")
+    acc = torch.tensor(
+        [[0.5, nan, nan], [0.9, nan, nan], [0.6, nan, nan], [0.7, nan, 0.3], [0.8, nan, 0.9]], dtype=torch.float64
+    )
+    current = torch.tensor([0, 0, 1, 2, 2])
+    assert cm.min_acc(acc, current) == pytest.approx(0.6)  # task 0's minimum after it was learned; task 1 skipped
+    assert cm.forgetting(acc, current) == pytest.approx(0.1)
+    assert cm.backward_transfer(acc, current) == pytest.approx(-0.1)
+    assert cm.learning_curve_area(acc, current, 10) == pytest.approx((0.7 + 0.6) / 2)
+    assert cm.windowed_forgetting(acc[:, 1:2], 10) != cm.windowed_forgetting(acc[:, 1:2], 10)  # NaN, no error
+    pl.seed_everything(2, verbose=False)
+    stream = ContinualDataModule(DigitsDataModule(val_fraction=0.0, batch_size=32), scenario="si_blurry", seed=2)
+    evaluation = ContinualEvaluation(every_n_steps=5, eval_period=100)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[evaluation], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(Classifier(MLP(64, 10, hidden=(32,)), num_classes=10), stream)
+    assert stream.si_blurry.task_sizes()[0] == 2 and len(stream.task_eval_sets()[0]) == 0
+    assert all(math.isfinite(v) for v in evaluation.summary().values())

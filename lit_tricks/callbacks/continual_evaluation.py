@@ -217,7 +217,7 @@ class ContinualEvaluation(Callback):
         if task > self.task:
             if self.steps[-1] != trainer.global_step:
                 self.evaluate(trainer, pl_module)  # the end of the finished task
-            if self.eval_period is not None:
+            if self.eval_period is not None and self.samples > 0:  # a task ends (not an empty task before any sample)
                 self.online_task_end.append(self.evaluate_online(trainer, pl_module))
             self._log_metrics(trainer)
             self.task, self.switch_step = task, trainer.global_step

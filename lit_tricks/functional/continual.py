@@ -3,7 +3,8 @@ Identifying the stability gap", ICLR 2023), as defined in the authors' code (``M
 
 Every function reads an accuracy history: ``acc`` ``[E, T]``, the accuracy on each task's evaluation set at
 each of ``E`` evaluations (NaN for tasks not yet seen), and ``current`` ``[E]``, the task being learned at
-each evaluation. Windows count **evaluations**, not optimizer steps.
+each evaluation. Windows count **evaluations**, not optimizer steps. Means over tasks skip a task whose
+accuracy is NaN throughout (an empty evaluation set: a Si-Blurry task can hold no class of its own).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def min_acc(acc: Tensor, current: Tensor) -> float:
     if k == 0:
         return math.nan
     minima = [acc[_learned_before(current, i), i].min() for i in range(k)]
-    return float(torch.stack(minima).mean())
+    return float(torch.stack(minima).nanmean())
 
 
 def wc_acc(acc: Tensor, current: Tensor) -> float:
@@ -67,7 +68,7 @@ def _windowed(acc: Tensor, window: int, sign: float) -> float:
         values = acc[:, i][~acc[:, i].isnan()]
         if len(values):
             per_task.append(_window_extreme(values, window, sign))
-    return sum(per_task) / len(per_task)
+    return sum(per_task) / len(per_task) if per_task else math.nan  # NaN: no task evaluated yet
 
 
 def learning_curve_area(acc: Tensor, current: Tensor, beta: int = 10) -> float:
@@ -76,7 +77,7 @@ def learning_curve_area(acc: Tensor, current: Tensor, beta: int = 10) -> float:
     means = []
     for i in current.unique().tolist():
         means.append(acc[current == i, i][:beta].mean())
-    return float(torch.stack(means).mean())
+    return float(torch.stack(means).nanmean())
 
 
 def final_accuracy(acc: Tensor) -> float:
@@ -98,7 +99,7 @@ def forgetting(acc: Tensor, current: Tensor) -> float:
         return math.nan
     earlier = ends[:-1, : len(ends) - 1]
     drops = earlier.nan_to_num(-math.inf).max(dim=0).values - ends[-1, : len(ends) - 1]
-    return float(drops.mean())
+    return float(drops.nanmean())
 
 
 def backward_transfer(acc: Tensor, current: Tensor) -> float:
@@ -108,4 +109,4 @@ def backward_transfer(acc: Tensor, current: Tensor) -> float:
     if len(ends) < 2:
         return math.nan
     k = len(ends) - 1
-    return float((ends[-1, :k] - ends.diagonal()[:k]).mean())
+    return float((ends[-1, :k] - ends.diagonal()[:k]).nanmean())
