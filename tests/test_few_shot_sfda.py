@@ -164,3 +164,23 @@ def test_plain_fine_tuning_and_bad_input():
         FewShotFineTune(net, augment="flip")
     with pytest.raises(TypeError, match="model"):
         FewShotFineTune("not a model")
+
+
+def test_the_recipes_fit_on_few_shots_then_test_on_the_stream(tmp_path, monkeypatch):
+    from conftest import ROOT
+
+    from lit_tricks.cli import LitTricksCLI
+
+    monkeypatch.chdir(tmp_path)
+    tta = ROOT / "configs" / "tta"
+    quiet = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    short = ["--trainer.max_steps=3", "--trainer.limit_val_batches=1", *quiet]
+    LitTricksCLI(args=["fit", "--config", str(tta / "digits_c.yaml"), "--config", str(tta / "source.yaml"), *short])
+    fit = ["fit", "--config", str(tta / "few_shot_data.yaml"), "--config", str(tta / "few_shot.yaml"), *short]
+    cli = LitTricksCLI(args=[*fit, "--model.lp_steps=2", "--trainer.val_check_interval=3"])
+    assert bool(cli.model.finetuning) and (tmp_path / "checkpoints/tta/few_shot.ckpt").exists()
+    assert cli.datamodule.few_shot_set.targets.bincount().tolist() == [3 * 10] * 10  # 3 shots x 10 domains
+    test = ["test", "--config", str(tta / "digits_c.yaml"), "--config", str(tta / "few_shot.yaml")]
+    cli = LitTricksCLI(args=[*test, "--ckpt_path", "checkpoints/tta/few_shot.ckpt", "--trainer.limit_test_batches=12"])
+    metrics = cli.trainer.callback_metrics
+    assert 0 <= metrics["test/acc"] <= 1 and "test/error/gaussian_noise_5" in metrics

@@ -121,6 +121,19 @@ def test_fit_builds_the_cache_and_test_predicts_with_it(quiet_trainer_kwargs, tm
     assert len(fresh.cache_keys) == 80
 
 
+def test_without_a_fit_the_cache_comes_from_the_whole_test_stream(quiet_trainer_kwargs):
+    encoder, text, x, y = _shifted_target()
+    tfup = TFUP(encoder, text_embeddings=text)
+    stream = DataLoader(TensorDataset(x, y), batch_size=64)
+    result = pl.Trainer(limit_test_batches=2, **quiet_trainer_kwargs).test(tfup, stream, verbose=False)[0]
+    with torch.no_grad():
+        features = encoder(x)
+    rows, labels = select_cache(features, text, 16)  # all 300 samples, though only 2 batches are scored
+    torch.testing.assert_close(tfup.cache_keys, features[rows])
+    scored = tfup_logits(features[:128], text, features[rows], labels).argmax(1) == y[:128]
+    assert result["test/acc"] == pytest.approx(scored.float().mean().item(), abs=1e-6)
+
+
 def test_text_encoder_file_and_shots(tmp_path):
     table = nn.Embedding(3, 4)
     tfup = TFUP(nn.Identity(), text_encoder=table, text_inputs=[0, 1, 2], shots=2)
@@ -147,10 +160,32 @@ def test_clear_errors(quiet_trainer_kwargs):
     tfup = TFUP(nn.Linear(4, 5), text_embeddings=text)  # 5-D image features, 4-D text
     with pytest.raises(ValueError, match="do not match the text embeddings"):
         pl.Trainer(max_epochs=1, **quiet_trainer_kwargs).fit(tfup, DataLoader(TensorDataset(torch.randn(8, 4))))
-    empty = TFUP(nn.Identity(), text_embeddings=text)
+    empty = TFUP(nn.Identity(), text_embeddings=text, cache_from_test=False)
     with pytest.raises(ValueError, match="cache is empty"):
         pl.Trainer(**quiet_trainer_kwargs).test(empty, DataLoader(TensorDataset(text, torch.arange(4))))
     with pytest.raises(ValueError, match="cache is empty"):
         tfup_logits(text, text, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
     with pytest.raises(ValueError, match="cache_keys"):
         tfup_logits(text, text, torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+
+
+def test_the_recipe_tests_on_digits_c_with_a_cache_from_the_stream(tmp_path, monkeypatch):
+    # the recipe's stand-in encoder (flattened pixels) with class-mean images as "text" embeddings; no fit: the cache
+    # comes from the test stream itself (the authors' protocol)
+    from conftest import ROOT
+
+    from lit_tricks.cli import LitTricksCLI
+    from lit_tricks.data import DigitsDataModule
+
+    monkeypatch.chdir(tmp_path)
+    digits = DigitsDataModule(as_image=True, val_fraction=0.0)
+    digits.setup()
+    x, y = digits.train_set.inputs.flatten(1), digits.train_set.targets
+    torch.save(torch.stack([x[y == c].mean(0) for c in range(10)]), tmp_path / "text_embeddings.pt")
+    configs = ["--config", str(ROOT / "configs/tta/digits_c.yaml"), "--config", str(ROOT / "configs/tta/tfup.yaml")]
+    quiet = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    cli = LitTricksCLI(args=["test", *configs, *quiet, "--trainer.limit_test_batches=12"])
+    assert isinstance(cli.model, TFUP) and cli.model.text.shape == (10, 64) and cli.model.alpha == 0.3
+    assert len(cli.model.cache_keys) == 10 * 16  # 10 domains x 359 images: k = clip(int(0.3 * 3590 / 10), 9, 16)
+    metrics = cli.trainer.callback_metrics
+    assert 0 <= metrics["test/acc"] <= 1 and "test/error/gaussian_noise_5" in metrics

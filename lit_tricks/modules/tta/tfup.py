@@ -42,8 +42,9 @@ class TFUP(TTAModule):
     (:func:`~lit_tricks.functional.tfup.tfup_logits`) and logs the TTA modules' ``test/acc`` and
     ``test/error/<domain>``. Nothing adapts at test time; the cache is a buffer, so it is in the checkpoint.
     Under DDP each rank encodes its share and the ranks gather the features, so every rank builds the same
-    cache. Defaults from the authors' code: ``alpha`` 0.3, ``beta`` 1, logit scale 100, sharpness 10,
-    ``k = clip(int(0.3 N / C), 9, 16)``.
+    cache. Without a fit, ``Trainer.test`` first encodes the whole test stream and builds the cache from it
+    (``cache_from_test``: the authors' transductive protocol). Defaults from the authors' code: ``alpha`` 0.3,
+    ``beta`` 1, logit scale 100, sharpness 10, ``k = clip(int(0.3 N / C), 9, 16)``.
 
     Example::
 
@@ -67,16 +68,20 @@ class TFUP(TTAModule):
         logit_scale: scale of the zero-shot cosine logits (CLIP's 100).
         sharpness: temperature inverse of the probabilities used to select and compare (the code's 10).
         cache_proportion: the fraction of the fit set per class that ``shots=None`` aims at, clipped to 9-16.
+        cache_from_test: when testing (or predicting) with an empty cache, first encode the whole test stream
+            and build the cache from it: the authors' transductive protocol, whose cache comes from the same
+            unlabelled test images (``False``: an empty cache is an error).
         domain_names, source_checkpoint: as :class:`TTAModule`.
     """
 
     needs_grad = False
+    needs_fit_checkpoint = False  # the CLI may test without a fit: the cache then comes from the test stream
 
     def __init__(
         self, model: nn.Module, text_embeddings: Tensor | str | None = None, text_encoder: nn.Module | None = None,
         text_inputs: Any = None, shots: int | None = None, alpha: float = 0.3, beta: float = 1.0,
         logit_scale: float = 100.0, sharpness: float = 10.0, cache_proportion: float = 0.3,
-        domain_names: Sequence[str] | None = None, source_checkpoint: str | None = None,
+        cache_from_test: bool = True, domain_names: Sequence[str] | None = None, source_checkpoint: str | None = None,
     ) -> None:  # fmt: skip
         if shots is not None:
             check_number("shots", shots, at_least=1, integer=True, hint="None: the authors' rule.")
@@ -90,7 +95,7 @@ class TFUP(TTAModule):
             raise ValueError(f"text embeddings must be [C, D], one row per class, got shape {tuple(text.shape)}.")
         self._text = text  # registered in build_models, before the state is snapshot
         self.shots, self.alpha, self.beta, self.logit_scale = shots, alpha, beta, logit_scale
-        self.sharpness, self.cache_proportion = sharpness, cache_proportion
+        self.sharpness, self.cache_proportion, self.cache_from_test = sharpness, cache_proportion, cache_from_test
         super().__init__(model, lr=1.0, steps=0, domain_names=domain_names, source_checkpoint=source_checkpoint)
         self._pending: list[Tensor] = []
         self.automatic_optimization = False  # the fit only encodes
@@ -153,13 +158,35 @@ class TFUP(TTAModule):
     def on_train_epoch_start(self) -> None:
         self._pending = []
 
+    @staticmethod
+    def _inputs(batch: Any) -> Tensor:
+        return batch["inputs"] if isinstance(batch, Mapping) else batch[0] if isinstance(batch, list | tuple) else batch
+
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        x = batch["inputs"] if isinstance(batch, Mapping) else batch[0] if isinstance(batch, list | tuple) else batch
-        self._pending.append(self.features(x))
+        self._pending.append(self.features(self._inputs(batch)))
 
     def on_train_epoch_end(self) -> None:
-        local = torch.cat(self._pending) if self._pending else self.text.new_zeros(0, self.text.shape[1])
+        self._build_from_ranks(self._pending)
         self._pending = []
+        self.log(f"tricks/{type(self).__name__}/cache_size", float(len(self.cache_keys)))
+
+    def _build_from_ranks(self, parts: list[Tensor]) -> None:
+        local = torch.cat(parts) if parts else self.text.new_zeros(0, self.text.shape[1])
         features = self.all_gather(local).reshape(-1, local.shape[1]) if self.trainer.world_size > 1 else local
         self.build_cache(features)
-        self.log(f"tricks/{type(self).__name__}/cache_size", float(len(self.cache_keys)))
+
+    def _cache_from_stream(self, loaders: Any) -> None:
+        if len(self.cache_keys) or not self.cache_from_test:
+            return
+        loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
+        self._build_from_ranks(
+            [self.features(self._inputs(batch).to(self.device)) for loader in loaders for batch in loader]
+        )
+
+    def on_test_start(self) -> None:
+        super().on_test_start()
+        self._cache_from_stream(self.trainer.test_dataloaders)
+
+    def on_predict_start(self) -> None:
+        super().on_predict_start()
+        self._cache_from_stream(self.trainer.predict_dataloaders)
