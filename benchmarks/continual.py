@@ -2,6 +2,7 @@
 
     python benchmarks/continual.py --seeds 5                 # both parts
     python benchmarks/continual.py --seeds 5 --part cost     # only the cost table
+    python benchmarks/continual.py --seeds 5 --part online   # only the Si-Blurry table (fine-tuning, ER, NMC)
     python benchmarks/continual.py --quick
 
 Class-incremental, 5 tasks of 2 classes, one fit over the whole stream:
@@ -12,6 +13,10 @@ ContinualEvaluation every step on up to 1000 test samples per seen task (MNIST-1
 task). The same metrics from the task-end evaluations only ("coarse") show what the usual evaluation
 reports. Cost: wall time of the Split-MNIST-1D fine-tuning fit with the callback at every_n_steps = 1 and
 10, against the same fit without it.
+Online (Si-Blurry, Moon et al. 2023; the authors' N = 50, M = 10, 5 tasks, split seed = run seed): one pass over
+the same data sets with the same models, fine-tuning and ER as above, and NMC (nearest class mean of the
+L2-normalised raw inputs, no gradient step); ContinualEvaluation every 5 steps with the online metrics every 100
+samples (A_auc, A_last), beside NMC on the split streams.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from common import machine_line, mean_std, parser, write_json
 
 from lit_tricks import Classifier, ContinualEvaluation, ExperienceReplay
 from lit_tricks.data import ContinualDataModule, DigitsDataModule, MNIST1DDataModule
+from lit_tricks.modules.nmc import NearestMeanClassifier
 from lit_tricks.nets import CNN1D, MLP
 
 SETUPS = {
@@ -66,9 +72,36 @@ def fit(setup: str, seed: int, replay: bool, evaluation: ContinualEvaluation | N
     return time.perf_counter() - start, trainer.global_step
 
 
+ONLINE_METRICS = ("acc", "min_acc", "a_auc", "a_last")
+ONLINE_RUNS = (("si_blurry", "fine-tuning"), ("si_blurry", "replay"), ("si_blurry", "NMC"), ("class", "NMC"))
+
+
+def fit_online(setup: str, scenario: str, method: str, seed: int, quick: bool, cache: dict) -> dict:
+    """One pass over a Si-Blurry (or split) stream of ``setup`` with ``method``; the evaluation's summary."""
+    spec = SETUPS[setup]
+    pl.seed_everything(seed, verbose=False)
+    if setup not in cache:
+        cache[setup] = spec["data"](quick)
+        cache[setup].setup()
+    stream = ContinualDataModule(cache[setup], scenario=scenario, num_tasks=5, seed=seed)
+    evaluation = ContinualEvaluation(every_n_steps=5, eval_period=100)
+    callbacks = [evaluation]
+    if method == "NMC":
+        model = NearestMeanClassifier(torch.nn.Flatten(), num_classes=10)
+    else:
+        model = Classifier(spec["net"](), num_classes=10, optimizer=spec["optimizer"])
+        callbacks += [ExperienceReplay(memory_size=spec["memory"], seed=seed)] if method == "replay" else []
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+    )  # fmt: skip
+    trainer.fit(model, stream)
+    return evaluation.summary()
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("all", "gap", "cost"), default="all", help="which table(s) to measure")
+    p.add_argument("--part", choices=("all", "gap", "cost", "online"), default="all", help="which table(s) to measure")
     args = p.parse_args()
     seeds = range(1 if args.quick else args.seeds)
     cache: dict = {}
@@ -89,6 +122,12 @@ def main() -> None:
             evaluation = None if every is None else ContinualEvaluation(every_n_steps=every)
             seconds, _ = fit("Split-MNIST-1D", seed, False, evaluation, args.quick, cache)
             costs.append({"seed": seed, "every_n_steps": every, "seconds": seconds})
+    online = []
+    for setup in SETUPS if args.part in ("all", "online") else ():
+        for scenario, method in ONLINE_RUNS:
+            for seed in seeds:
+                summary = fit_online(setup, scenario, method, seed, args.quick, cache)
+                online.append(dict(setup=setup, scenario=scenario, method=method, seed=seed, summary=summary))
 
     print(machine_line())
     print(f"Seeds: {len(seeds)}{' (quick mode: not a measurement)' if args.quick else ''}\n")
@@ -112,8 +151,17 @@ def main() -> None:
         ]
         label = "without ContinualEvaluation" if every is None else f"every_n_steps={every}"
         print(f"| {label} | {mean_std([c['seconds'] for c in rows])} | {mean_std(ratios, digits=2)}x |")
+    if online:
+        print("\n| data | stream | method | ACC (%) | min-ACC (%) | A_auc (%) | A_last (%) |")
+        print("|---|---|---|---|---|---|---|")
+    for setup in SETUPS if online else ():
+        for scenario, method in ONLINE_RUNS:
+            rows = [r for r in online if (r["setup"], r["scenario"], r["method"]) == (setup, scenario, method)]
+            cells = " | ".join(mean_std([r["summary"][m] for r in rows], 100) for m in ONLINE_METRICS)
+            stream = "Si-Blurry" if scenario == "si_blurry" else "split"
+            print(f"| {setup.removeprefix('Split-')} | {stream} | {method} | {cells} |")
     name = "continual" + ("" if args.part == "all" else f"_{args.part}") + ("_quick" if args.quick else "")
-    path = write_json(args.out, name, {"runs": runs, "costs": costs})
+    path = write_json(args.out, name, {"runs": runs, "costs": costs, "online": online})
     print(f"\nRaw numbers: {path}")
 
 
