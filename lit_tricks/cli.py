@@ -53,6 +53,8 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.SelectiveBackprop",
         "lit_tricks.SLA",
         "lit_tricks.SelfDistill",
+        "lit_tricks.MixOE",
+        "lit_tricks.OutlierExposure",
     ),
     "callbacks": (
         "lit_tricks.ApplyGhostBatchNorm",
@@ -64,6 +66,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.PerpendicularGradient",
         "lit_tricks.NeuralCollapse",
         "lit_tricks.TemperatureScaling",
+        "lit_tricks.OODEvaluation",
     ),
     "modules": (
         "lit_tricks.AdaNPC",
@@ -92,6 +95,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.data.ModularArithmeticDataModule",
         "lit_tricks.data.ShapesDataModule",
         "lit_tricks.data.Toy2DDataModule",
+        "lit_tricks.data.OpenSetDigitsDataModule",
     ),
     "optimizers": ("lit_tricks.optim.AdaBelief", "lit_tricks.optim.Lion"),
     "nets": (

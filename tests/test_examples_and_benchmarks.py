@@ -219,3 +219,10 @@ def test_neural_collapse_benchmark_quick(tmp_path):
     assert out.startswith("Machine: ") and "| MNIST-1D / CNN1D | 0% | Mixup |" in out
     runs = json.loads((tmp_path / "neural_collapse_quick.json").read_text())["runs"]
     assert [r["method"] for r in runs] == ["ERM", "Mixup"] and all(r["temperature"] > 0 for r in runs)
+
+
+def test_ood_benchmark_quick(tmp_path):
+    out = _run([str(ROOT / "benchmarks/ood.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
+    assert out.startswith("Machine: ") and "| MixOE (cutmix) |" in out
+    runs = json.loads((tmp_path / "ood_quick.json").read_text())["runs"]
+    assert len(runs) == 4 and all(0 <= r["near (digits 6-9)"]["auroc"] <= 1 for r in runs)

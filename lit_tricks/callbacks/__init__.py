@@ -14,10 +14,13 @@ from lit_tricks.callbacks.ghost_batch_norm import ApplyGhostBatchNorm
 from lit_tricks.callbacks.hard_batches import HardBatches
 from lit_tricks.callbacks.ldr import LDRLoss
 from lit_tricks.callbacks.mic import MIC
+from lit_tricks.callbacks.mixoe import MixOE
 from lit_tricks.callbacks.mixup import CutMix, Mixup
 from lit_tricks.callbacks.multi_sample_dropout import ApplyMultiSampleDropout
 from lit_tricks.callbacks.nested_dropout import ApplyNestedDropout
 from lit_tricks.callbacks.neural_collapse import NeuralCollapse
+from lit_tricks.callbacks.ood_evaluation import OODEvaluation
+from lit_tricks.callbacks.outlier_exposure import OutlierExposure
 from lit_tricks.callbacks.perp_grad import PerpendicularGradient
 from lit_tricks.callbacks.sample_reweighting import SampleReweighting
 from lit_tricks.callbacks.selective_backprop import SelectiveBackprop
@@ -45,8 +48,11 @@ __all__ = [
     "HardBatches",
     "LDRLoss",
     "MIC",
+    "MixOE",
     "Mixup",
     "NeuralCollapse",
+    "OODEvaluation",
+    "OutlierExposure",
     "PerpendicularGradient",
     "SLA",
     "SLAHead",

@@ -23,6 +23,7 @@ _EXPORTS = {
     "lit_tricks.data.long_tail": ("long_tail_counts", "long_tail_indices"),
     "lit_tricks.data.modular": ("ModularArithmeticDataModule", "modular_table"),
     "lit_tricks.data.mnist1d": ("MNIST1DDataModule", "generate_mnist1d"),
+    "lit_tricks.data.open_set": ("NoiseDataset", "OpenSetDigitsDataModule"),
     "lit_tricks.data.rs2": ("RS2Sampler", "rs2_indices"),
     "lit_tricks.data.smote": ("smote_features",),
     "lit_tricks.data.sampler": ("EpochRandomSampler",),

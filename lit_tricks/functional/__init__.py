@@ -26,6 +26,7 @@ from lit_tricks.functional.neural_collapse import (
     neural_collapse,
     self_duality,
 )
+from lit_tricks.functional.outlier_exposure import mixoe_inputs, mixoe_targets, ood_score, uniform_cross_entropy
 from lit_tricks.functional.pgd import class_balanced_weights, pgd_attack
 from lit_tricks.functional.prior_correction import class_priors, prior_correction
 from lit_tricks.functional.reweighting import normalize_losses, reweighting_weights, strategy_scores
@@ -72,12 +73,15 @@ __all__ = [
     "load_scores",
     "log_stablemax",
     "mixed_one_hot",
+    "mixoe_inputs",
+    "mixoe_targets",
     "mixup_",
     "nc1",
     "nearest_class_centre",
     "neural_collapse",
     "normalize_losses",
     "one_hot",
+    "ood_score",
     "paste_box_",
     "pgd_attack",
     "prior_correction",
@@ -100,5 +104,6 @@ __all__ = [
     "strategy_scores",
     "symmetric_cross_entropy",
     "to_probabilities",
+    "uniform_cross_entropy",
     "weighted_mean",
 ]

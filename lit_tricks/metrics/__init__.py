@@ -3,6 +3,7 @@
 from lit_tricks.metrics.classification import NegativeLogLikelihood, classification_metrics
 from lit_tricks.metrics.long_tail import ClassGroupAccuracy, long_tail_metrics, shot_groups
 from lit_tricks.metrics.neural_collapse import NeuralCollapseMetrics
+from lit_tricks.metrics.ood import OODAUROC, FPRAtTPR, fpr_at_tpr, ood_auroc
 from lit_tricks.metrics.sample_quality import (
     EnergyDistance,
     FrechetDistance,
@@ -15,14 +16,18 @@ from lit_tricks.metrics.sample_quality import (
 __all__ = [
     "ClassGroupAccuracy",
     "EnergyDistance",
+    "FPRAtTPR",
     "FrechetDistance",
     "KernelInceptionDistance",
     "MaximumMeanDiscrepancy",
     "NegativeLogLikelihood",
     "NeuralCollapseMetrics",
+    "OODAUROC",
     "SlicedWasserstein",
     "classification_metrics",
     "digits_features",
+    "fpr_at_tpr",
     "long_tail_metrics",
+    "ood_auroc",
     "shot_groups",
 ]
