@@ -1,8 +1,9 @@
 """Test-time adaptation on Digits-C and MNIST-1D-C: source vs BNAdapt, Tent, RMT, AdaNPC and EcoTTA, continual and
-gradual protocols, throughput and memory.
+gradual protocols, throughput and memory; beside them the few-shot fine-tuning baseline (labelled target samples).
 
     python benchmarks/tta.py --seeds 3
     python benchmarks/tta.py --quick
+    python benchmarks/tta.py --seeds 3 --methods source Tent "LP-FT 3-shot"   # a subset of the rows
 
 Source models (Adam 1e-3, clean training split): Digits: CNN2D (width 16, BatchNorm), 15 epochs on the 8x8
 digits; MNIST-1D: CNN1D (32 channels, BatchNorm), 20 epochs on 4000 signals. Test streams: the test split under
@@ -10,9 +11,13 @@ each of the 10 corruptions at severity 5 (continual: one domain after another, n
 protocol, each corruption at severities 1-5-1. Batch 64. Tent and RMT: Adam 1e-3, one step per batch; AdaNPC:
 k 100 (the authors' default; also k 10), T 0.1, beta 0.1 on the source model's penultimate features; EcoTTA:
 one part per conv block, warm-up 10 epochs (SGD 5e-2) on the clean training split, then SGD 5e-3, lambda 0.5,
-H0 = 0.4 ln C. The source baseline (SourceOnly: frozen, its own BatchNorm statistics) runs through the same
-Trainer.test and logs the same per-domain errors. Error = online error (%) on each domain; throughput = test
-samples per second of the whole stream (EcoTTA's warm-up not included).
+H0 = 0.4 ln C. LP-FT 3-shot (not source-free: it is given labels): 3 labelled samples per class from each
+domain, drawn from the training split under the stream's corruptions at severity 5 (FewShotDataModule), a linear
+probe of 400 steps (Adam 1e-4) then a full fine-tune of 1000 steps (a fresh Adam, 1e-5), batches of 32, as the
+authors' protocol (daintlab/fewshot-SFDA), the last weights (no model selection); fitted once per seed and
+tested frozen on both protocols. The source baseline (SourceOnly: frozen, its own BatchNorm statistics) runs
+through the same Trainer.test and logs the same per-domain errors. Error = online error (%) on each domain;
+throughput = test samples per second of the whole stream (EcoTTA's warm-up and LP-FT's fine-tune not included).
 Memory (CPU has no allocator peak counter): the module's state (every network, buffer and memory bank) + the
 optimizer's state + the reset snapshot, and the tensors saved for backward by one adaptation step on a batch of 64
 (counted by storage with autograd's saved-tensor hooks), i.e. what an accelerator holds at the step's peak.
@@ -30,12 +35,14 @@ from common import machine_line, mean_std, parser, write_json
 
 from lit_tricks import RMT, AdaNPC, BNAdapt, Classifier, EcoTTA, Tent
 from lit_tricks.data import CORRUPTIONS, CorruptionStreamDataModule, DigitsDataModule, MNIST1DDataModule
+from lit_tricks.data.few_shot import FewShotDataModule
 from lit_tricks.modules.tta import SourceOnly
+from lit_tricks.modules.tta.few_shot import FewShotFineTune
 from lit_tricks.nets import CNN1D, CNN2D
 
 QUIET = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
              enable_model_summary=False)  # fmt: skip
-NAMES = ["source", "BNAdapt", "Tent", "RMT", "AdaNPC", "AdaNPC k=10", "EcoTTA"]
+NAMES = ["source", "BNAdapt", "Tent", "RMT", "AdaNPC", "AdaNPC k=10", "EcoTTA", "LP-FT 3-shot"]
 SETUPS = {  # data set: (data module, network, source epochs, EcoTTA parts, one input's shape)
     "Digits-C": (lambda seed: DigitsDataModule(as_image=True, batch_size=64, val_fraction=0.0, seed=seed),
                  lambda: CNN2D(num_classes=10, width=16), 15, ["body.0", "body.1", "body.2", "body.3"], [1, 8, 8]),
@@ -44,13 +51,23 @@ SETUPS = {  # data set: (data module, network, source epochs, EcoTTA parts, one 
 }  # fmt: skip
 
 
-def methods(source, data, parts, input_shape, warmup_epochs):
+def methods(source, data, parts, input_shape, warmup_epochs, few_shot: dict):
+    """The methods' factories; ``few_shot`` holds the data module and steps of LP-FT, and its fitted module
+    once made (under ``"module"``), so that both protocols test the same fine-tuned model."""
     features = source.forward_features(data.train_set.inputs).detach()
 
     def ecotta():
         eco = EcoTTA(copy.deepcopy(source), parts, input_shape=input_shape)
         pl.Trainer(max_epochs=warmup_epochs, **QUIET).fit(eco, data)
         return eco
+
+    def lp_ft():
+        if "module" not in few_shot:
+            lp_steps, ft_steps = few_shot["steps"]
+            tuner = FewShotFineTune(copy.deepcopy(source), lp_steps=lp_steps, lp_lr=1e-4, lr=1e-5)
+            pl.Trainer(max_steps=lp_steps + ft_steps, **QUIET).fit(tuner, few_shot["data"])
+            few_shot["module"] = tuner
+        return copy.deepcopy(few_shot["module"])
 
     return {
         "source": lambda: SourceOnly(copy.deepcopy(source)),
@@ -60,6 +77,7 @@ def methods(source, data, parts, input_shape, warmup_epochs):
         "AdaNPC": lambda: AdaNPC(copy.deepcopy(source), features, data.train_set.targets),
         "AdaNPC k=10": lambda: AdaNPC(copy.deepcopy(source), features, data.train_set.targets, k=10),
         "EcoTTA": ecotta,
+        "LP-FT 3-shot": lp_ft,
     }
 
 
@@ -90,7 +108,7 @@ def memory(module, x) -> dict[str, int]:
     return {"state": state, "activations": activations}
 
 
-def run(dataset: str, seeds, corruptions, quick: bool) -> list[dict]:
+def run(dataset: str, seeds, corruptions, quick: bool, names: list[str]) -> list[dict]:
     make_data, make_net, epochs, parts, input_shape = SETUPS[dataset]
     runs = []
     for seed in seeds:
@@ -104,10 +122,14 @@ def run(dataset: str, seeds, corruptions, quick: bool) -> list[dict]:
         classifier = Classifier(make_net(), num_classes=10)
         pl.Trainer(max_epochs=2 if quick else epochs, **QUIET).fit(classifier, data)
         source = classifier.backbone.eval()
+        few_data = FewShotDataModule(data, shots=3, corruptions=corruptions, severity=5, batch_size=32, seed=seed)
+        few_shot = {"data": few_data, "steps": (2, 3) if quick else (400, 1000)}
         for protocol in ("continual", "gradual"):
             stream = CorruptionStreamDataModule(data, corruptions, severity=5, protocol=protocol, seed=seed)
             stream.setup()
-            for name, make in methods(source, data, parts, input_shape, 1 if quick else 10).items():
+            for name, make in methods(source, data, parts, input_shape, 1 if quick else 10, few_shot).items():
+                if name not in names:
+                    continue
                 pl.seed_everything(seed, verbose=False)
                 module = make()
                 start = time.perf_counter()
@@ -127,7 +149,8 @@ def report(runs: list[dict], dataset: str, corruptions: list[str]) -> None:
     print(f"\n### {dataset}, continual, severity 5, online error (%)\n")
     print("| method | " + " | ".join(corruptions) + " | mean | samples/s | state MB | saved for backward MB |")
     print("|---|" + "---|" * (len(corruptions) + 4))
-    for method in NAMES:
+    names = [name for name in NAMES if any(r["method"] == name for r in runs)]
+    for method in names:
         rows = [r for r in runs if r["dataset"] == dataset and r["protocol"] == "continual" and r["method"] == method]
         cells = [mean_std([r["errors"][f"{c}_5"] for r in rows], 100) for c in corruptions]
         mean = mean_std([sum(r["errors"][f"{c}_5"] for c in corruptions) / len(corruptions) for r in rows], 100)
@@ -136,7 +159,7 @@ def report(runs: list[dict], dataset: str, corruptions: list[str]) -> None:
         print(f"| {method} | " + " | ".join(cells) + f" | {mean} | " + " | ".join(extra) + " |")
     print(f"\n{dataset}, gradual (severities 1-5-1 per corruption), mean online error over all domains (%):\n")
     print("| method | mean error |\n|---|---|")
-    for method in NAMES:
+    for method in names:
         rows = [r for r in runs if r["dataset"] == dataset and r["protocol"] == "gradual" and r["method"] == method]
         print(f"| {method} | {mean_std([sum(r['errors'].values()) / len(r['errors']) for r in rows], 100)} |")
 
@@ -144,10 +167,11 @@ def report(runs: list[dict], dataset: str, corruptions: list[str]) -> None:
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--datasets", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    p.add_argument("--methods", nargs="+", default=NAMES, choices=NAMES, help="the rows to run (default: all)")
     args = p.parse_args()
     seeds = range(1 if args.quick else args.seeds)
     corruptions = list(CORRUPTIONS[:3]) if args.quick else list(CORRUPTIONS)
-    runs = [r for dataset in args.datasets for r in run(dataset, seeds, corruptions, args.quick)]
+    runs = [r for dataset in args.datasets for r in run(dataset, seeds, corruptions, args.quick, args.methods)]
     print(machine_line())
     print(f"Seeds: {len(seeds)}{' (quick mode: not a measurement)' if args.quick else ''}")
     for dataset in args.datasets:
