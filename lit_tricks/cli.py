@@ -83,6 +83,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.modules.LossConditionedRegression",
         "lit_tricks.modules.SourceOnly",
         "lit_tricks.modules.SparseCBM",
+        "lit_tricks.NearestMeanClassifier",
     ),
     "data": (
         "lit_tricks.data.ArrayDataModule",

@@ -25,6 +25,7 @@ _EXPORTS = {
     "lit_tricks.data.mnist1d": ("MNIST1DDataModule", "generate_mnist1d"),
     "lit_tricks.data.open_set": ("NoiseDataset", "OpenSetDigitsDataModule"),
     "lit_tricks.data.rs2": ("RS2Sampler", "rs2_indices"),
+    "lit_tricks.data.si_blurry": ("SiBlurrySplit", "si_blurry_classes", "si_blurry_split"),
     "lit_tricks.data.smote": ("smote_features",),
     "lit_tricks.data.sampler": ("EpochRandomSampler",),
     "lit_tricks.data.toy2d": ("Toy2DDataModule", "toy_2d"),
