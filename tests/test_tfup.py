@@ -2,6 +2,9 @@
 fit (cache from an unlabelled target set) and test, the checkpointed cache, bad input."""
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -189,3 +192,33 @@ def test_the_recipe_tests_on_digits_c_with_a_cache_from_the_stream(tmp_path, mon
     assert len(cli.model.cache_keys) == 10 * 16  # 10 domains x 359 images: k = clip(int(0.3 * 3590 / 10), 9, 16)
     metrics = cli.trainer.callback_metrics
     assert 0 <= metrics["test/acc"] <= 1 and "test/error/gaussian_noise_5" in metrics
+
+
+def test_under_ddp_the_ranks_gather_the_stream_into_one_cache(tmp_path):
+    script = Path(__file__).with_name("ddp_tfup.py")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["world_size"] == 2 and ranks[0]["metrics"] == ranks[1]["metrics"]
+    encoder, text, x, y = _shifted_target()
+    with torch.no_grad():
+        features = encoder(x)
+    rows, labels = select_cache(features, text, cache_shots(300, 5))
+    keys, cache_labels = ranks[0]["cache"]
+    assert torch.equal(keys, ranks[1]["cache"][0]) and torch.equal(cache_labels, ranks[1]["cache"][1])
+    for c in range(5):  # every sample, gathered from both ranks: the single-process cache, class by class
+        assert {tuple(k.tolist()) for k in keys[cache_labels == c]} == {
+            tuple(k.tolist()) for k in features[rows[labels == c]]
+        }
+    expected = (tfup_logits(features, text, features[rows], labels).argmax(1) == y).float().mean().item()
+    assert ranks[0]["metrics"]["test/acc"] == pytest.approx(expected, abs=1e-6)  # the ranks' halves summed
+
+
+def test_a_fit_under_ddp_is_refused_with_a_way_out():
+    from types import SimpleNamespace
+
+    tfup = TFUP(nn.Identity(), text_embeddings=torch.eye(3))
+    tfup._trainer = SimpleNamespace(world_size=2)
+    with pytest.raises(ValueError, match="fit the cache on one device"):
+        tfup.setup("fit")
+    tfup.setup("test")  # testing under DDP is fine

@@ -41,8 +41,9 @@ class TFUP(TTAModule):
     predicts :math:`\lambda\hat f\hat W^\top + \alpha\exp(-\beta(1 - (\hat f\hat K^\top)\odot\mathrm{sim}))L`
     (:func:`~lit_tricks.functional.tfup.tfup_logits`) and logs the TTA modules' ``test/acc`` and
     ``test/error/<domain>``. Nothing adapts at test time; the cache is a buffer, so it is in the checkpoint.
-    Under DDP each rank encodes its share and the ranks gather the features, so every rank builds the same
-    cache. Without a fit, ``Trainer.test`` first encodes the whole test stream and builds the cache from it
+    Under DDP (test only: DDP cannot wrap a module with nothing to train, so fit on one device) each rank
+    encodes its share of the stream and the ranks gather the features, so every rank builds the same cache.
+    Without a fit, ``Trainer.test`` first encodes the whole test stream and builds the cache from it
     (``cache_from_test``: the authors' transductive protocol). Defaults from the authors' code: ``alpha`` 0.3,
     ``beta`` 1, logit scale 100, sharpness 10, ``k = clip(int(0.3 N / C), 9, 16)``.
 
@@ -155,6 +156,14 @@ class TFUP(TTAModule):
         """No optimizer: TFUP is training-free."""
         return None
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.trainer.world_size > 1:
+            raise ValueError(
+                "TFUP's fit trains nothing, and DDP refuses a module without trainable parameters: fit the cache on "
+                "one device (Trainer(devices=1)), or skip the fit and let Trainer.test build the cache from the test "
+                "stream (cache_from_test=True; the ranks gather their shares)."
+            )
+
     def on_train_epoch_start(self) -> None:
         self._pending = []
 
@@ -166,7 +175,7 @@ class TFUP(TTAModule):
         self._pending.append(self.features(self._inputs(batch)))
 
     def on_train_epoch_end(self) -> None:
-        self._build_from_ranks(self._pending)
+        self.build_cache(torch.cat(self._pending) if self._pending else self.text.new_zeros(0, self.text.shape[1]))
         self._pending = []
         self.log(f"tricks/{type(self).__name__}/cache_size", float(len(self.cache_keys)))
 
