@@ -60,6 +60,7 @@ _EXPORTS = {
     "lit_tricks.callbacks.outlier_exposure": ("OutlierExposure",),
     "lit_tricks.callbacks.perp_grad": ("PerpendicularGradient",),
     "lit_tricks.callbacks.sample_reweighting": ("SampleReweighting",),
+    "lit_tricks.callbacks.sbcl": ("SBCL",),
     "lit_tricks.callbacks.selective_backprop": ("SelectiveBackprop",),
     "lit_tricks.callbacks.self_distill": ("SelfDistill",),
     "lit_tricks.callbacks.sla": ("SLA", "sla_head"),

@@ -55,6 +55,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.SelfDistill",
         "lit_tricks.MixOE",
         "lit_tricks.OutlierExposure",
+        "lit_tricks.SBCL",
     ),
     "callbacks": (
         "lit_tricks.ApplyGhostBatchNorm",

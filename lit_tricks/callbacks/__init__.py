@@ -23,6 +23,7 @@ from lit_tricks.callbacks.ood_evaluation import OODEvaluation
 from lit_tricks.callbacks.outlier_exposure import OutlierExposure
 from lit_tricks.callbacks.perp_grad import PerpendicularGradient
 from lit_tricks.callbacks.sample_reweighting import SampleReweighting
+from lit_tricks.callbacks.sbcl import SBCL
 from lit_tricks.callbacks.selective_backprop import SelectiveBackprop
 from lit_tricks.callbacks.self_distill import SelfDistill
 from lit_tricks.callbacks.sla import SLA, SLAHead, sla_head
@@ -54,6 +55,7 @@ __all__ = [
     "OODEvaluation",
     "OutlierExposure",
     "PerpendicularGradient",
+    "SBCL",
     "SLA",
     "SLAHead",
     "SampleReweighting",

@@ -30,6 +30,7 @@ from lit_tricks.functional.outlier_exposure import mixoe_inputs, mixoe_targets, 
 from lit_tricks.functional.pgd import class_balanced_weights, pgd_attack
 from lit_tricks.functional.prior_correction import class_priors, prior_correction
 from lit_tricks.functional.reweighting import normalize_losses, reweighting_weights, strategy_scores
+from lit_tricks.functional.sbcl import class_temperatures, cluster_subclasses, sbcl_loss, subclass_counts
 from lit_tricks.functional.selective_backprop import select_by_loss, selection_probabilities
 from lit_tricks.functional.stablemax import log_stablemax, stablemax, stablemax_cross_entropy, stablemax_s
 from lit_tricks.functional.temperature_scaling import fit_temperature, scale_logits
@@ -47,6 +48,8 @@ __all__ = [
     "class_balanced_weights",
     "class_priors",
     "class_prototypes",
+    "class_temperatures",
+    "cluster_subclasses",
     "cutmix_",
     "cutmix_box",
     "cutmix_masks",
@@ -90,6 +93,7 @@ __all__ = [
     "pskd_targets",
     "reweighting_weights",
     "sample_mixing",
+    "sbcl_loss",
     "scale_logits",
     "select_by_loss",
     "selection_probabilities",
@@ -102,6 +106,7 @@ __all__ = [
     "stablemax_cross_entropy",
     "stablemax_s",
     "strategy_scores",
+    "subclass_counts",
     "symmetric_cross_entropy",
     "to_probabilities",
     "uniform_cross_entropy",
