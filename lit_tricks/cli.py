@@ -85,6 +85,8 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.modules.SourceOnly",
         "lit_tricks.modules.SparseCBM",
         "lit_tricks.NearestMeanClassifier",
+        "lit_tricks.FewShotFineTune",
+        "lit_tricks.TFUP",
     ),
     "data": (
         "lit_tricks.data.ArrayDataModule",
@@ -98,6 +100,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.data.ShapesDataModule",
         "lit_tricks.data.Toy2DDataModule",
         "lit_tricks.data.OpenSetDigitsDataModule",
+        "lit_tricks.data.FewShotDataModule",
     ),
     "optimizers": ("lit_tricks.optim.AdaBelief", "lit_tricks.optim.Lion"),
     "nets": (

@@ -21,6 +21,7 @@ _EXPORTS = {
     "lit_tricks.data.label_noise": ("LabelNoise", "flip_labels"),
     "lit_tricks.data.loader": ("ResumableDataLoader",),
     "lit_tricks.data.long_tail": ("long_tail_counts", "long_tail_indices"),
+    "lit_tricks.data.few_shot": ("FewShotDataModule", "few_shot_indices"),
     "lit_tricks.data.modular": ("ModularArithmeticDataModule", "modular_table"),
     "lit_tricks.data.mnist1d": ("MNIST1DDataModule", "generate_mnist1d"),
     "lit_tricks.data.open_set": ("NoiseDataset", "OpenSetDigitsDataModule"),

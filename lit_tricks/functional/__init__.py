@@ -34,6 +34,7 @@ from lit_tricks.functional.sbcl import class_temperatures, cluster_subclasses, s
 from lit_tricks.functional.selective_backprop import select_by_loss, selection_probabilities
 from lit_tricks.functional.stablemax import log_stablemax, stablemax, stablemax_cross_entropy, stablemax_s
 from lit_tricks.functional.temperature_scaling import fit_temperature, scale_logits
+from lit_tricks.functional.tfup import cache_shots, kl_similarity, select_cache, tfup_logits
 from lit_tricks.functional.tta import (
     class_prototypes,
     default_augment,
@@ -45,6 +46,7 @@ from lit_tricks.functional.tta import (
 )
 
 __all__ = [
+    "cache_shots",
     "class_balanced_weights",
     "class_priors",
     "class_prototypes",
@@ -72,6 +74,7 @@ __all__ = [
     "highest_losses",
     "keep_by_scores",
     "kept_count",
+    "kl_similarity",
     "knn_probabilities",
     "load_scores",
     "log_stablemax",
@@ -96,6 +99,7 @@ __all__ = [
     "sbcl_loss",
     "scale_logits",
     "select_by_loss",
+    "select_cache",
     "selection_probabilities",
     "self_duality",
     "sigmoid_rampup",
@@ -108,6 +112,7 @@ __all__ = [
     "strategy_scores",
     "subclass_counts",
     "symmetric_cross_entropy",
+    "tfup_logits",
     "to_probabilities",
     "uniform_cross_entropy",
     "weighted_mean",

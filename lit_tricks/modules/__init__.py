@@ -17,9 +17,11 @@ _EXPORTS = {
     "lit_tricks.modules.tta.base": ("TTAModule",),
     "lit_tricks.modules.tta.bn_adapt": ("BNAdapt",),
     "lit_tricks.modules.tta.ecotta": ("EcoTTA",),
+    "lit_tricks.modules.tta.few_shot": ("FewShotFineTune",),
     "lit_tricks.modules.tta.rmt": ("RMT",),
     "lit_tricks.modules.tta.source_only": ("SourceOnly",),
     "lit_tricks.modules.tta.tent": ("Tent",),
+    "lit_tricks.modules.tta.tfup": ("TFUP",),
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(name for names in _EXPORTS.values() for name in names)
