@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -48,12 +50,15 @@ def ema_update_finite_(averages: list[Tensor], values: list[Tensor], decay: floa
     """
     if not values:
         return torch.tensor(True)
-    finite = torch.stack(torch._foreach_norm(values, 2, dtype=torch.float32)).isfinite().all()
-    if finite.device.type != "cpu":
+    norms = torch.stack(torch._foreach_norm(values, 2, dtype=torch.float32))
+    if norms.device.type != "cpu":
+        finite = norms.isfinite().all()
         lerp_where_(averages, values, decay, finite)
-    elif finite:
+        return finite
+    finite = math.isfinite(norms.sum())  # norms are >= 0: their sum is finite only if each one is
+    if finite:
         ema_update_(averages, values, decay)
-    return finite
+    return torch.tensor(finite)
 
 
 @torch.no_grad()
