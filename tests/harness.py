@@ -509,3 +509,14 @@ def _few_shot_lp_ft():
     model = FewShotFineTune(MLP(64, 10, hidden=(32,), dropout=0.2), lp_steps=4, lp_lr=1e-2, lr=1e-3)
     datamodule = FewShotDataModule(DigitsDataModule(val_fraction=0.0), shots=2, steps_per_epoch=5, batch_size=16)
     return model, datamodule, []
+
+
+@case("metric_learning_metrix")
+def _metric_learning_metrix():
+    # Metrix's private generator (the positive drawn per anchor and lambda) must continue exactly after the resume;
+    # the Recall@K states are reset each validation
+    from lit_tricks.data.unseen_classes import UnseenClassesDataModule
+    from lit_tricks.modules.metric_learning import MetricLearner
+
+    model = MetricLearner(MLP(64, 16, hidden=(32,)), 16, metrix="embedding", seed=3)
+    return model, UnseenClassesDataModule(train_classes=5, batch_size=64), []
