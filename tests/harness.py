@@ -511,6 +511,22 @@ def _few_shot_lp_ft():
     return model, datamodule, []
 
 
+@case("fpf")
+def _fpf():
+    # k-FPF: no per-step replay, a phase every 3 steps and at the task switch (task 0 -> 1 within the first epoch's
+    # 5 batches of 64), the module chosen by its drift since the task start: the memory, the reference weights, the
+    # task, the phases' generator and history must survive the resume (the mid-epoch checkpoint at step 4 follows the
+    # phase at step 3); the phase's dropout comes from that generator, so under DDP both ranks fine-tune alike
+    from lit_tricks.callbacks.fpf import FPF
+
+    model = Classifier(MLP(64, 10, hidden=(32,), dropout=0.2), num_classes=10)
+    stream = ContinualDataModule(DigitsDataModule(batch_size=64), num_tasks=5)
+    fpf = FPF(
+        memory_size=100, replay=False, every_n_steps=3, at_task_end=True, at_fit_end=False, finetune_steps=5, seed=1
+    )
+    return model, stream, [fpf, ContinualEvaluation(every_n_steps=2)]
+
+
 @case("metric_learning_metrix")
 def _metric_learning_metrix():
     # Metrix's private generator (the positive drawn per anchor and lambda) must continue exactly after the resume;
