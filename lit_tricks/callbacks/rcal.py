@@ -128,18 +128,14 @@ class RCAL(Trick):
                 raise TypeError(f"{name} must be None or the dotted name of a submodule, got {type(value).__name__}.")
         self.q, self.alpha, self.head_ratio, self.lof_neighbors = q, float(alpha), float(head_ratio), lof_neighbors
         self.num_sampled, self.sampled_weight, self.reg_weight = num_sampled, float(sampled_weight), float(reg_weight)
-        self.warmup_epochs, self.every_n_epochs, self.batch_size, self.seed = (
-            warmup_epochs,
-            every_n_epochs,
-            batch_size,
-            seed,
-        )
+        self.warmup_epochs, self.every_n_epochs = warmup_epochs, every_n_epochs
+        self.batch_size, self.seed = batch_size, seed
         self.head_name, self.encoder_name = head, encoder
         self.means: Tensor | None = None  # [C, D] calibrated means
         self.factors: Tensor | None = None  # [C, D, D], factors @ factors.T = calibrated covariances
         self.valid: Tensor | None = None  # [C] classes with a distribution
         self.computed_epoch = -1  # epoch whose start ran the last pass
-        self._classes: Tensor | None = None  # ids of the valid classes
+        self._pool: tuple[Tensor, Tensor, Tensor] | None = None  # the valid classes' ids, means and factors
         self._head: Callable[[Tensor], Tensor] | None = None
         self._encoder: nn.Module | None = None
         self._encoder_state: dict[str, Tensor] | None = None  # from a checkpoint, until the copy exists
@@ -160,7 +156,8 @@ class RCAL(Trick):
             self._encoder = encoder
         if self.means is not None:  # loaded from a checkpoint, on the CPU
             self.means, self.factors = self.means.to(pl_module.device), self.factors.to(pl_module.device)
-            self._classes = self._classes.to(pl_module.device)
+            self.valid = self.valid.to(pl_module.device)
+            self._pool = self._sampling_pool()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -179,7 +176,7 @@ class RCAL(Trick):
         self, trainer: pl.Trainer, module: pl.LightningModule, batch: TrickBatch, out: StepOutput
     ) -> StepOutput:
         if self.reg_weight > 0:
-            with torch.no_grad(), eval_mode(self._encoder):
+            with torch.no_grad():  # the copy stays in eval mode: it is not a submodule the trainer switches
                 anchors = self._encoder.forward_features(batch.inputs)
             distance = representation_distance(out.features.float(), anchors.float())
             out.aux_losses["rcal_reg"] = self.reg_weight * distance.mean()
@@ -187,11 +184,11 @@ class RCAL(Trick):
             generator = torch.Generator().manual_seed(
                 self.seed + 1_000_003 * (trainer.global_step * trainer.world_size + trainer.global_rank)
             )
-            per_class = max(1, math.ceil((self.num_sampled or len(batch)) / len(self._classes)))
-            valid = self._classes
-            sampled, rows = sample_features(self.means[valid], self.factors[valid], per_class, generator)
+            classes, means, factors = self._pool
+            per_class = max(1, math.ceil((self.num_sampled or len(batch)) / len(classes)))
+            sampled, rows = sample_features(means, factors, per_class, generator)
             logits = self._head(sampled.to(out.features.dtype))
-            out.aux_losses["rcal_sampled"] = self.sampled_weight * F.cross_entropy(logits.float(), valid[rows])
+            out.aux_losses["rcal_sampled"] = self.sampled_weight * F.cross_entropy(logits.float(), classes[rows])
         return out
 
     # ------------------------------------------------------------------ the statistics pass
@@ -211,7 +208,7 @@ class RCAL(Trick):
         self.means = means.float()
         self.factors = gaussian_factors(covariances).float()
         self.valid = valid
-        self._classes = valid.nonzero().flatten()
+        self._pool = self._sampling_pool()
         tail = valid & (counts < self.head_ratio * counts.max())
         return 1.0 - keep.float().mean().item(), int(tail.sum())
 
@@ -237,6 +234,11 @@ class RCAL(Trick):
         rows = torch.empty(n, dtype=torch.long, device=shard.device)
         rows[shard] = torch.arange(len(shard), device=shard.device)  # training-set order; padded repeats collapse
         return features[rows], labels[rows]
+
+    def _sampling_pool(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The ids, means and covariance factors of the classes with a distribution (gathered once per pass)."""
+        classes = self.valid.nonzero().flatten()
+        return classes, self.means[classes], self.factors[classes]
 
     # ------------------------------------------------------------------ model parts
     def _find_head(self, module: pl.LightningModule) -> Callable[[Tensor], Tensor]:
@@ -278,6 +280,5 @@ class RCAL(Trick):
         self.computed_epoch = state_dict["computed_epoch"]
         if "means" in state_dict:
             self.means, self.factors, self.valid = state_dict["means"], state_dict["factors"], state_dict["valid"]
-            self._classes = self.valid.nonzero().flatten()
         self._encoder_state = state_dict.get("encoder")
         self._encoder = None  # rebuilt from the saved weights when training starts
