@@ -74,6 +74,7 @@ _EXPORTS = {
     "lit_tricks.modules.concept_bottleneck.cem": ("ConceptEmbeddingModel",),
     "lit_tricks.modules.concept_bottleneck.post_hoc": ("PostHocCBM",),
     "lit_tricks.modules.consistency": ("ConsistencyModel",),
+    "lit_tricks.modules.metric_learning": ("MetricLearner",),
     "lit_tricks.modules.nmc": ("NearestMeanClassifier",),
     "lit_tricks.modules.tta.adanpc": ("AdaNPC",),
     "lit_tricks.modules.tta.bn_adapt": ("BNAdapt",),

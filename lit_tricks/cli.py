@@ -87,6 +87,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.NearestMeanClassifier",
         "lit_tricks.FewShotFineTune",
         "lit_tricks.TFUP",
+        "lit_tricks.MetricLearner",
     ),
     "data": (
         "lit_tricks.data.ArrayDataModule",
@@ -101,6 +102,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.data.Toy2DDataModule",
         "lit_tricks.data.OpenSetDigitsDataModule",
         "lit_tricks.data.FewShotDataModule",
+        "lit_tricks.data.UnseenClassesDataModule",
     ),
     "optimizers": ("lit_tricks.optim.AdaBelief", "lit_tricks.optim.Lion"),
     "nets": (

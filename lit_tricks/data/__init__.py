@@ -30,6 +30,7 @@ _EXPORTS = {
     "lit_tricks.data.smote": ("smote_features",),
     "lit_tricks.data.sampler": ("EpochRandomSampler",),
     "lit_tricks.data.toy2d": ("Toy2DDataModule", "toy_2d"),
+    "lit_tricks.data.unseen_classes": ("UnseenClassesDataModule",),
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(name for names in _EXPORTS.values() for name in names)

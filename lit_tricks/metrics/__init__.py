@@ -4,6 +4,7 @@ from lit_tricks.metrics.classification import NegativeLogLikelihood, classificat
 from lit_tricks.metrics.long_tail import ClassGroupAccuracy, long_tail_metrics, shot_groups
 from lit_tricks.metrics.neural_collapse import NeuralCollapseMetrics
 from lit_tricks.metrics.ood import OODAUROC, FPRAtTPR, fpr_at_tpr, ood_auroc
+from lit_tricks.metrics.retrieval import RecallAtK, recall_at_k
 from lit_tricks.metrics.sample_quality import (
     EnergyDistance,
     FrechetDistance,
@@ -23,11 +24,13 @@ __all__ = [
     "NegativeLogLikelihood",
     "NeuralCollapseMetrics",
     "OODAUROC",
+    "RecallAtK",
     "SlicedWasserstein",
     "classification_metrics",
     "digits_features",
     "fpr_at_tpr",
     "long_tail_metrics",
     "ood_auroc",
+    "recall_at_k",
     "shot_groups",
 ]

@@ -12,6 +12,7 @@ _EXPORTS = {
     "lit_tricks.modules.edm": ("EDMDiffusion",),
     "lit_tricks.modules.generative": ("GenerativeModule",),
     "lit_tricks.modules.hypernetwork": ("LossConditionedRegression",),
+    "lit_tricks.modules.metric_learning": ("MetricLearner",),
     "lit_tricks.modules.nmc": ("NearestMeanClassifier",),
     "lit_tricks.modules.tta.adanpc": ("AdaNPC",),
     "lit_tricks.modules.tta.base": ("TTAModule",),
