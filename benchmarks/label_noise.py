@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from common import SETUPS, fit_and_test, machine_line, mean_std, parser, prepare, write_json
 
-from lit_tricks import ELR, BiasLoss, EnsLoss, LDRLoss, Mixup, SampleReweighting
-from lit_tricks.callbacks.adawac import AdaWAC
+from lit_tricks import ELR, AdaWAC, BiasLoss, EnsLoss, LDRLoss, Mixup, SampleReweighting
 
 METHODS = {
     "ERM": lambda steps: [],

@@ -37,6 +37,7 @@ def lazy_exports(package: str, exports: Mapping[str, tuple[str, ...]]) -> tuple[
 
 
 _EXPORTS = {
+    "lit_tricks.callbacks.adawac": ("AdaWAC",),
     "lit_tricks.callbacks.adversarial_training": ("AdversarialTraining",),
     "lit_tricks.callbacks.bias_loss": ("BiasLoss",),
     "lit_tricks.callbacks.continual_evaluation": ("ContinualEvaluation",),
@@ -59,6 +60,7 @@ _EXPORTS = {
     "lit_tricks.callbacks.ood_evaluation": ("OODEvaluation",),
     "lit_tricks.callbacks.outlier_exposure": ("OutlierExposure",),
     "lit_tricks.callbacks.perp_grad": ("PerpendicularGradient",),
+    "lit_tricks.callbacks.rcal": ("RCAL",),
     "lit_tricks.callbacks.sample_reweighting": ("SampleReweighting",),
     "lit_tricks.callbacks.sbcl": ("SBCL",),
     "lit_tricks.callbacks.selective_backprop": ("SelectiveBackprop",),

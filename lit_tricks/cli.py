@@ -56,6 +56,8 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.MixOE",
         "lit_tricks.OutlierExposure",
         "lit_tricks.SBCL",
+        "lit_tricks.AdaWAC",
+        "lit_tricks.RCAL",
     ),
     "callbacks": (
         "lit_tricks.ApplyGhostBatchNorm",

@@ -93,7 +93,7 @@ def test_long_tail_benchmark_quick(tmp_path):
     out = _run([str(ROOT / "benchmarks/long_tail.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
     assert out.startswith("Machine: ") and "| MNIST-1D / CNN1D | 10 | 0% | over-sampling |" in out
     runs = json.loads((tmp_path / "long_tail_quick.json").read_text())["runs"]
-    assert len(runs) == 22 and all(0.0 <= r["balanced_acc"] <= 1.0 and r["steps"] > 0 for r in runs)
+    assert len(runs) == 26 and all(0.0 <= r["balanced_acc"] <= 1.0 and r["steps"] > 0 for r in runs)
     assert "| digits / MLP | 10 | 0% | AdaWAC |" in out and "| MNIST-1D / CNN1D | 10 | 0% | SBCL |" in out
     assert "| digits / MLP | 10 | 0% | ERM + prior correction |" in out
 

@@ -1,5 +1,6 @@
 """Callbacks and tricks: one file per technique."""
 
+from lit_tricks.callbacks.adawac import AdaWAC
 from lit_tricks.callbacks.adversarial_training import AdversarialTraining
 from lit_tricks.callbacks.bias_loss import BiasLoss
 from lit_tricks.callbacks.continual_evaluation import ContinualEvaluation
@@ -22,6 +23,7 @@ from lit_tricks.callbacks.neural_collapse import NeuralCollapse
 from lit_tricks.callbacks.ood_evaluation import OODEvaluation
 from lit_tricks.callbacks.outlier_exposure import OutlierExposure
 from lit_tricks.callbacks.perp_grad import PerpendicularGradient
+from lit_tricks.callbacks.rcal import RCAL
 from lit_tricks.callbacks.sample_reweighting import SampleReweighting
 from lit_tricks.callbacks.sbcl import SBCL
 from lit_tricks.callbacks.selective_backprop import SelectiveBackprop
@@ -31,6 +33,7 @@ from lit_tricks.callbacks.temperature_scaling import TemperatureScaling
 from lit_tricks.callbacks.tract import ApplyTrAct
 
 __all__ = [
+    "AdaWAC",
     "AdversarialTraining",
     "ApplyGhostBatchNorm",
     "ApplyMultiSampleDropout",
@@ -55,6 +58,7 @@ __all__ = [
     "OODEvaluation",
     "OutlierExposure",
     "PerpendicularGradient",
+    "RCAL",
     "SBCL",
     "SLA",
     "SLAHead",

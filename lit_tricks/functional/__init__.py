@@ -1,5 +1,6 @@
 """Pure math with no Lightning: losses, divergences, schedules, mixing, scores."""
 
+from lit_tricks.functional.adawac import adawac_consistency, adawac_objective, adawac_weights
 from lit_tricks.functional.data_diet import el2n_scores, grand_scores, keep_by_scores, load_scores
 from lit_tricks.functional.distillation import distillation_kl, pskd_alpha, pskd_targets, sigmoid_rampup
 from lit_tricks.functional.elr import elr_penalty, elr_probabilities, elr_targets
@@ -46,6 +47,9 @@ from lit_tricks.functional.tta import (
 )
 
 __all__ = [
+    "adawac_consistency",
+    "adawac_objective",
+    "adawac_weights",
     "cache_shots",
     "class_balanced_weights",
     "class_priors",
