@@ -536,3 +536,15 @@ def _metric_learning_metrix():
 
     model = MetricLearner(MLP(64, 16, hidden=(32,)), 16, metrix="embedding", seed=3)
     return model, UnseenClassesDataModule(train_classes=5, batch_size=64), []
+
+
+@case("dkvb")
+def _dkvb():
+    # the keys are fitted label-free at the start of the first fit only: a resumed run must take them (and the lazily
+    # sized projections) from the checkpoint instead of fitting again; under DDP every rank fits the same keys on the
+    # whole training set and the values' gradients are reduced as usual
+    from lit_tricks.modules.dkvb import DKVB
+
+    model = DKVB(torch.nn.Identity(), num_classes=10, num_codebooks=8, num_keys=16, key_dim=4, key_init_epochs=2)
+    stream = ContinualDataModule(DigitsDataModule(batch_size=64), num_tasks=5)
+    return model, stream, [ContinualEvaluation(every_n_steps=2)]
