@@ -58,6 +58,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.SBCL",
         "lit_tricks.AdaWAC",
         "lit_tricks.RCAL",
+        "lit_tricks.FPF",
     ),
     "callbacks": (
         "lit_tricks.ApplyGhostBatchNorm",
@@ -90,6 +91,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.FewShotFineTune",
         "lit_tricks.TFUP",
         "lit_tricks.MetricLearner",
+        "lit_tricks.DKVB",
     ),
     "data": (
         "lit_tricks.data.ArrayDataModule",

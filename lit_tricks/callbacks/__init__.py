@@ -11,6 +11,7 @@ from lit_tricks.callbacks.elr import ELR
 from lit_tricks.callbacks.ema_teacher import EMATeacher
 from lit_tricks.callbacks.ensloss import EnsLoss
 from lit_tricks.callbacks.experience_replay import ExperienceReplay
+from lit_tricks.callbacks.fpf import FPF
 from lit_tricks.callbacks.ghost_batch_norm import ApplyGhostBatchNorm
 from lit_tricks.callbacks.hard_batches import HardBatches
 from lit_tricks.callbacks.ldr import LDRLoss
@@ -49,6 +50,7 @@ __all__ = [
     "EfficientTrain",
     "EnsLoss",
     "ExperienceReplay",
+    "FPF",
     "HardBatches",
     "LDRLoss",
     "MIC",

@@ -3,8 +3,10 @@
 from lit_tricks.functional.adawac import adawac_consistency, adawac_objective, adawac_weights
 from lit_tricks.functional.data_diet import el2n_scores, grand_scores, keep_by_scores, load_scores
 from lit_tricks.functional.distillation import distillation_kl, pskd_alpha, pskd_targets, sigmoid_rampup
+from lit_tricks.functional.dkvb import ema_kmeans_step, nearest_keys, retrieve
 from lit_tricks.functional.elr import elr_penalty, elr_probabilities, elr_targets
 from lit_tricks.functional.ema import ema_decay, ema_update_, half_life_to_decay
+from lit_tricks.functional.fpf import forgetting_prone, group_drift, parameter_groups
 from lit_tricks.functional.hard_batches import fixed_batches, hard_batch_round
 from lit_tricks.functional.loss_ranking import highest_losses, kept_count
 from lit_tricks.functional.losses import soft_target_cross_entropy, to_probabilities, weighted_mean
@@ -66,13 +68,16 @@ __all__ = [
     "elr_probabilities",
     "elr_targets",
     "ema_decay",
+    "ema_kmeans_step",
     "ema_update_",
     "equiangularity",
     "equinorm",
     "filtered_entropy",
     "fit_temperature",
     "fixed_batches",
+    "forgetting_prone",
     "grand_scores",
+    "group_drift",
     "half_life_to_decay",
     "hard_batch_round",
     "highest_losses",
@@ -88,16 +93,19 @@ __all__ = [
     "mixup_",
     "nc1",
     "nearest_class_centre",
+    "nearest_keys",
     "neural_collapse",
     "normalize_losses",
     "one_hot",
     "ood_score",
+    "parameter_groups",
     "paste_box_",
     "pgd_attack",
     "prior_correction",
     "prototype_contrastive_loss",
     "pskd_alpha",
     "pskd_targets",
+    "retrieve",
     "reweighting_weights",
     "sample_mixing",
     "sbcl_loss",

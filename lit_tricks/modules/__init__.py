@@ -9,6 +9,7 @@ _EXPORTS = {
     "lit_tricks.modules.concept_bottleneck.post_hoc": ("PostHocCBM",),
     "lit_tricks.modules.concept_bottleneck.sparse": ("SparseCBM",),
     "lit_tricks.modules.consistency": ("ConsistencyModel",),
+    "lit_tricks.modules.dkvb": ("DKVB",),
     "lit_tricks.modules.edm": ("EDMDiffusion",),
     "lit_tricks.modules.generative": ("GenerativeModule",),
     "lit_tricks.modules.hypernetwork": ("LossConditionedRegression",),
