@@ -109,8 +109,9 @@ def test_data_selection_benchmark_quick(tmp_path):
 def test_continual_benchmark_quick(tmp_path):
     out = _run([str(ROOT / "benchmarks/continual.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
     assert out.startswith("Machine: ") and "| Split-MNIST-1D | replay | task ends only |" in out
+    assert "| Split-Digits | k-FPF | every step |" in out and "| Split-MNIST-1D | DKVB | every step |" in out
     result = json.loads((tmp_path / "continual_quick.json").read_text())
-    assert len(result["runs"]) == 4 and {c["every_n_steps"] for c in result["costs"]} == {None, 1, 10}
+    assert len(result["runs"]) == 12 and {c["every_n_steps"] for c in result["costs"]} == {None, 1, 10}
     assert all(0 <= r["per_step"]["acc"] <= 1 for r in result["runs"])
 
 
