@@ -14,7 +14,7 @@ from lit_tricks.cli import LitTricksCLI, catalogue
 RECIPES = sorted(
     p
     for p in (ROOT / "configs").rglob("*.yaml")
-    if not {"tricks", "tta", "optim", "tune", "distill"} & set(p.relative_to(ROOT).parts)
+    if not {"tricks", "tta", "optim", "tune", "distill", "options"} & set(p.relative_to(ROOT).parts)
 )
 OPTIMIZERS = sorted((ROOT / "configs" / "optim").glob("*.yaml"))  # snippets that replace a recipe's optimizer
 TTA = ROOT / "configs" / "tta"
@@ -135,3 +135,13 @@ def test_tta_recipes_train_a_source_then_adapt_on_the_stream(tmp_path, monkeypat
     bad.write_text("model:\n  init_args:\n    model:\n      init_args:\n        width: 8\n")
     with pytest.raises(ValueError, match="does not hold this model's weights"):
         LitTricksCLI(args=_configs(TTA / "digits_c.yaml", TTA / "tent.yaml", bad), run=False)
+
+
+@pytest.mark.parametrize("option", sorted((ROOT / "configs/long_tail/options").glob("*.yaml")), ids=lambda p: p.stem)
+def test_long_tail_options_stack_on_the_long_tail_recipe(option, tmp_path, monkeypatch):
+    """configs/long_tail/options/: data or model options (not callbacks) that stack on a long-tail recipe."""
+    monkeypatch.chdir(tmp_path)
+    recipe = ROOT / "configs/long_tail/mnist1d_rho100_noise20.yaml"
+    cli = LitTricksCLI(args=["fit", *_configs(recipe, option), *SHORT_RUN])
+    assert cli.trainer.global_step == 3
+    assert cli.datamodule.smote is not None or cli.model.hparams.prior_correction
