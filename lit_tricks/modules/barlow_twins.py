@@ -1,0 +1,231 @@
+"""Barlow Twins self-supervised learning, optionally with the MixBT mixed-sample regulariser, and an online linear
+probe evaluated at validation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lit_tricks.core.batch import TrickBatch
+from lit_tricks.core.checks import check_number
+from lit_tricks.core.rng import RestoresRNG
+from lit_tricks.core.trick import logging_due
+from lit_tricks.functional.barlow_twins import barlow_twins_loss, mixbt_loss, standardise
+from lit_tricks.functional.mixing import sample_mixing
+from lit_tricks.functional.tta import default_augment
+
+_RNG_KEY = "lit_tricks_barlow_twins_rng"
+
+ViewMaker = Callable[[Tensor, torch.Generator], Tensor]
+
+
+class BarlowTwins(RestoresRNG, pl.LightningModule):
+    r"""**Barlow Twins** ("Barlow Twins: Self-Supervised Learning via Redundancy Reduction", Zbontar et al., ICML
+    2021), optionally with **MixBT** ("Guarding Barlow Twins Against Overfitting with Mixed Samples", Bandara et
+    al., 2023).
+
+    Each step makes two views :math:`X_A, X_B` of the batch with ``augment``, embeds them with the backbone and a
+    projector (Linear-BatchNorm-ReLU blocks, a last Linear without bias, sizes ``projector_dims``) and minimises
+
+    .. math:: \mathcal L_{BT} = \sum_i (1 - C_{ii})^2 + \lambda \sum_{i \ne j} C_{ij}^2,
+       \qquad C = \tfrac1N \hat Z_A^\top \hat Z_B
+
+    with :math:`\hat Z` the embeddings standardised over the batch (``lambd`` is :math:`\lambda`;
+    :func:`~lit_tricks.functional.barlow_twins.barlow_twins_loss`). With ``mixbt=w`` it also embeds
+    :math:`X_M = \lambda_m X_A + (1-\lambda_m) X_B[\pi]`, :math:`\lambda_m \sim \mathrm{Beta}(\alpha, \alpha)`
+    (``mixbt_alpha``) and :math:`\pi` a permutation, both drawn per step
+    (:func:`~lit_tricks.functional.mixing.sample_mixing`), and adds
+
+    .. math:: \mathcal L_{mix} = w \lambda \left(\lVert C^{MA} - C^{MA}_{gt}\rVert_F^2
+       + \lVert C^{MB} - C^{MB}_{gt}\rVert_F^2\right)
+
+    (:func:`~lit_tricks.functional.barlow_twins.mixbt_loss`), the cross-correlations of the mixed embeddings with
+    each view against the same mixture of the views' own cross-correlations. Under DDP the embeddings are gathered
+    (with their gradients) so :math:`C` is over the global batch, as the authors' all-reduced one.
+
+    The online linear probe (``num_classes``): a linear layer trained with cross-entropy on the detached
+    representations of view A in the same step (it does not shape the encoder), evaluated on the clean validation
+    inputs as ``val/probe_acc`` (and ``test/probe_acc``).
+
+    Args:
+        backbone: the encoder; its ``forward_features`` (our ``lit_tricks.nets``, whose classification head is then
+            unused) or else its output is the representation.
+        projector_dims: the projector's layer sizes; the last is :math:`D` (the authors: 8192-8192-8192 on
+            ImageNet, 512-1024 on CIFAR).
+        lambd: :math:`\lambda`, the weight of the off-diagonal terms (Barlow Twins: 0.0051; MixBT's CIFAR runs:
+            1/128 with :math:`D` = 1024).
+        mixbt: :math:`w`, the MixBT weight relative to ``lambd`` (the authors: 4 on CIFAR, 2 on STL-10), or ``None``
+            for plain Barlow Twins.
+        mixbt_alpha: :math:`\alpha` of the Beta distribution (the authors: 1, a uniform :math:`\lambda_m`).
+        augment: the view maker ``(inputs, generator) -> view``, called twice per step with the module's
+            generator; default :func:`~lit_tricks.functional.tta.default_augment`.
+        feature_dim: the size of the representation (default: the backbone's ``num_features``).
+        num_classes: the probe's classes, or ``None`` for no probe.
+        probe_lr: the probe's learning rate (its own parameter group, without weight decay).
+        optimizer: a callable ``params -> Optimizer``; default Adam, lr 1e-3, weight decay 1e-6 (the MixBT CIFAR
+            code).
+        seed: the seed of the view and mixing generators, saved in the checkpoint.
+
+    Example::
+
+        >>> import lightning as L
+        >>> from lit_tricks.data import DigitsDataModule
+        >>> from lit_tricks.nets import MLP
+        >>> model = BarlowTwins(MLP(64, 10, hidden=(64,)), projector_dims=(64, 64), mixbt=4.0, num_classes=10)
+        >>> trainer = L.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        ...                     enable_model_summary=False)
+        >>> trainer.fit(model, DigitsDataModule(batch_size=64))
+        >>> bool(trainer.callback_metrics["val/probe_acc"] > 0.5)
+        True
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        projector_dims: Sequence[int] = (128, 128),
+        lambd: float = 0.0051,
+        mixbt: float | None = None,
+        mixbt_alpha: float = 1.0,
+        augment: ViewMaker | None = None,
+        feature_dim: int | None = None,
+        num_classes: int | None = None,
+        probe_lr: float = 1e-2,
+        optimizer: OptimizerCallable | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"backbone must be a torch.nn.Module, got {type(backbone).__name__}.")
+        if feature_dim is None:
+            feature_dim = getattr(backbone, "num_features", None)
+            if not isinstance(feature_dim, int):
+                raise ValueError(
+                    f"feature_dim is None and {type(backbone).__name__} has no integer num_features: pass "
+                    "feature_dim=<the size of the backbone's output>."
+                )
+        check_number("feature_dim", feature_dim, at_least=1, integer=True)
+        projector_dims = list(projector_dims)
+        if not projector_dims:
+            raise ValueError("projector_dims must name at least one layer size, e.g. (128, 128).")
+        for size in projector_dims:
+            check_number("projector_dims", size, at_least=1, integer=True, hint="Every layer size is positive.")
+        check_number("lambd", lambd, at_least=0.0, hint="Barlow Twins uses 0.0051.")
+        if mixbt is not None:
+            check_number("mixbt", mixbt, at_least=0.0, hint="The MixBT weight (4.0 on CIFAR), or None to turn it off.")
+        check_number("mixbt_alpha", mixbt_alpha, above=0.0)
+        if augment is not None and not callable(augment):
+            raise TypeError(f"augment must be a callable (inputs, generator) -> view, got {type(augment).__name__}.")
+        if num_classes is not None:
+            check_number("num_classes", num_classes, at_least=2, integer=True, hint="Or None for no probe.")
+        check_number("probe_lr", probe_lr, above=0.0)
+        check_number("seed", seed, at_least=0, integer=True)
+        self.save_hyperparameters(ignore=["backbone", "augment", "optimizer"])
+        self.backbone, self.optimizer = backbone, optimizer
+        self.augment = default_augment if augment is None else augment
+        sizes = [feature_dim, *projector_dims]
+        layers: list[nn.Module] = []
+        for width_in, width_out in zip(sizes[:-2], sizes[1:-1], strict=True):
+            layers += [nn.Linear(width_in, width_out, bias=False), nn.BatchNorm1d(width_out), nn.ReLU(inplace=True)]
+        layers.append(nn.Linear(sizes[-2], sizes[-1], bias=False))
+        self.projector = nn.Sequential(*layers)
+        if num_classes is not None:
+            self.probe = nn.Linear(feature_dim, num_classes)
+            self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+            self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self._views = torch.Generator().manual_seed(seed)
+        self._rng = np.random.default_rng(seed)
+
+    # ------------------------------------------------------------------ representations
+    def forward(self, inputs: Tensor) -> Tensor:
+        """The representation ``[N, feature_dim]`` (what the probe and downstream tasks use)."""
+        if hasattr(self.backbone, "forward_features"):
+            return self.backbone.forward_features(inputs)
+        return self.backbone(inputs)
+
+    def _gather(self, z: Tensor) -> Tensor:
+        """The embeddings of every process, with gradients, so the cross-correlation is over the global batch."""
+        if self.trainer.world_size == 1:
+            return z
+        return self.all_gather(z, sync_grads=True).flatten(0, 1)
+
+    # ------------------------------------------------------------------ lightning hooks
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        tb = TrickBatch.from_batch(batch)
+        x, n, h = tb.inputs, len(tb.inputs), self.hparams
+        if n < 2:
+            raise ValueError(f"BarlowTwins standardises over the batch and needs at least 2 samples, got {n}.")
+        view_a, view_b = self.augment(x, self._views), self.augment(x, self._views)
+        feat_a = self(view_a)
+        z_a, z_b = self._gather(self.projector(feat_a)), self._gather(self.projector(self(view_b)))
+        loss_bt = barlow_twins_loss(z_a, z_b, h.lambd)
+        loss, terms = loss_bt, {"train/bt_loss": loss_bt.detach()}
+        if h.mixbt is not None:
+            perm, lam = sample_mixing(self._rng, n, h.mixbt_alpha, False, x.device)
+            lam = lam.to(x.device, x.dtype, non_blocking=True)
+            z_m = self._gather(self.projector(self(view_a.lerp(view_b[perm], 1.0 - lam))))
+            hat_a, hat_b = standardise(z_a), standardise(z_b)
+            loss_mix = h.mixbt * h.lambd * mixbt_loss(z_m, hat_a, hat_b, hat_b[self._global_perm(perm, n)], lam)
+            loss = loss_bt + loss_mix
+            terms |= {"train/mixbt_loss": loss_mix.detach(), "train/mixbt_lam": lam.squeeze()}
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        if h.num_classes is not None:
+            probe_loss = F.cross_entropy(self.probe(feat_a.detach()), tb.hard_targets)
+            terms["train/probe_loss"] = probe_loss.detach()
+            loss = loss + probe_loss
+        if logging_due(self.trainer):
+            self.log_dict(terms, batch_size=n)
+        return loss
+
+    def _global_perm(self, perm: Tensor, n: int) -> Tensor:
+        """Each process's partners, as indices into the gathered batch (process ``r`` holds rows ``r n .. (r+1) n``)."""
+        if self.trainer.world_size == 1:
+            return perm
+        offsets = torch.arange(self.trainer.world_size, device=perm.device).view(-1, 1) * n
+        return (self.all_gather(perm).view(-1, n) + offsets).flatten()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _evaluate(self, batch: Any, stage: str) -> None:
+        if self.hparams.num_classes is None:
+            return
+        tb = TrickBatch.from_batch(batch)
+        metric = self.val_acc if stage == "val" else self.test_acc
+        metric.update(self.probe(self(tb.inputs)), tb.hard_targets)
+        self.log(f"{stage}/probe_acc", metric, batch_size=len(tb.inputs))
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Representations ``[N, feature_dim]``; the batch may be a dict, a sequence or a bare input tensor."""
+        inputs = batch["inputs"] if isinstance(batch, dict) else batch[0] if isinstance(batch, list | tuple) else batch
+        return self(inputs)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        probe = list(self.probe.parameters()) if self.hparams.num_classes is not None else []
+        ids = {id(p) for p in probe}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in ids]}]
+        if probe:
+            groups.append({"params": probe, "lr": self.hparams.probe_lr, "weight_decay": 0.0})
+        if self.optimizer is None:
+            return torch.optim.Adam(groups, lr=1e-3, weight_decay=1e-6)
+        return self.optimizer(groups)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[_RNG_KEY] = {"views": self._views.get_state(), "mixing": self._rng.bit_generator.state}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if _RNG_KEY in checkpoint:
+            self._views.set_state(checkpoint[_RNG_KEY]["views"])
+            self._rng.bit_generator.state = checkpoint[_RNG_KEY]["mixing"]
