@@ -222,3 +222,17 @@ def test_continual_evaluation_errors(quiet_trainer_kwargs):
         _fit([ContinualEvaluation()], quiet_trainer_kwargs, stream=no_task)
     with pytest.raises(ValueError, match="No evaluation"):
         ContinualEvaluation().summary()
+
+
+def test_batch_task_reads_the_largest_id_or_names_the_reader():
+    from types import SimpleNamespace
+
+    from lit_tricks.core.tasks import batch_task
+
+    trainer = SimpleNamespace(world_size=1)
+    batch = {"inputs": torch.zeros(3, 2), "targets": torch.zeros(3, dtype=torch.long), "task": torch.tensor([1, 2, 1])}
+    assert batch_task(trainer, None, batch, reader="X") == 2
+    plain = {"inputs": torch.zeros(3, 2), "targets": torch.zeros(3, dtype=torch.long)}
+    assert batch_task(trainer, None, plain, reader=None) is None
+    with pytest.raises(ValueError, match=r"Y reads the current task from batch\['task'\].*ContinualDataModule"):
+        batch_task(trainer, None, plain, reader="Y")

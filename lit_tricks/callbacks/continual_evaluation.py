@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from lit_tricks.core.batch import TrickBatch
 from lit_tricks.core.checks import check_number
 from lit_tricks.core.eval_mode import eval_mode
+from lit_tricks.core.tasks import batch_task
 from lit_tricks.core.trick import log_tag
 from lit_tricks.data.indexed import dataset_tensors
 from lit_tricks.functional import continual as metrics
@@ -202,16 +203,7 @@ class ContinualEvaluation(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        tasks = TrickBatch.from_batch(batch).extras.get("task")
-        if not isinstance(tasks, Tensor):
-            raise ValueError(
-                "ContinualEvaluation reads the current task from batch['task']: use "
-                "lit_tricks.data.ContinualDataModule or add a 'task' key (a task id per sample) to your batches."
-            )
-        task = tasks.max()
-        if trainer.world_size > 1:  # every rank must switch (and so evaluate) at the same step
-            task = pl_module.all_gather(task).max()
-        task = int(task)
+        task = batch_task(trainer, pl_module, batch, reader="ContinualEvaluation")  # the same on every rank
         if task >= len(self._subsets):
             raise ValueError(f"batch['task'] holds task {task} but there are {len(self._subsets)} evaluation sets.")
         if task > self.task:

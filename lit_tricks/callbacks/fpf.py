@@ -15,6 +15,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from lit_tricks.callbacks.experience_replay import ExperienceReplay
 from lit_tricks.core.batch import TrickBatch
 from lit_tricks.core.checks import check_number
+from lit_tricks.core.tasks import batch_task
 from lit_tricks.core.trick import log_tag
 from lit_tricks.functional.fpf import forgetting_prone, group_drift, parameter_groups
 
@@ -171,18 +172,9 @@ class FPF(ExperienceReplay):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        tasks = TrickBatch.from_batch(batch).extras.get("task")
-        if not isinstance(tasks, Tensor):
-            if self.at_task_end:
-                raise ValueError(
-                    "FPF(at_task_end=True) reads task switches from batch['task']: use "
-                    "lit_tricks.data.ContinualDataModule or add a 'task' key (a task id per sample) to your batches."
-                )
+        task = batch_task(trainer, pl_module, batch, reader="FPF(at_task_end=True)" if self.at_task_end else None)
+        if task is None:
             return
-        task = tasks.max()
-        if trainer.world_size > 1:  # every rank must switch (and so fine-tune) at the same step
-            task = pl_module.all_gather(task).max()
-        task = int(task)
         if task > self.task:
             if self.at_task_end and self.task >= 0:
                 self.finetune(trainer, pl_module)
