@@ -548,3 +548,13 @@ def _dkvb():
     model = DKVB(torch.nn.Identity(), num_classes=10, num_codebooks=8, num_keys=16, key_dim=4, key_init_epochs=2)
     stream = ContinualDataModule(DigitsDataModule(batch_size=64), num_tasks=5)
     return model, stream, [ContinualEvaluation(every_n_steps=2)]
+
+
+@case("labo")
+def _labo():
+    # the class-concept matrix (the only parameter, from the language prior) and Adam's moments must resume exactly;
+    # concept text embeddings of random directions, two per class
+    from lit_tricks.modules.concept_bottleneck.labo import LaBo
+
+    concepts = torch.randn(6, 8, generator=torch.Generator().manual_seed(1))
+    return LaBo(concepts, torch.tensor([0, 0, 1, 1, 2, 2]), 3, lr=0.05), _Features(batch_size=50, val_fraction=0.2), []
