@@ -68,7 +68,7 @@ def test_discriminability_and_coverage_trade_off():
     only_d = labo_select(x, y, t, cls, 2, k=2, coverage_weight=0.0, strict=False)
     assert only_d.tolist() == [0, 1, 4]
     # reference greedy with the paper's weights on the cosine facility location, by loops
-    # (with the paper's alpha = 1e7, D differences of ~1e-3 here outweigh any coverage gain (<= 4) unless beta is
+    # (with the paper's alpha = 1e7, D differences of ~0.02 here outweigh any coverage gain (<= 4) unless beta is
     # large: beta = 5e5 makes the generic candidate 3 beat the duplicate 0 for the second place)
     alpha, beta = 1e7, 5e5
     tn = torch.nn.functional.normalize(t[:4], dim=1)
