@@ -75,6 +75,7 @@ _EXPORTS = {
     "lit_tricks.modules.classifier": ("Classifier",),
     "lit_tricks.modules.concept_bottleneck.cbm": ("ConceptBottleneckModel",),
     "lit_tricks.modules.concept_bottleneck.cem": ("ConceptEmbeddingModel",),
+    "lit_tricks.modules.concept_bottleneck.labo": ("LaBo",),
     "lit_tricks.modules.concept_bottleneck.post_hoc": ("PostHocCBM",),
     "lit_tricks.modules.consistency": ("ConsistencyModel",),
     "lit_tricks.modules.dkvb": ("DKVB",),

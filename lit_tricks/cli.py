@@ -92,6 +92,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.TFUP",
         "lit_tricks.MetricLearner",
         "lit_tricks.DKVB",
+        "lit_tricks.LaBo",
     ),
     "data": (
         "lit_tricks.data.ArrayDataModule",

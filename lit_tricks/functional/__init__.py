@@ -8,6 +8,13 @@ from lit_tricks.functional.elr import elr_penalty, elr_probabilities, elr_target
 from lit_tricks.functional.ema import ema_decay, ema_update_, half_life_to_decay
 from lit_tricks.functional.fpf import forgetting_prone, group_drift, parameter_groups
 from lit_tricks.functional.hard_batches import fixed_batches, hard_batch_round
+from lit_tricks.functional.labo import (
+    labo_class_name_prior,
+    labo_class_similarity,
+    labo_discriminability,
+    labo_init_weights,
+    labo_select,
+)
 from lit_tricks.functional.loss_ranking import highest_losses, kept_count
 from lit_tricks.functional.losses import soft_target_cross_entropy, to_probabilities, weighted_mean
 from lit_tricks.functional.mixing import (
@@ -85,6 +92,11 @@ __all__ = [
     "kept_count",
     "kl_similarity",
     "knn_probabilities",
+    "labo_class_name_prior",
+    "labo_class_similarity",
+    "labo_discriminability",
+    "labo_init_weights",
+    "labo_select",
     "load_scores",
     "log_stablemax",
     "mixed_one_hot",

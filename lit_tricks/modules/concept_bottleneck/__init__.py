@@ -7,6 +7,7 @@ _EXPORTS = {
     "lit_tricks.modules.concept_bottleneck.base": ("ConceptModule", "unpack_concept_batch"),
     "lit_tricks.modules.concept_bottleneck.cbm": ("ConceptBottleneckModel",),
     "lit_tricks.modules.concept_bottleneck.cem": ("ConceptEmbeddingModel",),
+    "lit_tricks.modules.concept_bottleneck.labo": ("LaBo",),
     "lit_tricks.modules.concept_bottleneck.post_hoc": ("PostHocCBM",),
     "lit_tricks.modules.concept_bottleneck.sparse": ("SparseCBM",),
 }
