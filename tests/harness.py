@@ -550,6 +550,16 @@ def _dkvb():
     return model, stream, [ContinualEvaluation(every_n_steps=2)]
 
 
+@case("barlow_twins_mixbt")
+def _barlow_twins_mixbt():
+    # the view generator (two augmentations per step) and the MixBT generator (permutation and lambda) must continue
+    # exactly after the resume; under DDP the embeddings are gathered with their gradients (C over the global batch)
+    from lit_tricks.modules.barlow_twins import BarlowTwins
+
+    model = BarlowTwins(MLP(64, 16, hidden=(32,)), 16, projector_dims=(32, 32), mixbt=4.0, num_classes=10, seed=2)
+    return model, DigitsDataModule(batch_size=32), []
+
+
 @case("labo")
 def _labo():
     # the class-concept matrix (the only parameter, from the language prior) and Adam's moments must resume exactly;

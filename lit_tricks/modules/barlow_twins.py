@@ -56,8 +56,9 @@ class BarlowTwins(RestoresRNG, pl.LightningModule):
     inputs as ``val/probe_acc`` (and ``test/probe_acc``).
 
     Args:
-        backbone: the encoder; its ``forward_features`` (our ``lit_tricks.nets``, whose classification head is then
-            unused) or else its output is the representation.
+        backbone: the encoder; its output ``[N, feature_dim]`` is the representation (with our ``lit_tricks.nets``,
+            set ``num_classes`` to the representation's size: every parameter then trains, which DDP requires).
+        feature_dim: the size of the representation.
         projector_dims: the projector's layer sizes; the last is :math:`D` (the authors: 8192-8192-8192 on
             ImageNet, 512-1024 on CIFAR).
         lambd: :math:`\lambda`, the weight of the off-diagonal terms (Barlow Twins: 0.0051; MixBT's CIFAR runs:
@@ -67,7 +68,6 @@ class BarlowTwins(RestoresRNG, pl.LightningModule):
         mixbt_alpha: :math:`\alpha` of the Beta distribution (the authors: 1, a uniform :math:`\lambda_m`).
         augment: the view maker ``(inputs, generator) -> view``, called twice per step with the module's
             generator; default :func:`~lit_tricks.functional.tta.default_augment`.
-        feature_dim: the size of the representation (default: the backbone's ``num_features``).
         num_classes: the probe's classes, or ``None`` for no probe.
         probe_lr: the probe's learning rate (its own parameter group, without weight decay).
         optimizer: a callable ``params -> Optimizer``; default Adam, lr 1e-3, weight decay 1e-6 (the MixBT CIFAR
@@ -79,23 +79,23 @@ class BarlowTwins(RestoresRNG, pl.LightningModule):
         >>> import lightning as L
         >>> from lit_tricks.data import DigitsDataModule
         >>> from lit_tricks.nets import MLP
-        >>> model = BarlowTwins(MLP(64, 10, hidden=(64,)), projector_dims=(64, 64), mixbt=4.0, num_classes=10)
+        >>> model = BarlowTwins(MLP(64, 32, hidden=(64,)), 32, projector_dims=(64, 64), mixbt=4.0, num_classes=10)
         >>> trainer = L.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         ...                     enable_model_summary=False)
         >>> trainer.fit(model, DigitsDataModule(batch_size=64))
-        >>> bool(trainer.callback_metrics["val/probe_acc"] > 0.5)
+        >>> bool(trainer.callback_metrics["val/probe_acc"] > 0.3)  # chance: 0.1
         True
     """
 
     def __init__(
         self,
         backbone: nn.Module,
+        feature_dim: int,
         projector_dims: Sequence[int] = (128, 128),
         lambd: float = 0.0051,
         mixbt: float | None = None,
         mixbt_alpha: float = 1.0,
         augment: ViewMaker | None = None,
-        feature_dim: int | None = None,
         num_classes: int | None = None,
         probe_lr: float = 1e-2,
         optimizer: OptimizerCallable | None = None,
@@ -104,14 +104,7 @@ class BarlowTwins(RestoresRNG, pl.LightningModule):
         super().__init__()
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"backbone must be a torch.nn.Module, got {type(backbone).__name__}.")
-        if feature_dim is None:
-            feature_dim = getattr(backbone, "num_features", None)
-            if not isinstance(feature_dim, int):
-                raise ValueError(
-                    f"feature_dim is None and {type(backbone).__name__} has no integer num_features: pass "
-                    "feature_dim=<the size of the backbone's output>."
-                )
-        check_number("feature_dim", feature_dim, at_least=1, integer=True)
+        check_number("feature_dim", feature_dim, at_least=1, integer=True, hint="The size of the backbone's output.")
         projector_dims = list(projector_dims)
         if not projector_dims:
             raise ValueError("projector_dims must name at least one layer size, e.g. (128, 128).")
@@ -146,8 +139,6 @@ class BarlowTwins(RestoresRNG, pl.LightningModule):
     # ------------------------------------------------------------------ representations
     def forward(self, inputs: Tensor) -> Tensor:
         """The representation ``[N, feature_dim]`` (what the probe and downstream tasks use)."""
-        if hasattr(self.backbone, "forward_features"):
-            return self.backbone.forward_features(inputs)
         return self.backbone(inputs)
 
     def _gather(self, z: Tensor) -> Tensor:
