@@ -129,7 +129,7 @@ def test_probe_does_not_shape_the_encoder():
 
 def test_real_fit_learns_features_a_probe_can_read():
     pl.seed_everything(0)
-    model = BarlowTwins(MLP(64, 16, hidden=(64,)), 16, projector_dims=(64, 64), mixbt=4.0, num_classes=10)
+    model = BarlowTwins(MLP(64, 32, hidden=(64,)), 32, projector_dims=(64, 64), mixbt=4.0, num_classes=10)
     trainer = _trainer(max_epochs=3, log_every_n_steps=5)
     trainer.fit(model, DigitsDataModule(batch_size=64))
     metrics = trainer.callback_metrics
