@@ -80,6 +80,7 @@ def run(data: str, rho: float, noise: float, method: str, seed: int, quick: bool
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", choices=list(METHODS), help="run these (ERM always runs: the time ratio)")
+    p.add_argument("--setups", nargs="+", choices=list(SETUPS), default=list(SETUPS), help="data / net set-ups")
     args = p.parse_args()
     methods = [m for m in METHODS if args.methods is None or m == "ERM" or m in args.methods]
     seeds = range(1 if args.quick else args.seeds)
@@ -87,7 +88,7 @@ def main() -> None:
     run("digits / MLP", 10.0, 0.0, "ERM", 0, quick=True)  # untimed warm-up
     runs = [
         row
-        for data in SETUPS
+        for data in args.setups
         for rho, noise in cells
         for method in methods
         if (data, rho, method) not in SKIP
@@ -98,7 +99,7 @@ def main() -> None:
     print(f"Seeds: {len(seeds)}{' (quick mode: not a measurement)' if args.quick else ''}\n")
     print("| data / net | rho | label noise | method | balanced acc (%) | few-shot acc (%) | acc (%) | ECE (%) "
           "| fit time vs ERM |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
-    for data in SETUPS:
+    for data in args.setups:
         for rho, noise in cells:
             cell = [r for r in runs if r["data"] == data and r["rho"] == rho and r["noise"] == noise]
             erm_seconds = sum(r["fit_seconds"] for r in cell if r["method"] == "ERM")
