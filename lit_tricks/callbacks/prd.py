@@ -241,7 +241,7 @@ class PRD(Trick):
 
     def _freeze_copy(self, module: pl.LightningModule) -> None:
         """``self.previous`` becomes a frozen copy of the module (its tricks, trainer and the old copy not copied)."""
-        memo = {id(obj): obj for obj in (module.trainer, *getattr(module, "_tricks", []))}
+        memo = {id(obj): obj for obj in (module._trainer, *getattr(module, "_tricks", [])) if obj is not None}
         self.previous = None
         trainer, module._trainer = module._trainer, None
         try:
