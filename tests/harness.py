@@ -568,3 +568,16 @@ def _labo():
 
     concepts = torch.randn(6, 8, generator=torch.Generator().manual_seed(1))
     return LaBo(concepts, torch.tensor([0, 0, 1, 1, 2, 2]), 3, lr=0.05), _Features(batch_size=50, val_fraction=0.2), []
+
+
+@case("prd")
+def _prd():
+    # PRD: the prototypes replace the MLP's head at setup, the projection is attached to the module; the frozen copy
+    # taken at the task switch (task 0 -> 1 within the first epoch's 5 batches of 64), the task and the classes' tasks
+    # must come back from the checkpoint (the copy rebuilt from its saved weights); the second view's augmentation
+    # draws from the global RNG, which the module's checkpoint restores; under DDP the ranks switch together
+    from lit_tricks.callbacks.prd import PRD
+
+    model = Classifier(MLP(64, 10, hidden=(32,), dropout=0.2), num_classes=10)
+    stream = ContinualDataModule(DigitsDataModule(batch_size=64), num_tasks=5)
+    return model, stream, [PRD(projection_dim=8, projection_hidden_dim=16), ContinualEvaluation(every_n_steps=2)]
