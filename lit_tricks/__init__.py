@@ -61,6 +61,7 @@ _EXPORTS = {
     "lit_tricks.callbacks.ood_evaluation": ("OODEvaluation",),
     "lit_tricks.callbacks.outlier_exposure": ("OutlierExposure",),
     "lit_tricks.callbacks.perp_grad": ("PerpendicularGradient",),
+    "lit_tricks.callbacks.prd": ("PRD",),
     "lit_tricks.callbacks.rcal": ("RCAL",),
     "lit_tricks.callbacks.sample_reweighting": ("SampleReweighting",),
     "lit_tricks.callbacks.sbcl": ("SBCL",),

@@ -59,6 +59,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.AdaWAC",
         "lit_tricks.RCAL",
         "lit_tricks.FPF",
+        "lit_tricks.PRD",
     ),
     "callbacks": (
         "lit_tricks.ApplyGhostBatchNorm",

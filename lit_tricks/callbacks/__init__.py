@@ -24,6 +24,7 @@ from lit_tricks.callbacks.neural_collapse import NeuralCollapse
 from lit_tricks.callbacks.ood_evaluation import OODEvaluation
 from lit_tricks.callbacks.outlier_exposure import OutlierExposure
 from lit_tricks.callbacks.perp_grad import PerpendicularGradient
+from lit_tricks.callbacks.prd import PRD, PrototypeHead
 from lit_tricks.callbacks.rcal import RCAL
 from lit_tricks.callbacks.sample_reweighting import SampleReweighting
 from lit_tricks.callbacks.sbcl import SBCL
@@ -59,7 +60,9 @@ __all__ = [
     "NeuralCollapse",
     "OODEvaluation",
     "OutlierExposure",
+    "PRD",
     "PerpendicularGradient",
+    "PrototypeHead",
     "RCAL",
     "SBCL",
     "SLA",

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from lit_tricks.core.batch import StepOutput, TrickBatch
 from lit_tricks.core.checks import check_number
+from lit_tricks.core.tasks import batch_task
 from lit_tricks.core.trick import Trick, logging_due
 from lit_tricks.functional.prd import prototype_loss, prototype_scores, relation_distillation_loss
 from lit_tricks.functional.sbcl import sbcl_loss
@@ -184,16 +185,7 @@ class PRD(Trick):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        tasks = TrickBatch.from_batch(batch).extras.get("task")
-        if not isinstance(tasks, Tensor):
-            raise ValueError(
-                "PRD reads task switches from batch['task']: use lit_tricks.data.ContinualDataModule or add a "
-                "'task' key (a task id per sample) to your batches."
-            )
-        task = tasks.max()
-        if trainer.world_size > 1:  # every rank switches at the same step
-            task = pl_module.all_gather(task).max()
-        task = int(task)
+        task = batch_task(trainer, pl_module, batch, reader="PRD")  # the same on every rank
         if task > self.task:
             if self.task >= 0:
                 self._freeze_copy(pl_module)

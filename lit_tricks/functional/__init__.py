@@ -38,6 +38,7 @@ from lit_tricks.functional.neural_collapse import (
 )
 from lit_tricks.functional.outlier_exposure import mixoe_inputs, mixoe_targets, ood_score, uniform_cross_entropy
 from lit_tricks.functional.pgd import class_balanced_weights, pgd_attack
+from lit_tricks.functional.prd import prototype_loss, prototype_scores, relation_distillation_loss
 from lit_tricks.functional.prior_correction import class_priors, prior_correction
 from lit_tricks.functional.reweighting import normalize_losses, reweighting_weights, strategy_scores
 from lit_tricks.functional.sbcl import class_temperatures, cluster_subclasses, sbcl_loss, subclass_counts
@@ -115,8 +116,11 @@ __all__ = [
     "pgd_attack",
     "prior_correction",
     "prototype_contrastive_loss",
+    "prototype_loss",
+    "prototype_scores",
     "pskd_alpha",
     "pskd_targets",
+    "relation_distillation_loss",
     "retrieve",
     "reweighting_weights",
     "sample_mixing",
