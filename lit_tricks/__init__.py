@@ -73,6 +73,7 @@ _EXPORTS = {
     "lit_tricks.core.batch": ("StepOutput", "TrickBatch"),
     "lit_tricks.core.module": ("TrickModule",),
     "lit_tricks.core.trick": ("Trick",),
+    "lit_tricks.modules.barlow_twins": ("BarlowTwins",),
     "lit_tricks.modules.classifier": ("Classifier",),
     "lit_tricks.modules.concept_bottleneck.cbm": ("ConceptBottleneckModel",),
     "lit_tricks.modules.concept_bottleneck.cem": ("ConceptEmbeddingModel",),

@@ -94,6 +94,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.MetricLearner",
         "lit_tricks.DKVB",
         "lit_tricks.LaBo",
+        "lit_tricks.BarlowTwins",
     ),
     "data": (
         "lit_tricks.data.ArrayDataModule",

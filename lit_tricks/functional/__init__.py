@@ -1,6 +1,13 @@
 """Pure math with no Lightning: losses, divergences, schedules, mixing, scores."""
 
 from lit_tricks.functional.adawac import adawac_consistency, adawac_objective, adawac_weights
+from lit_tricks.functional.barlow_twins import (
+    barlow_twins_loss,
+    cross_correlation,
+    mixbt_loss,
+    mixbt_targets,
+    standardise,
+)
 from lit_tricks.functional.data_diet import el2n_scores, grand_scores, keep_by_scores, load_scores
 from lit_tricks.functional.distillation import distillation_kl, pskd_alpha, pskd_targets, sigmoid_rampup
 from lit_tricks.functional.dkvb import ema_kmeans_step, nearest_keys, retrieve
@@ -60,12 +67,14 @@ __all__ = [
     "adawac_consistency",
     "adawac_objective",
     "adawac_weights",
+    "barlow_twins_loss",
     "cache_shots",
     "class_balanced_weights",
     "class_priors",
     "class_prototypes",
     "class_temperatures",
     "cluster_subclasses",
+    "cross_correlation",
     "cutmix_",
     "cutmix_box",
     "cutmix_masks",
@@ -100,6 +109,8 @@ __all__ = [
     "labo_select",
     "load_scores",
     "log_stablemax",
+    "mixbt_loss",
+    "mixbt_targets",
     "mixed_one_hot",
     "mixoe_inputs",
     "mixoe_targets",
@@ -137,6 +148,7 @@ __all__ = [
     "stablemax",
     "stablemax_cross_entropy",
     "stablemax_s",
+    "standardise",
     "strategy_scores",
     "subclass_counts",
     "symmetric_cross_entropy",
