@@ -218,3 +218,9 @@ class ConceptModule(RestoresRNG, pl.LightningModule):
             accs_t = torch.tensor(accs)
             curve[n] = (accs_t.mean().item(), accs_t.std().item() if len(accs) > 1 else 0.0)
         return curve
+
+
+def log_embedding_accuracy(module: pl.LightningModule, batch: Any, stage: str) -> None:
+    """Log ``<stage>/acc`` of a module that classifies embedding batches ``{"inputs", "targets"}`` (PCBM, LaBo)."""
+    e, y = batch["inputs"], batch["targets"]
+    module.log(f"{stage}/acc", (module(e).argmax(-1) == y).float().mean(), batch_size=len(y), sync_dist=True)

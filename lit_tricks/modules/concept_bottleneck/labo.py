@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from lit_tricks.core.checks import check_number
 from lit_tricks.core.rng import RestoresRNG
 from lit_tricks.functional.labo import labo_init_weights, labo_select
+from lit_tricks.modules.concept_bottleneck.base import log_embedding_accuracy
 
 Activation = Literal["softmax", "relu", "tanh", "none"]
 
@@ -170,5 +171,4 @@ class LaBo(RestoresRNG, pl.LightningModule):
         self._log_accuracy(batch, "test")
 
     def _log_accuracy(self, batch: Any, stage: str) -> None:
-        e, y = batch["inputs"], batch["targets"]
-        self.log(f"{stage}/acc", (self(e).argmax(-1) == y).float().mean(), batch_size=len(y), sync_dist=True)
+        log_embedding_accuracy(self, batch, stage)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from lit_tricks.core.checks import check_number
 from lit_tricks.core.rng import RestoresRNG
+from lit_tricks.modules.concept_bottleneck.base import log_embedding_accuracy
 
 
 class PostHocCBM(RestoresRNG, pl.LightningModule):
@@ -173,6 +174,5 @@ class PostHocCBM(RestoresRNG, pl.LightningModule):
         self._log_accuracy(batch, "test")
 
     def _log_accuracy(self, batch: Any, stage: str) -> None:
-        e, y = batch["inputs"], batch["targets"]
-        self.log(f"{stage}/acc", (self(e).argmax(-1) == y).float().mean(), batch_size=len(y), sync_dist=True)
+        log_embedding_accuracy(self, batch, stage)
         self.log(f"{stage}/sparsity", (self.head.weight == 0).float().mean())
