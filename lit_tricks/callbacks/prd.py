@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_tricks.core.batch import StepOutput, TrickBatch
-from lit_tricks.core.checks import check_number
+from lit_tricks.core.checks import check_number, classifier_layer
 from lit_tricks.core.tasks import batch_task
 from lit_tricks.core.trick import Trick, logging_due
 from lit_tricks.functional.prd import prototype_loss, prototype_scores, relation_distillation_loss
@@ -154,21 +154,19 @@ class PRD(Trick):
             self.class_task = torch.full((num_classes,), -1, dtype=torch.long)
 
     def _replace_classifier(self, module: pl.LightningModule, num_classes: int) -> PrototypeHead:
-        heads = [
-            name for name, m in module.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_classes
-        ]
-        if not heads:
+        classifier = classifier_layer(module, num_classes)
+        if classifier is None:
             raise ValueError(
                 f"PRD replaces the classifier of {type(module).__name__} (an nn.Linear with {num_classes} outputs) by "
                 "class prototypes, but found none: give the module's backbone such a final nn.Linear."
             )
-        parent_name, _, attribute = heads[-1].rpartition(".")
+        name, linear = classifier
+        parent_name, _, attribute = name.rpartition(".")
         parent = module.get_submodule(parent_name)
-        linear = getattr(parent, attribute)
         width = self.in_features or linear.in_features
         if width != linear.in_features:
             raise ValueError(
-                f"in_features={self.in_features} but the classifier {heads[-1]} takes {linear.in_features} features: "
+                f"in_features={self.in_features} but the classifier {name} takes {linear.in_features} features: "
                 "leave in_features=None or make them agree."
             )
         head = PrototypeHead(width, num_classes).to(linear.weight.device)

@@ -14,12 +14,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from lit_tricks.core.batch import StepOutput, TrickBatch
-from lit_tricks.core.checks import check_number
+from lit_tricks.core.checks import check_number, classifier_layer
 from lit_tricks.core.distributed import all_gather_rows
 from lit_tricks.core.eval_mode import eval_mode
 from lit_tricks.core.sample_table import index_range
 from lit_tricks.core.trick import Trick
-from lit_tricks.distill.dhkd import _head_width
 from lit_tricks.functional.sbcl import class_temperatures, cluster_subclasses, sbcl_loss, subclass_counts
 from lit_tricks.functional.tta import default_augment
 
@@ -149,7 +148,8 @@ class SBCL(Trick):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if self.projection is None:
-            width = self.in_features or _head_width(pl_module, pl_module.num_classes)
+            classifier = classifier_layer(pl_module, pl_module.num_classes)
+            width = self.in_features or (classifier[1].in_features if classifier else None)
             if width is None:
                 raise ValueError(
                     f"SBCL could not find the classifier of {type(pl_module).__name__} (an nn.Linear with "

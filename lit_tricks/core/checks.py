@@ -67,3 +67,12 @@ def named_submodule(model: object, name: str, wanted: str) -> nn.Module:
             f"{type(model).__name__} has no submodule {name!r}: set head to the dotted name of {wanted} (some of its "
             f"submodules: {names})."
         ) from error
+
+
+def classifier_layer(model: nn.Module, num_classes: int) -> tuple[str, nn.Linear] | None:
+    """The dotted name and module of ``model``'s classifier: its last ``nn.Linear`` with ``num_classes`` outputs
+    (``None`` if it has none). The parts that read the feature width or replace the classifier share this rule."""
+    heads = [
+        (name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_classes
+    ]
+    return heads[-1] if heads else None

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 from torch import Tensor, nn
 
 from lit_tricks.core.batch import StepOutput
-from lit_tricks.core.checks import check_number
+from lit_tricks.core.checks import check_number, classifier_layer
 from lit_tricks.distill.base import TeacherLoss
 from lit_tricks.functional.kd_losses import binary_kl, binary_kl_norm
 
@@ -16,12 +16,6 @@ if TYPE_CHECKING:
     from lit_tricks.distill.teachers import Teacher
 
 _LOGIT_LOSSES = {"binary_kl_norm": binary_kl_norm, "binary_kl": binary_kl}
-
-
-def _head_width(module: nn.Module, num_classes: int) -> int | None:
-    """The input width of the module's classifier: the last ``nn.Linear`` with ``num_classes`` outputs."""
-    heads = [m for m in module.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
-    return heads[-1].in_features if heads else None
 
 
 class DHKDLoss(TeacherLoss):
@@ -90,7 +84,8 @@ class DHKDLoss(TeacherLoss):
             raise TypeError(f"DHKDLoss needs a module with an integer num_classes, got {type(module).__name__}.")
         if self.aux_head is not None:
             return
-        width = self.in_features or _head_width(module, num_classes)
+        classifier = classifier_layer(module, num_classes)
+        width = self.in_features or (classifier[1].in_features if classifier else None)
         if width is None:
             raise ValueError(
                 f"DHKDLoss could not find the student's classifier (an nn.Linear with {num_classes} outputs) "
