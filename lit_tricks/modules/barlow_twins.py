@@ -3,31 +3,23 @@ probe evaluated at validation."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from lit_tricks.core.batch import TrickBatch
 from lit_tricks.core.checks import check_number
-from lit_tricks.core.rng import RestoresRNG
 from lit_tricks.core.trick import logging_due
 from lit_tricks.functional.barlow_twins import barlow_twins_loss, mixbt_loss, standardise
 from lit_tricks.functional.mixing import sample_mixing
-from lit_tricks.functional.tta import default_augment
-
-_RNG_KEY = "lit_tricks_barlow_twins_rng"
-
-ViewMaker = Callable[[Tensor, torch.Generator], Tensor]
+from lit_tricks.modules.two_views import TwoViewModule, ViewMaker
 
 
-class BarlowTwins(RestoresRNG, pl.LightningModule):
+class BarlowTwins(TwoViewModule):
     r"""**Barlow Twins** ("Barlow Twins: Self-Supervised Learning via Redundancy Reduction", Zbontar et al., ICML
     2021), optionally with **MixBT** ("Guarding Barlow Twins Against Overfitting with Mixed Samples", Bandara et
     al., 2023).
@@ -53,7 +45,8 @@ class BarlowTwins(RestoresRNG, pl.LightningModule):
 
     The online linear probe (``num_classes``): a linear layer trained with cross-entropy on the detached
     representations of view A in the same step (it does not shape the encoder), evaluated on the clean validation
-    inputs as ``val/probe_acc`` (and ``test/probe_acc``).
+    inputs as ``val/probe_acc`` (and ``test/probe_acc``); it, the views and the checkpointed generators come from
+    :class:`~lit_tricks.modules.two_views.TwoViewModule`.
 
     Args:
         backbone: the encoder; its output ``[N, feature_dim]`` is the representation (with our ``lit_tricks.nets``,
@@ -87,6 +80,8 @@ class BarlowTwins(RestoresRNG, pl.LightningModule):
         True
     """
 
+    _RNG_KEY = "lit_tricks_barlow_twins_rng"
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -101,10 +96,7 @@ class BarlowTwins(RestoresRNG, pl.LightningModule):
         optimizer: OptimizerCallable | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        if not isinstance(backbone, nn.Module):
-            raise TypeError(f"backbone must be a torch.nn.Module, got {type(backbone).__name__}.")
-        check_number("feature_dim", feature_dim, at_least=1, integer=True, hint="The size of the backbone's output.")
+        super().__init__(backbone, feature_dim, augment, num_classes, probe_lr, optimizer, seed)
         projector_dims = list(projector_dims)
         if not projector_dims:
             raise ValueError("projector_dims must name at least one layer size, e.g. (128, 128).")
@@ -114,33 +106,16 @@ class BarlowTwins(RestoresRNG, pl.LightningModule):
         if mixbt is not None:
             check_number("mixbt", mixbt, at_least=0.0, hint="The MixBT weight (4.0 on CIFAR), or None to turn it off.")
         check_number("mixbt_alpha", mixbt_alpha, above=0.0)
-        if augment is not None and not callable(augment):
-            raise TypeError(f"augment must be a callable (inputs, generator) -> view, got {type(augment).__name__}.")
-        if num_classes is not None:
-            check_number("num_classes", num_classes, at_least=2, integer=True, hint="Or None for no probe.")
-        check_number("probe_lr", probe_lr, above=0.0)
-        check_number("seed", seed, at_least=0, integer=True)
         self.save_hyperparameters(ignore=["backbone", "augment", "optimizer"])
-        self.backbone, self.optimizer = backbone, optimizer
-        self.augment = default_augment if augment is None else augment
         sizes = [feature_dim, *projector_dims]
         layers: list[nn.Module] = []
         for width_in, width_out in zip(sizes[:-2], sizes[1:-1], strict=True):
             layers += [nn.Linear(width_in, width_out, bias=False), nn.BatchNorm1d(width_out), nn.ReLU(inplace=True)]
         layers.append(nn.Linear(sizes[-2], sizes[-1], bias=False))
         self.projector = nn.Sequential(*layers)
-        if num_classes is not None:
-            self.probe = nn.Linear(feature_dim, num_classes)
-            self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-            self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self._views = torch.Generator().manual_seed(seed)
         self._rng = np.random.default_rng(seed)
 
     # ------------------------------------------------------------------ representations
-    def forward(self, inputs: Tensor) -> Tensor:
-        """The representation ``[N, feature_dim]`` (what the probe and downstream tasks use)."""
-        return self.backbone(inputs)
-
     def _gather(self, z: Tensor) -> Tensor:
         """The embeddings of every process, with gradients, so the cross-correlation is over the global batch."""
         if self.trainer.world_size == 1:
@@ -153,7 +128,7 @@ class BarlowTwins(RestoresRNG, pl.LightningModule):
         x, n, h = tb.inputs, len(tb.inputs), self.hparams
         if n < 2:
             raise ValueError(f"BarlowTwins standardises over the batch and needs at least 2 samples, got {n}.")
-        view_a, view_b = self.augment(x, self._views), self.augment(x, self._views)
+        view_a, view_b = self.views(x)
         feat_a = self(view_a)
         z_a, z_b = self._gather(self.projector(feat_a)), self._gather(self.projector(self(view_b)))
         loss_bt = barlow_twins_loss(z_a, z_b, h.lambd)
@@ -167,8 +142,8 @@ class BarlowTwins(RestoresRNG, pl.LightningModule):
             loss = loss_bt + loss_mix
             terms |= {"train/mixbt_loss": loss_mix.detach(), "train/mixbt_lam": lam.squeeze()}
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        if h.num_classes is not None:
-            probe_loss = F.cross_entropy(self.probe(feat_a.detach()), tb.hard_targets)
+        probe_loss = self.probe_loss(feat_a, tb.hard_targets)
+        if probe_loss is not None:
             terms["train/probe_loss"] = probe_loss.detach()
             loss = loss + probe_loss
         if logging_due(self.trainer):
@@ -182,41 +157,9 @@ class BarlowTwins(RestoresRNG, pl.LightningModule):
         offsets = torch.arange(self.trainer.world_size, device=perm.device).view(-1, 1) * n
         return (self.all_gather(perm).view(-1, n) + offsets).flatten()
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+    def generator_states(self) -> dict[str, Any]:
+        return super().generator_states() | {"mixing": self._rng.bit_generator.state}
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
-    def _evaluate(self, batch: Any, stage: str) -> None:
-        if self.hparams.num_classes is None:
-            return
-        tb = TrickBatch.from_batch(batch)
-        metric = self.val_acc if stage == "val" else self.test_acc
-        metric.update(self.probe(self(tb.inputs)), tb.hard_targets)
-        self.log(f"{stage}/probe_acc", metric, batch_size=len(tb.inputs))
-
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Representations ``[N, feature_dim]``; the batch may be a dict, a sequence or a bare input tensor."""
-        inputs = batch["inputs"] if isinstance(batch, dict) else batch[0] if isinstance(batch, list | tuple) else batch
-        return self(inputs)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        probe = list(self.probe.parameters()) if self.hparams.num_classes is not None else []
-        ids = {id(p) for p in probe}
-        groups = [{"params": [p for p in self.parameters() if id(p) not in ids]}]
-        if probe:
-            groups.append({"params": probe, "lr": self.hparams.probe_lr, "weight_decay": 0.0})
-        if self.optimizer is None:
-            return torch.optim.Adam(groups, lr=1e-3, weight_decay=1e-6)
-        return self.optimizer(groups)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint[_RNG_KEY] = {"views": self._views.get_state(), "mixing": self._rng.bit_generator.state}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        if _RNG_KEY in checkpoint:
-            self._views.set_state(checkpoint[_RNG_KEY]["views"])
-            self._rng.bit_generator.state = checkpoint[_RNG_KEY]["mixing"]
+    def load_generator_states(self, states: dict[str, Any]) -> None:
+        super().load_generator_states(states)
+        self._rng.bit_generator.state = states["mixing"]
