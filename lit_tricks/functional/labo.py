@@ -16,18 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def _check_pair(image_embeddings: Tensor, concept_embeddings: Tensor) -> None:
-    if concept_embeddings.ndim != 2 or not len(concept_embeddings):
-        raise ValueError(
-            f"concept_embeddings must be [M, D] with M >= 1 candidate concepts, got shape "
-            f"{tuple(concept_embeddings.shape)}: pass a non-empty candidate list."
-        )
-    if image_embeddings.ndim != 2 or image_embeddings.shape[1] != concept_embeddings.shape[1]:
-        raise ValueError(
-            f"image_embeddings {tuple(image_embeddings.shape)} do not match concept_embeddings "
-            f"{tuple(concept_embeddings.shape)}: both must be [*, D] with the same D (one vision-language space)."
-        )
+from lit_tricks.functional.vl_embeddings import check_embedding_pair
 
 
 def labo_class_similarity(
@@ -35,7 +24,7 @@ def labo_class_similarity(
 ) -> Tensor:
     r"""``Sim(c, y)`` ``[M, C]``: the mean of :math:`t_c \cdot x_i` over the images of class :math:`y`
     (the code's ``clip_score``)."""
-    _check_pair(image_embeddings, concept_embeddings)
+    check_embedding_pair(image_embeddings, concept_embeddings)
     if labels.shape != (len(image_embeddings),):
         raise ValueError(f"labels must be [N] = [{len(image_embeddings)}], got shape {tuple(labels.shape)}.")
     counts = torch.bincount(labels, minlength=num_classes)
@@ -120,7 +109,7 @@ def labo_select(
     Returns:
         indices into the candidates, class by class, each class's in greedy order.
     """
-    _check_pair(image_embeddings, concept_embeddings)
+    check_embedding_pair(image_embeddings, concept_embeddings)
     if coverage not in ("cosine", "released"):
         raise ValueError(f"coverage must be 'cosine' or 'released', got {coverage!r}.")
     if k < 1:
@@ -197,7 +186,7 @@ def labo_class_name_prior(class_name_embeddings: Tensor, concept_embeddings: Ten
         >>> labo_class_name_prior(torch.eye(2), torch.tensor([[0.0, 1.0], [1.0, 0.1], [0.8, 0.0]]), 1).tolist()
         [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
     """
-    _check_pair(class_name_embeddings, concept_embeddings)
+    check_embedding_pair(class_name_embeddings, concept_embeddings)
     if not 1 <= k <= len(concept_embeddings):
         raise ValueError(f"k must be in 1..{len(concept_embeddings)} (the number of concepts), got {k}.")
     nearest = torch.cdist(class_name_embeddings, concept_embeddings).topk(k, largest=False).indices
