@@ -581,3 +581,44 @@ def _prd():
     model = Classifier(MLP(64, 10, hidden=(32,), dropout=0.2), num_classes=10)
     stream = ContinualDataModule(DigitsDataModule(batch_size=64), num_tasks=5)
     return model, stream, [PRD(projection_dim=8, projection_hidden_dim=16), ContinualEvaluation(every_n_steps=2)]
+
+
+class RecordQueue(Callback):
+    """Exposes MoCo's queue and pointer at the end of the fit as this callback's state, so the DDP test compares
+    them across ranks (it compares parameters and callback states, not buffers)."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, torch.Tensor] = {}
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.state = {"queue": pl_module.queue.clone(), "pointer": pl_module.queue_pointer.clone()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.state
+
+
+@case("moco_mochi")
+def _moco_mochi():
+    # the queue (buffer and pointer), the momentum encoder and the view generator (which MoCHi's mixing also draws
+    # from, from step 2) must continue exactly after the resume; the 64-key queue wraps every 2 steps (every step
+    # under DDP); under DDP the keys of both ranks are gathered before the enqueue, so the queues agree
+    from lit_tricks.modules.moco import MoCo
+
+    model = MoCo(
+        MLP(64, 16, hidden=(32,)), 16, dim=8, queue_size=64, momentum=0.9, mochi=8, mochi_s1=8, mochi_s2=4,
+        mochi_start=2, num_classes=10, seed=2,
+    )  # fmt: skip
+    return model, DigitsDataModule(batch_size=32), [RecordQueue()]
+
+
+@case("dn_cbm_autoencoder")
+def _dn_cbm_autoencoder():
+    # DN-CBM's SAE: the neurons' fire counts and the epochs since the last resampling are buffers; the resampling
+    # at epoch 1's start draws inputs from the global RNG, rewrites dead neurons and zeroes their Adam moments;
+    # under DDP the fire counts are summed over ranks and rank 0's new vectors broadcast
+    from lit_tricks.modules.concept_bottleneck.dn_cbm import DNCBMAutoencoder
+
+    model = DNCBMAutoencoder(8, expansion_factor=2, lr=1e-2, resample_every=1, skip_final_resamples=False)
+    with torch.no_grad():
+        model.sae.encoder.bias[[3, 7]] = -100.0  # dead from the start
+    return model, _Features(batch_size=50, val_fraction=0.2), []
