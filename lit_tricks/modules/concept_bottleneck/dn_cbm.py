@@ -136,17 +136,25 @@ class DNCBMAutoencoder(RestoresRNG, pl.LightningModule):
         """Concept activations ``[N, M]``."""
         return self.sae.encode(x)
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def _step(self, batch: Any, stage: str) -> tuple[Tensor, Tensor]:
         x = _features(batch)
         if x.ndim != 2 or x.shape[1] != self.sae.bias.shape[0]:
             raise ValueError(f"features must be [N, input_dim] = [N, {self.sae.bias.shape[0]}], got {tuple(x.shape)}.")
         f, x_hat = self.sae(x)
         recon, sparsity = sae_loss(x, x_hat, f, self.l1_coeff)
-        self.fires += (f > 0).sum(dim=0)
         loss = recon + sparsity
-        self.log_dict({"train/loss": loss, "train/reconstruction": recon, "train/l1": sparsity}, prog_bar=False)
-        self.log("train/l0", (f > 0).float().sum(dim=1).mean())
+        l0 = (f > 0).float().sum(dim=1).mean()
+        metrics = {"loss": loss, "reconstruction": recon, "l1": sparsity, "l0": l0}
+        self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, batch_size=len(x), sync_dist=stage != "train")
+        return loss, f
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss, f = self._step(batch, "train")
+        self.fires += (f > 0).sum(dim=0)
         return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "val")
 
     def on_after_backward(self) -> None:
         self.sae.remove_parallel_gradient()
