@@ -54,6 +54,7 @@ class _ConceptArrays(ArrayDataModule):
     applies to the task labels only)."""
 
     concept_names: list[str]
+    _extra_arrays: dict[str, tuple[Tensor, Tensor]] = {}  # more per-sample arrays (train + val, test) to split
 
     def load_concept_arrays(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         raise NotImplementedError
@@ -69,15 +70,15 @@ class _ConceptArrays(ArrayDataModule):
         if self.prune_scores is not None:
             raise ValueError(f"{type(self).__name__} does not support prune_scores (its concepts would not follow).")
         super().setup(stage)
-        # re-split the concepts exactly as the inputs were split
-        c, c_test = self._concepts
-        order = torch.randperm(len(c), generator=torch.Generator().manual_seed(self.seed))
-        n_val = round(self.val_fraction * len(c))
+        # re-split the concepts (and any other per-sample arrays) exactly as the inputs were split
+        order = torch.randperm(len(self._concepts[0]), generator=torch.Generator().manual_seed(self.seed))
+        n_val = round(self.val_fraction * len(order))
         val_idx, train_idx = order[:n_val], order[n_val:]
-        self.train_set.extras["concepts"] = c[train_idx]
-        if self.val_set is not None:
-            self.val_set.extras["concepts"] = c[val_idx]
-        self.test_set.extras["concepts"] = c_test
+        for name, (values, test_values) in {"concepts": self._concepts, **self._extra_arrays}.items():
+            self.train_set.extras[name] = values[train_idx]
+            if self.val_set is not None:
+                self.val_set.extras[name] = values[val_idx]
+            self.test_set.extras[name] = test_values
 
     @property
     def n_concepts(self) -> int:
@@ -151,8 +152,21 @@ def render_shapes(n: int, size: int = 16, cooccurrence: float = 0.0, seed: int =
 
     Concepts (instance-level, in 4 groups): shape (square, circle, triangle), colour (red, green, blue), size
     (small, large), quadrant (4). Target: shape x colour (9 classes; complete concepts). ``cooccurrence`` is the
-    probability that a circle is forced red (a spurious correlation between concept groups).
+    probability that a circle is forced red (a spurious correlation between concept groups). Where each shape is:
+    :func:`render_shape_masks`.
     """
+    images, concepts, targets, _ = _draw_shapes(n, size, cooccurrence, seed)
+    return images, concepts, targets
+
+
+def render_shape_masks(n: int, size: int = 16, cooccurrence: float = 0.0, seed: int = 0) -> Tensor:
+    """``[n, size, size]`` boolean masks of the pixels each image of :func:`render_shapes` (same arguments) paints:
+    the ground-truth region of all of that image's present concepts (shape, colour, size and quadrant are all
+    properties of the one shape)."""
+    return _draw_shapes(n, size, cooccurrence, seed)[3]
+
+
+def _draw_shapes(n: int, size: int, cooccurrence: float, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     rng = np.random.default_rng(seed)
     shape = rng.integers(0, 3, n)
     colour = rng.integers(0, 3, n)
@@ -160,6 +174,7 @@ def render_shapes(n: int, size: int = 16, cooccurrence: float = 0.0, seed: int =
     large = rng.random(n) < 0.5
     quadrant = rng.integers(0, 4, n)
     images = np.zeros((n, 3, size, size), dtype=np.float32)
+    masks = np.zeros((n, size, size), dtype=bool)
     yy, xx = np.mgrid[0:size, 0:size]
     half = size // 2
     for i in range(n):  # data generation, once
@@ -174,11 +189,13 @@ def render_shapes(n: int, size: int = 16, cooccurrence: float = 0.0, seed: int =
         else:
             mask = (dy <= radius) & (dy >= -radius) & (np.abs(dx) <= (dy + radius) / 2)
         images[i, colour[i]][mask] = 1.0
+        masks[i] = mask
     images += 0.05 * rng.standard_normal(images.shape).astype(np.float32)
     concepts = np.concatenate(
         [np.eye(3)[shape], np.eye(3)[colour], np.stack([~large, large], axis=1), np.eye(4)[quadrant]], axis=1
     )
-    return torch.as_tensor(images), torch.as_tensor(concepts, dtype=torch.float32), torch.as_tensor(shape * 3 + colour)
+    targets = torch.as_tensor(shape * 3 + colour)
+    return torch.as_tensor(images), torch.as_tensor(concepts, dtype=torch.float32), targets, torch.as_tensor(masks)
 
 
 class ShapesDataModule(_ConceptArrays):
@@ -190,6 +207,9 @@ class ShapesDataModule(_ConceptArrays):
         size: image side in pixels.
         cooccurrence: probability that a circle is forced red in the training split (the test split has none).
         generator_seed: seed of the rendering.
+        with_masks: batches also carry ``"masks"`` ``[N, size, size]`` (:func:`render_shape_masks`), where each
+            image's shape is, for the concept location metric (:class:`~lit_tricks.callbacks.concept_metrics.
+            ConceptMetrics`).
         **kwargs: :class:`~lit_tricks.data.ArrayDataModule` arguments.
     """
 
@@ -198,20 +218,87 @@ class ShapesDataModule(_ConceptArrays):
     concept_groups = [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9, 10, 11]]
 
     def __init__(
-        self, num_samples: int = 3000, size: int = 16, cooccurrence: float = 0.0, generator_seed: int = 42, **kwargs
+        self,
+        num_samples: int = 3000,
+        size: int = 16,
+        cooccurrence: float = 0.0,
+        generator_seed: int = 42,
+        with_masks: bool = False,
+        **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         if not 0.0 <= cooccurrence <= 1.0:
             raise ValueError(f"cooccurrence must be in [0, 1], got {cooccurrence}.")
+        if not isinstance(with_masks, bool):
+            raise TypeError(f"with_masks must be True or False, got {with_masks!r}.")
         self.num_samples, self.size, self.cooccurrence = num_samples, size, cooccurrence
-        self.generator_seed = generator_seed
+        self.generator_seed, self.with_masks = generator_seed, with_masks
 
     def load_concept_arrays(self):
-        x, c, y = render_shapes(self.num_samples, self.size, self.cooccurrence, self.generator_seed)
-        x_test, c_test, y_test = render_shapes(self.num_samples // 4, self.size, 0.0, self.generator_seed + 1)
+        train = (self.num_samples, self.size, self.cooccurrence, self.generator_seed)
+        test = (self.num_samples // 4, self.size, 0.0, self.generator_seed + 1)
+        x, c, y, masks = _draw_shapes(*train)
+        x_test, c_test, y_test, masks_test = _draw_shapes(*test)
+        self._extra_arrays = {"masks": (masks, masks_test)} if self.with_masks else {}
         return x, c, y, x_test, c_test, y_test
 
 
 def concept_tensors(data: ArrayDataset) -> tuple[Tensor, Tensor, Tensor]:
     """``(inputs, concepts, targets)`` of a concept data set."""
     return data.inputs, data.extras["concepts"], data.targets
+
+
+#: Concepts of :func:`render_shape_scenes`: which shapes and which colours are in the image.
+SCENE_CONCEPTS = [*SHAPES, *COLOURS]
+
+
+def render_shape_scenes(
+    n: int, size: int = 16, cooccurrence: float = 0.0, seed: int = 0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(images [n, 3, size, size], concepts [n, 6], targets [n], masks [n, 6, size, size])``: two shapes per
+    image, each in its own quadrant, so that concepts have separate ground-truth regions (one shape per image, as
+    in :func:`render_shapes`, puts its shape and colour on the same pixels).
+
+    Concepts (instance-level, multi-hot): square, circle, triangle, red, green, blue present. ``masks[i, j]`` is
+    the pixels of the objects that carry concept ``j`` (empty where it is absent). Target: which shapes are
+    present, ``square + 2 circle + 4 triangle`` (8 classes, 0 never occurs; complete concepts).
+    ``cooccurrence`` is the probability that an image with a circle but no square (or a square but no circle)
+    has one of its objects turned into the missing partner: at 1 circle and square always co-occur, as the
+    playing cards of a poker hand do in Furby et al. (2024).
+    """
+    if not 0.0 <= cooccurrence <= 1.0:
+        raise ValueError(f"cooccurrence must be in [0, 1], got {cooccurrence}.")
+    rng = np.random.default_rng(seed)
+    shape = rng.integers(0, 3, (n, 2))
+    colour = rng.integers(0, 3, (n, 2))
+    quadrants = np.argsort(rng.random((n, 4)), axis=1)[:, :2]
+    square, circle = (shape == 0).any(axis=1), (shape == 1).any(axis=1)
+    pair = (square ^ circle) & (rng.random(n) < cooccurrence)
+    # the object to change: a triangle if there is one, else the second (two squares or two circles)
+    which = np.where(shape[:, 1] == 2, 1, np.where(shape[:, 0] == 2, 0, 1))
+    rows = np.nonzero(pair)[0]
+    shape[rows, which[rows]] = np.where(square[rows], 1, 0)
+    images = np.zeros((n, 3, size, size), dtype=np.float32)
+    masks = np.zeros((n, 6, size, size), dtype=bool)
+    yy, xx = np.mgrid[0:size, 0:size]
+    half = size // 2
+    radius = 0.38 * half
+    for i in range(n):  # data generation, once
+        for o in range(2):
+            q = quadrants[i, o]
+            dy = yy - ((q // 2) * half + half / 2 + rng.uniform(-0.5, 0.5))
+            dx = xx - ((q % 2) * half + half / 2 + rng.uniform(-0.5, 0.5))
+            if shape[i, o] == 0:
+                mask = (np.abs(dy) <= radius) & (np.abs(dx) <= radius)
+            elif shape[i, o] == 1:
+                mask = dy**2 + dx**2 <= radius**2
+            else:
+                mask = (dy <= radius) & (dy >= -radius) & (np.abs(dx) <= (dy + radius) / 2)
+            images[i, colour[i, o]][mask] = 1.0
+            masks[i, shape[i, o]] |= mask
+            masks[i, 3 + colour[i, o]] |= mask
+    images += 0.05 * rng.standard_normal(images.shape).astype(np.float32)
+    concepts = masks.any(axis=(2, 3))
+    targets = concepts[:, 0] * 1 + concepts[:, 1] * 2 + concepts[:, 2] * 4
+    return (torch.as_tensor(images), torch.as_tensor(concepts, dtype=torch.float32),
+            torch.as_tensor(targets).long(), torch.as_tensor(masks))  # fmt: skip
