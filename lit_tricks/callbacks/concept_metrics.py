@@ -209,16 +209,24 @@ class ConceptMetrics(Callback):
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, dataloader_idx: int) -> None:
         if trainer.sanity_checking or dataloader_idx != 0:
             return
-        # the evaluation loop runs in inference mode: clone the batch out of it, so gradients can flow
+        # the evaluation loop runs in inference mode: the gradients are taken on a clone of the batch out of it,
+        # the metrics (whose states a reset made there) are updated back in it
         with torch.inference_mode(False), torch.no_grad():
             batch = _clone(batch)
             view = concept_view(pl_module, batch)
-            self._measure(view, batch, pl_module.device)
-
-    def _measure(self, view: ConceptView, batch: Any, device: torch.device) -> None:
+            jacobian, importance, maps, points = self._read(view, batch)
         u, c, y, logits = view.activations, view.concepts, view.targets, view.logits
         if not self.metrics:
-            self._build(u.shape[1], logits.shape[1], device)
+            self._build(u.shape[1], logits.shape[1], pl_module.device)
+        for name, metric in self.metrics.items():
+            if name.startswith("cgim_"):
+                metric.update(u, c, logits, y, jacobian)
+        self.metrics["existence"].update(importance, c, logits, y)
+        if maps is not None:
+            self.metrics["location"].update(importance, maps, points, logits, y)
+
+    def _read(self, view: ConceptView, batch: Any) -> tuple[Tensor | None, Tensor, Tensor | None, Tensor | None]:
+        """``(jacobian, local importance, maps, points)`` of a batch (``None``: not measured)."""
         jacobian = None
         if self.use_head:
             if view.head is None:
@@ -226,16 +234,13 @@ class ConceptMetrics(Callback):
                     "ConceptMetrics(use_head=True) needs a differentiable task head (a logit bottleneck needs its "
                     "intervention percentiles first); use use_head=False for models without one."
                 )
-            jacobian = cmf.concept_jacobian(view.head, u)
-        importance = u if jacobian is None else cmf.local_importance(jacobian, u, logits.argmax(dim=-1))
-        for name, metric in self.metrics.items():
-            if name.startswith("cgim_"):
-                metric.update(u, c, logits, y, jacobian)
-        self.metrics["existence"].update(importance, c, logits, y)
-        points = _points(batch, c) if self.location else None
-        if points is not None and view.maps is not None:
-            maps = view.maps(tuple(batch["masks"].shape[-2:]))
-            self.metrics["location"].update(importance, maps, points, logits, y)
+            jacobian = cmf.concept_jacobian(view.head, view.activations)
+        u = view.activations
+        importance = u if jacobian is None else cmf.local_importance(jacobian, u, view.logits.argmax(dim=-1))
+        points = _points(batch, view.concepts) if self.location else None
+        if points is None or view.maps is None:
+            return jacobian, importance, None, None
+        return jacobian, importance, view.maps(tuple(batch["masks"].shape[-2:])), points
 
     def on_validation_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
@@ -258,9 +263,9 @@ class ConceptMetrics(Callback):
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.sanity_checking or not self.metrics:
             return
-        # every rank computes the same values (the states are summed over ranks); nan: never measured (location
-        # without masks or maps)
-        values = {name: metric.compute() for name, metric in self.metrics.items()}
+        # every rank computes the same values (the states are summed over ranks); every rank sees the same batch
+        # layout, so location is measured on all ranks or on none
+        values = {name: metric.compute() for name, metric in self.metrics.items() if metric.update_called}
         tensorboard = isinstance(trainer.logger, TensorBoardLogger) and trainer.is_global_zero
         names = getattr(trainer.datamodule, "concept_names", None)
         for name, value in values.items():
@@ -272,8 +277,7 @@ class ConceptMetrics(Callback):
                             log_tag(self, f"{stage}/{name}/{label}"), rho, trainer.global_step
                         )
                 value = value.nanmean()
-            if name != "location" or not value.isnan():
-                pl_module.log(log_tag(self, f"{stage}/{name}"), value.float(), sync_dist=False)
+            pl_module.log(log_tag(self, f"{stage}/{name}"), value.float(), sync_dist=False)
 
 
 def _clone(batch: Any) -> Any:
