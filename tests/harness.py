@@ -584,11 +584,22 @@ def _prd():
 
 
 class RecordQueue(Callback):
-    """Exposes MoCo's queue and pointer at the end of the fit as this callback's state, so the DDP test compares
-    them across ranks (it compares parameters and callback states, not buffers)."""
+    """Checks that each step enqueues the keys of every rank (the pointer moves by the global batch: DDP's buffer
+    broadcast would hide keys a rank failed to gather), and exposes MoCo's queue and pointer at the end of the fit
+    as this callback's state, so the DDP test compares them across ranks (it compares parameters, not buffers)."""
 
     def __init__(self) -> None:
         self.state: dict[str, torch.Tensor] = {}
+        self._pointer = 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        self._pointer = int(pl_module.queue_pointer)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        keys = len(batch["inputs"]) * trainer.world_size
+        expected = (self._pointer + keys) % len(pl_module.queue)
+        if int(pl_module.queue_pointer) != expected:
+            raise AssertionError(f"the queue pointer moved to {int(pl_module.queue_pointer)}, not {expected}.")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.state = {"queue": pl_module.queue.clone(), "pointer": pl_module.queue_pointer.clone()}
@@ -600,12 +611,12 @@ class RecordQueue(Callback):
 @case("moco_mochi")
 def _moco_mochi():
     # the queue (buffer and pointer), the momentum encoder and the view generator (which MoCHi's mixing also draws
-    # from, from step 2) must continue exactly after the resume; the 64-key queue wraps every 2 steps (every step
-    # under DDP); under DDP the keys of both ranks are gathered before the enqueue, so the queues agree
+    # from, from step 2) must continue exactly after the resume; the 96-key queue wraps every 3 steps (in the middle
+    # of a batch under DDP, where the keys of both ranks, 64 a step, are gathered before the enqueue)
     from lit_tricks.modules.moco import MoCo
 
     model = MoCo(
-        MLP(64, 16, hidden=(32,)), 16, dim=8, queue_size=64, momentum=0.9, mochi=8, mochi_s1=8, mochi_s2=4,
+        MLP(64, 16, hidden=(32,)), 16, dim=8, queue_size=96, momentum=0.9, mochi=8, mochi_s1=8, mochi_s2=4,
         mochi_start=2, num_classes=10, seed=2,
     )  # fmt: skip
     return model, DigitsDataModule(batch_size=32), [RecordQueue()]
