@@ -633,3 +633,15 @@ def _dn_cbm_autoencoder():
     with torch.no_grad():
         model.sae.encoder.bias[[3, 7]] = -100.0  # dead from the start
     return model, _Features(batch_size=50, val_fraction=0.2), []
+
+
+@case("concept_metrics_shapes")
+def _concept_metrics():
+    # the concept metrics' states are sums over both ranks' validation shards (the synced values must agree); the
+    # callback keeps nothing across epochs, so a resume only has to restore the CEM (a non-linear head in the concepts)
+    from lit_tricks.callbacks.concept_metrics import ConceptMetrics
+
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+                                  torch.nn.Flatten(), torch.nn.Linear(16, 16), torch.nn.ReLU())  # fmt: skip
+    model = ConceptEmbeddingModel(encoder, n_concepts=12, n_tasks=9, latent_dim=16, emb_size=4)
+    return model, ShapesDataModule(num_samples=600, batch_size=64, with_masks=True), [ConceptMetrics(top_l=2)]
