@@ -294,3 +294,19 @@ def test_a_module_that_is_not_a_concept_model_is_refused_at_setup():
         _trainer([ConceptMetrics()]).fit(Classifier(MLP(64, 10), num_classes=10), DigitsDataModule())
     with pytest.raises(TypeError, match="concept_view"):
         concept_view(nn.Linear(2, 2), {})
+
+
+def test_the_yaml_option_stacks_on_the_shapes_cem_recipe(tmp_path, monkeypatch):
+    from conftest import ROOT
+
+    from lit_tricks.cli import LitTricksCLI
+
+    monkeypatch.chdir(tmp_path)
+    configs = [ROOT / "configs/cbm/shapes_cem.yaml", ROOT / "configs/cbm/options/concept_metrics.yaml"]
+    args = [arg for path in configs for arg in ("--config", str(path))]
+    short = ["--data.init_args.num_samples=200", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+             "--trainer.check_val_every_n_epoch=1", "--trainer.limit_val_batches=1", "--trainer.logger=false",
+             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]  # fmt: skip
+    cli = LitTricksCLI(args=["fit", *args, *short])
+    assert cli.datamodule.with_masks
+    assert 0 <= float(cli.trainer.callback_metrics[f"{TAG}val/location"]) <= 1
