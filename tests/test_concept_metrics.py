@@ -310,3 +310,27 @@ def test_the_yaml_option_stacks_on_the_shapes_cem_recipe(tmp_path, monkeypatch):
     cli = LitTricksCLI(args=["fit", *args, *short])
     assert cli.datamodule.with_masks
     assert 0 <= float(cli.trainer.callback_metrics[f"{TAG}val/location"]) <= 1
+
+
+def test_a_cbm_whose_concept_k_reads_exactly_region_k_locates_1_and_a_random_one_less():
+    from torch.utils.data import DataLoader
+
+    regions = torch.zeros(12, 16, 16)
+    for k in range(12):  # 4x4 blocks on a grid
+        regions[k, 4 * (k // 4) : 4 * (k // 4) + 4, 4 * (k % 4) : 4 * (k % 4) + 4] = 1.0
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 3, 16, 16, generator=g)
+    y = torch.randint(0, 3, (32,), generator=g)
+    batches = [{"inputs": x[i : i + 16], "concepts": torch.ones(16, 12), "targets": y[i : i + 16],
+                "masks": regions.bool().expand(16, -1, -1, -1)} for i in (0, 16)]  # fmt: skip
+    scores = {}
+    for name in ("exact", "random"):
+        encoder = nn.Sequential(nn.Flatten(), nn.Linear(3 * 256, 12, bias=False))
+        if name == "exact":
+            with torch.no_grad():
+                encoder[1].weight.copy_(regions.flatten(1).repeat(1, 3))  # logit k = the sum of region k's pixels
+        model = ConceptBottleneckModel(encoder, nn.Linear(12, 3), n_concepts=12)
+        trainer = _trainer([ConceptMetrics(top_l=3)])
+        trainer.validate(model, DataLoader(batches, batch_size=None), verbose=False)
+        scores[name] = float(trainer.callback_metrics[f"{TAG}val/location"])
+    assert scores["exact"] == 1.0 and scores["random"] < 0.4, scores  # chance: ceil(256 / 12) / 256 = 0.09
