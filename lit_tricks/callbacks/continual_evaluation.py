@@ -119,6 +119,7 @@ class ContinualEvaluation(Callback):
         self.batch_size, self.seed = batch_size, seed
         self._subsets: list[tuple[Tensor, Tensor]] = []
         self._class_masks: Tensor | None = None
+        self._row_masks: Tensor | None = None
         # the history (in the checkpoint)
         self.steps: list[int] = []
         self.current: list[int] = []
@@ -187,9 +188,10 @@ class ContinualEvaluation(Callback):
         self._inputs = trainer.precision_plugin.convert_input(torch.cat([x for x, _ in shards]).to(device))
         self._targets = torch.cat([y for _, y in shards]).to(device)
         self._task_ids = torch.cat([torch.full((len(y),), k) for k, (_, y) in enumerate(shards)]).to(device)
-        self._ends = torch.tensor([len(y) for _, y in shards]).cumsum(0).tolist()
-        if self._class_masks is not None:
-            self._class_masks = self._class_masks.to(pl_module.device)
+        sizes = torch.tensor([len(y) for _, y in shards], dtype=torch.float32)
+        self._ends, self._totals = sizes.cumsum(0).long().tolist(), sizes.to(device)
+        # task-incremental: each row's mask of the classes outside its task, gathered once
+        self._row_masks = None if self._class_masks is None else ~self._class_masks[self._task_ids.cpu()].to(device)
         if self._seen is not None:
             if self._restored_seen is not None:  # from a checkpoint
                 self._seen = torch.zeros_like(self._seen).index_fill_(0, torch.tensor(self._restored_seen), True)
@@ -252,23 +254,20 @@ class ContinualEvaluation(Callback):
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: bool = True) -> tuple:
         """Accuracy on every seen task's subset now, logged at this step; appended to the history if ``record``.
         Returns ``(step, current task, accuracies with NaN for unseen tasks)``."""
-        seen = self.task + 1
-        end = self._ends[self.task]
+        seen, end = self.task + 1, self._ends[self.task]
+        correct = torch.zeros(seen, device=pl_module.device)
         with torch.inference_mode(), eval_mode(pl_module):
-            hits = torch.zeros(end, device=pl_module.device)
             for start in range(0, end, self.batch_size):
                 rows = slice(start, min(start + self.batch_size, end))
                 logits = pl_module(self._inputs[rows])
-                if self._class_masks is not None:
-                    logits = logits.masked_fill(~self._class_masks[self._task_ids[rows]], -math.inf)
-                hits[rows] = (logits.argmax(dim=-1) == self._targets[rows]).float()
-        hits = hits.clone()  # a normal tensor again, for the reduction below
-        correct = torch.zeros(2, seen, device=pl_module.device)  # correct, total per task
-        correct[0].index_add_(0, self._task_ids[:end], hits)
-        correct[1].index_add_(0, self._task_ids[:end], torch.ones_like(hits))
+                if self._row_masks is not None:
+                    logits = logits.masked_fill(self._row_masks[rows], -math.inf)
+                hits = logits.argmax(dim=-1) == self._targets[rows]
+                correct.index_add_(0, self._task_ids[rows], hits.to(correct.dtype))
+        counts = torch.stack([correct, self._totals[:seen]])  # correct, total per task; a normal tensor again
         if trainer.world_size > 1:
-            correct = trainer.strategy.reduce(correct, reduce_op="sum")
-        accuracy = (correct[0] / correct[1]).tolist()
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        accuracy = (counts[0] / counts[1]).tolist()  # the one host sync
         point = (trainer.global_step, self.task, accuracy + [math.nan] * (len(self._subsets) - seen))
         if record:
             self.steps.append(point[0])
