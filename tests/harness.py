@@ -622,19 +622,6 @@ def _moco_mochi():
     return model, DigitsDataModule(batch_size=32), [RecordQueue()]
 
 
-@case("dn_cbm_autoencoder")
-def _dn_cbm_autoencoder():
-    # DN-CBM's SAE: the neurons' fire counts and the epochs since the last resampling are buffers; the resampling
-    # at epoch 1's start draws inputs from the global RNG, rewrites dead neurons and zeroes their Adam moments;
-    # under DDP the fire counts are summed over ranks and rank 0's new vectors broadcast
-    from lit_tricks.modules.concept_bottleneck.dn_cbm import DNCBMAutoencoder
-
-    model = DNCBMAutoencoder(8, expansion_factor=2, lr=1e-2, resample_every=1, skip_final_resamples=False)
-    with torch.no_grad():
-        model.sae.encoder.bias[[3, 7]] = -100.0  # dead from the start
-    return model, _Features(batch_size=50, val_fraction=0.2), []
-
-
 @case("concept_metrics_shapes")
 def _concept_metrics():
     # the concept metrics' states are sums over both ranks' validation shards (the synced values must agree); the
@@ -645,3 +632,19 @@ def _concept_metrics():
                                   torch.nn.Flatten(), torch.nn.Linear(16, 16), torch.nn.ReLU())  # fmt: skip
     model = ConceptEmbeddingModel(encoder, n_concepts=12, n_tasks=9, latent_dim=16, emb_size=4)
     return model, ShapesDataModule(num_samples=600, batch_size=64, with_masks=True), [ConceptMetrics(top_l=2)]
+
+
+@case("mvp")
+def _mvp():
+    # MVP: the keys' use counts (they scale the next key selections) and the seen classes (the -inf logits) are
+    # buffers that must resume with Adam's moments; online_iter=1 so that a step is a batch (the harness counts
+    # steps); the frozen ViT is rebuilt from the seed, not checkpointed; under DDP the counts are summed and the seen
+    # classes united over ranks, so the ranks stay identical
+    from lit_tricks.modules.mvp import MVP
+    from lit_tricks.nets.vit import ViT
+
+    vit = ViT(image_size=8, patch_size=4, dim=16, depth=3, heads=2)
+    layers = dict(g_prompt_layers=(0,), g_prompt_length=2, e_prompt_layers=(1,), e_prompt_length=3)
+    model = MVP(vit, num_classes=10, pool_size=3, online_iter=1, **layers)
+    stream = ContinualDataModule(DigitsDataModule(batch_size=64, as_image=True), scenario="si_blurry", seed=1)
+    return model, stream, [ContinualEvaluation(every_n_steps=2, eval_period=100)]
