@@ -7,8 +7,10 @@ Toys: 3,000 samples (2,400 train after the split, 750 test), encoder MLP d-64-64
 batch 256, 40 epochs. Shapes: 2,000 16x16 images (500 test), 12 concepts in 4 groups, 9 classes, encoder a
 small CNN, 30 epochs. Heads: linear, or MLP k-64-64-C. lambda = 1. Black box: the same encoder and MLP head with no
 concept loss (lambda = 0). Hybrid: 16 extra unsupervised dimensions, linear head. CEM: m = 16, RandInt 0.25,
-linear head. "intervened": task accuracy with every concept replaced by its true value; the curve is the mean
-over 5 random draws per number of groups. Ceiling: the best accuracy of any function of the true concepts.
+linear head. ECBM: the encoder (to 64-d, LeakyReLU) feeds the three energy networks (H = 64), the authors' loss
+weights (3, 1, 1), inference (1, 1, 0.01) and intervention (0, 0, 3) weights, soft relaxation. "intervened": task
+accuracy with every concept replaced by its true value; the curve is the mean over 5 random draws per number of
+groups. Ceiling: the best accuracy of any function of the true concepts.
 Post-hoc: a CNN2D trained on digits (20 epochs); PCBM on its frozen features with a CAV bank (linear-kernel SVC,
 C = 0.1) from the 7 class-level digit concepts, sparse head lam = 2e-4 (the authors' CUB value, scikit-learn's
 alpha), l1_ratio 0.99, SGD 0.1, 40 epochs; "SGDClassifier": the authors' solver (scikit-learn) on the same concept
@@ -28,6 +30,7 @@ from torch import nn
 from lit_tricks import Classifier, ConceptBottleneckModel, ConceptEmbeddingModel, PostHocCBM
 from lit_tricks.data import ArrayDataModule, ConceptToyDataModule, DigitsConceptDataModule, ShapesDataModule
 from lit_tricks.functional.concepts import concept_only_accuracy
+from lit_tricks.modules.concept_bottleneck.ecbm import ECBM
 from lit_tricks.nets import CNN2D
 
 HIDDEN, EXTRA, EMB = 64, 16, 16
@@ -56,6 +59,9 @@ def build(model: str, data) -> pl.LightningModule:
         return ConceptEmbeddingModel(
             encoder(data, HIDDEN), k, c, latent_dim=HIDDEN, emb_size=EMB, concept_groups=groups
         )
+    if model == "ECBM":
+        features = nn.Sequential(encoder(data, HIDDEN), nn.LeakyReLU())
+        return ECBM(features, k, c, feature_dim=HIDDEN, hidden_dim=HIDDEN, concept_groups=groups)
     if model == "hybrid (linear)":
         return ConceptBottleneckModel(encoder(data, k + EXTRA), nn.Linear(k + EXTRA, c), k, extra_dims=EXTRA,
                                       concept_groups=groups)  # fmt: skip
@@ -65,7 +71,7 @@ def build(model: str, data) -> pl.LightningModule:
 
 
 MODELS = ["black box", "joint (linear)", "joint (MLP)", "sequential (MLP)", "independent (linear)",
-          "independent (MLP)", "hybrid (linear)", "CEM"]  # fmt: skip
+          "independent (MLP)", "hybrid (linear)", "CEM", "ECBM"]  # fmt: skip
 
 
 def fit(model: pl.LightningModule, data, epochs: int) -> None:
