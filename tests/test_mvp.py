@@ -226,3 +226,8 @@ def test_bad_input_is_refused():
     model.trainer = trainer
     with pytest.raises(ValueError, match="remove \\['Mixup'\\]"):
         model.setup("fit")
+
+
+def test_a_missing_backbone_checkpoint_is_named():
+    with pytest.raises(FileNotFoundError, match="no_such.ckpt"):
+        MVP("no_such.ckpt", num_classes=10)

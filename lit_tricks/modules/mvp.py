@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -56,7 +57,9 @@ class MVP(TrickModule):
 
     Args:
         backbone: a ViT with ``patch_embed`` (a convolution), ``cls_token``, ``pos_embed``, ``blocks`` and ``norm``
-            (:class:`~lit_tricks.nets.vit.ViT`), or a module holding one as ``backbone`` (a trained ``Classifier``).
+            (:class:`~lit_tricks.nets.vit.ViT`), or a module holding one as ``backbone`` (a trained ``Classifier``),
+            or the path of a Lightning checkpoint of such a lit_tricks fit (rebuilt by
+            :func:`~lit_tricks.distill.teachers.load_teacher`).
         num_classes: number of classes ``C``.
         pool_size: number of keys, each with its prompts and class mask (the authors' ``task_num``, 10).
         g_prompt_layers: blocks that get the shared prompts (authors: 0, 1).
@@ -94,7 +97,7 @@ class MVP(TrickModule):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: nn.Module | str,
         num_classes: int,
         pool_size: int = 10,
         g_prompt_layers: Sequence[int] = (0, 1),
@@ -115,6 +118,11 @@ class MVP(TrickModule):
         ece_bins: int = 15,
     ) -> None:
         super().__init__(num_classes=num_classes, ece_bins=ece_bins)
+        path = None
+        if isinstance(backbone, (str, os.PathLike)):
+            from lit_tricks.distill.teachers import load_teacher
+
+            path, backbone = os.fspath(backbone), load_teacher(backbone)
         vit = self._find_vit(backbone)
         depth = len(vit.blocks)
         check_number("pool_size", pool_size, at_least=1, integer=True)
@@ -139,7 +147,10 @@ class MVP(TrickModule):
         check_number("gamma", gamma, at_least=0.0, hint="The authors': 2.")
         check_number("margin", margin, above=0.0, hint="It keeps the compensation score positive; the authors': 0.5.")
         check_number("online_iter", online_iter, at_least=1, integer=True, hint="The authors': 3.")
+        # a checkpoint path is kept, so load_from_checkpoint rebuilds the backbone; a module must be passed again
         self.save_hyperparameters(ignore=["backbone", "optimizer"])
+        if path is not None:
+            self.hparams["backbone"] = path
         object.__setattr__(self, "backbone", vit.eval().requires_grad_(False))  # frozen, not a submodule
         self.g_prompt_layers, self.e_prompt_layers = tuple(g_prompt_layers), tuple(e_prompt_layers)
         self.g_prompt_length, self.e_prompt_length = g_prompt_length, e_prompt_length
