@@ -281,6 +281,10 @@ def test_bad_arguments_name_the_parameter():
         metric.update(torch.rand(4, 2), torch.ones(4, 3), torch.randn(4, 2), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="correct_only=True needs logits"):
         ConceptExistence(correct_only=True).update(torch.rand(2, 3), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="use_head=False"):
+        cmf.concept_jacobian(lambda u: u.detach() @ torch.ones(3, 2), torch.rand(4, 3))
+    with pytest.raises(ValueError, match="location=False"):
+        cmf.input_gradient_maps(lambda x: x.detach().flatten(1)[:, :3], torch.rand(2, 1, 4, 4))
     with pytest.raises(ValueError, match="maps"):
         cmf.concept_location(torch.rand(2, 3), torch.rand(2, 4, 5, 5), torch.zeros(2, 3, 2, dtype=torch.long))
 

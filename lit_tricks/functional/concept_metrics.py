@@ -80,6 +80,11 @@ def concept_jacobian(head: Callable[[Tensor], Tensor], activations: Tensor) -> T
     with torch.inference_mode(False), torch.enable_grad():
         u = activations.detach().clone().requires_grad_(True)
         logits = head(u)
+        if not logits.requires_grad:
+            raise ValueError(
+                "The task logits do not depend differentiably on the concept activations (e.g. ECBM's energy "
+                "minimisation): there is no head derivative; use ConceptMetrics(use_head=False)."
+            )
         columns = [
             torch.autograd.grad(logits[:, k].sum(), u, retain_graph=k + 1 < logits.shape[1], allow_unused=True)[0]
             for k in range(logits.shape[1])
@@ -146,6 +151,11 @@ def input_gradient_maps(concept_scores: Callable[[Tensor], Tensor], inputs: Tens
     with torch.inference_mode(False), torch.enable_grad():
         x = inputs.detach().clone().requires_grad_(True)
         scores = concept_scores(x)
+        if not scores.requires_grad:
+            raise ValueError(
+                "The concept scores do not depend differentiably on the inputs (e.g. ECBM's energy minimisation): "
+                "no saliency maps; use ConceptMetrics(location=False)."
+            )
         maps = [
             torch.autograd.grad(scores[:, j].sum(), x, retain_graph=j + 1 < scores.shape[1])[0].abs().sum(dim=1)
             for j in range(scores.shape[1])
