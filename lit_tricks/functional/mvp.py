@@ -1,4 +1,4 @@
-r"""MVP: mask and visual prompt tuning for online continual learning (Moon, Park, Kim, Hong, Hong & Choi, ICCV 2023).
+r"""MVP: mask and visual prompt tuning for online continual learning (Moon, Park, Kim & Park, ICCV 2023).
 
 A frozen ViT's query feature :math:`q` (the CLS token) selects one of :math:`P` keys :math:`k_p` by cosine distance
 :math:`d_p = 1 - \cos(q, k_p)`, scaled by how often the key was chosen (:math:`m_p = n_p + 1`, ``counts``), so

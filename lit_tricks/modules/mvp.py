@@ -29,7 +29,7 @@ _VIT_PARTS = ("patch_embed", "cls_token", "pos_embed", "blocks", "norm")
 
 
 class MVP(TrickModule):
-    r"""Mask and Visual Prompt tuning (Moon, Park, Kim, Hong, Hong & Choi, "Online Class Incremental Learning on
+    r"""Mask and Visual Prompt tuning (Moon, Park, Kim & Park, "Online Class Incremental Learning on
     Stochastic Blurry Task Boundary via Mask and Visual Prompt Tuning", ICCV 2023), as in the authors' code
     (KHU-AGI/Si-Blurry, ``models/mvp.py`` and ``methods/mvp.py``).
 
