@@ -622,16 +622,36 @@ def _moco_mochi():
     return model, DigitsDataModule(batch_size=32), [RecordQueue()]
 
 
+class RecordConceptMetrics(Callback):
+    """Exposes the last logged concept metrics as this callback's state, so the DDP test compares them across ranks
+    (it compares only ``val/`` metrics and callback states) and the resume test between the two runs."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, torch.Tensor] = {}
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        logged = {k: v.clone() for k, v in trainer.callback_metrics.items() if k.startswith("tricks/ConceptMetrics/")}
+        self.values = logged or self.values
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.values)
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        self.values = dict(state_dict)
+
+
 @case("concept_metrics_shapes")
 def _concept_metrics():
-    # the concept metrics' states are sums over both ranks' validation shards (the synced values must agree); the
-    # callback keeps nothing across epochs, so a resume only has to restore the CEM (a non-linear head in the concepts)
+    # the concept metrics' states are sums over both ranks' validation shards, so the synced values (recorded as a
+    # callback state) agree; the callback keeps nothing across epochs, so a resume only has to restore the CEM (a
+    # non-linear head in the concepts)
     from lit_tricks.callbacks.concept_metrics import ConceptMetrics
 
     encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
                                   torch.nn.Flatten(), torch.nn.Linear(16, 16), torch.nn.ReLU())  # fmt: skip
     model = ConceptEmbeddingModel(encoder, n_concepts=12, n_tasks=9, latent_dim=16, emb_size=4)
-    return model, ShapesDataModule(num_samples=600, batch_size=64, with_masks=True), [ConceptMetrics(top_l=2)]
+    data = ShapesDataModule(num_samples=600, batch_size=64, with_masks=True)
+    return model, data, [ConceptMetrics(top_l=2), RecordConceptMetrics()]
 
 
 @case("mvp")
