@@ -47,16 +47,21 @@ def concept_view(module: pl.LightningModule, batch: Any) -> ConceptView:
     through the intervention path, input-gradient maps of the concept logits for image inputs) or a
     :class:`~lit_tricks.PostHocCBM` (projections, the sparse head, CoAM maps when the batch has
     ``"feature_maps"``, the backbone's pre-pooling features ``[N, d, h, w]``)."""
+    check_concept_model(module)
     if callable(getattr(module, "concept_view", None)):
         return module.concept_view(batch)
     if isinstance(module, PostHocCBM):
         return _post_hoc_view(module, batch)
-    if isinstance(module, ConceptModule):
-        return _concept_module_view(module, batch)
-    raise TypeError(
-        f"ConceptMetrics reads concept models (ConceptModule: CBM, CEM; PostHocCBM), got {type(module).__name__}: "
-        "give it a method concept_view(batch) -> lit_tricks.callbacks.concept_metrics.ConceptView."
-    )
+    return _concept_module_view(module, batch)
+
+
+def check_concept_model(module: object) -> None:
+    """Raise a ``TypeError`` unless :func:`concept_view` can read ``module``."""
+    if not isinstance(module, (ConceptModule, PostHocCBM)) and not callable(getattr(module, "concept_view", None)):
+        raise TypeError(
+            f"ConceptMetrics reads concept models (ConceptModule: CBM, CEM; PostHocCBM), got {type(module).__name__}: "
+            "give it a method concept_view(batch) -> lit_tricks.callbacks.concept_metrics.ConceptView."
+        )
 
 
 def _concept_module_view(module: ConceptModule, batch: Any) -> ConceptView:
@@ -179,12 +184,7 @@ class ConceptMetrics(Callback):
         self.metrics: dict[str, Any] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        supported = (ConceptModule, PostHocCBM)
-        if not isinstance(pl_module, supported) and not callable(getattr(pl_module, "concept_view", None)):
-            raise TypeError(
-                f"ConceptMetrics reads concept models (ConceptModule: CBM, CEM; PostHocCBM), got "
-                f"{type(pl_module).__name__}: give it a method concept_view(batch) -> ConceptView."
-            )
+        check_concept_model(pl_module)
 
     def _build(self, n_concepts: int, n_classes: int, device: torch.device) -> None:
         variants = VARIANTS if self.use_head else ("mean_prediction",)
