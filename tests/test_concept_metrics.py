@@ -338,3 +338,19 @@ def test_a_cbm_whose_concept_k_reads_exactly_region_k_locates_1_and_a_random_one
         trainer.validate(model, DataLoader(batches, batch_size=None), verbose=False)
         scores[name] = float(trainer.callback_metrics[f"{TAG}val/location"])
     assert scores["exact"] == 1.0 and scores["random"] < 0.4, scores  # chance: ceil(256 / 12) / 256 = 0.09
+
+
+def test_tensorboard_gets_each_concepts_cgim_by_name(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pl.seed_everything(0, verbose=False)
+    model = ConceptBottleneckModel(nn.Sequential(nn.Flatten(), nn.Linear(768, 12)), nn.Linear(12, 9), n_concepts=12)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, callbacks=[ConceptMetrics()], enable_progress_bar=False,
+                         logger=TensorBoardLogger(tmp_path, name="cm"), enable_checkpointing=False,
+                         enable_model_summary=False)  # fmt: skip
+    trainer.fit(model, ShapesDataModule(num_samples=200, batch_size=50, with_masks=True))
+    events = EventAccumulator(str(tmp_path / "cm" / "version_0"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {f"{TAG}val/cgim_weights/square", f"{TAG}val/cgim_weighted/bottom_right", f"{TAG}val/location"} <= scalars
