@@ -175,6 +175,23 @@ def test_probe_loss_is_ce_plus_mean_l1():
     assert model.concept_names[0].startswith("concept_")
 
 
+def test_names_and_similarities_come_back_from_a_checkpoint(tmp_path, quiet_trainer_kwargs):
+    sae = SparseAutoencoder(2, expansion_factor=1)
+    with torch.no_grad():
+        sae.decoder.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    vocab = torch.tensor([[0.0, 1.0], [1.0, 0.1]])
+    model = DNCBM.from_autoencoder(sae, vocab, n_classes=2, vocabulary=["up", "right"])
+    assert model.concept_names == ["right", "up"] and model.name_similarity[1].item() == pytest.approx(1.0)
+    data = torch.utils.data.DataLoader([{"inputs": torch.randn(2), "targets": 0} for _ in range(4)], batch_size=2)
+    trainer = pl.Trainer(max_epochs=1, **quiet_trainer_kwargs)
+    trainer.fit(model, data)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    other = DNCBM.from_autoencoder(SparseAutoencoder(2, expansion_factor=1), vocab, n_classes=2)
+    other.on_load_checkpoint(torch.load(tmp_path / "m.ckpt", weights_only=False))
+    other.load_state_dict(torch.load(tmp_path / "m.ckpt", weights_only=False)["state_dict"])
+    assert other.concept_names == ["right", "up"] and torch.equal(other.name_similarity, model.name_similarity)
+
+
 def test_bad_input():
     sae = SparseAutoencoder(4, expansion_factor=2)
     with pytest.raises(ValueError, match="vocabulary_embeddings must be \\[M, D\\] with M >= 1"):

@@ -239,7 +239,8 @@ class DNCBM(RestoresRNG, pl.LightningModule):
         directions: ``[M, D]`` the decoder's dictionary directions (for naming and inspection).
         concept_index: ``[M]`` the vocabulary entry naming each neuron.
         n_classes: number of classes.
-        concept_names: the names (``None``: ``"concept_<vocabulary index>"``).
+        concept_names: the names (``None``: ``"concept_<vocabulary index>"``); kept in the checkpoint.
+        name_similarity: ``[M]`` each neuron's similarity to its name (``None``: NaN).
         lr: Adam's learning rate (the authors' probes: 1e-3 on ImageNet, CIFAR-10, Places365; 1e-2 CIFAR-100).
         sparsity_weight: :math:`\lambda` (the authors' probes: 1; 10 on Waterbirds; the parser's default 0).
     """
@@ -253,6 +254,7 @@ class DNCBM(RestoresRNG, pl.LightningModule):
         concept_index: Tensor,
         n_classes: int,
         concept_names: Sequence[str] | None = None,
+        name_similarity: Tensor | None = None,
         lr: float = 1e-3,
         sparsity_weight: float = 1.0,
     ) -> None:
@@ -266,6 +268,7 @@ class DNCBM(RestoresRNG, pl.LightningModule):
             ("encoder_bias", encoder_bias, (m,)),
             ("directions", directions, (m, d)),
             ("concept_index", concept_index, (m,)),
+            ("name_similarity", torch.zeros(m) if name_similarity is None else name_similarity, (m,)),
         ):
             if tuple(value.shape) != shape:
                 raise ValueError(f"{name} must have shape {shape} (M={m} neurons, D={d}), got {tuple(value.shape)}.")
@@ -276,6 +279,8 @@ class DNCBM(RestoresRNG, pl.LightningModule):
         self.register_buffer("encoder_bias", encoder_bias.detach().float().clone())
         self.register_buffer("directions", directions.detach().float().clone())
         self.register_buffer("concept_index", concept_index.detach().long().clone())
+        similarity = torch.full((m,), float("nan")) if name_similarity is None else name_similarity
+        self.register_buffer("name_similarity", similarity.detach().float().clone())
         self.concept_names = (
             list(concept_names) if concept_names is not None else [f"concept_{i}" for i in concept_index.tolist()]
         )
@@ -296,7 +301,7 @@ class DNCBM(RestoresRNG, pl.LightningModule):
         """Name the SAE's neurons from a vocabulary and build the model (``kwargs`` go to ``__init__``): pass the
         vocabulary's text embeddings ``[V, D]``, or the words in ``vocabulary`` and a ``text_encoder`` (any callable
         from a list of strings to ``[V, D]``, run through :func:`~lit_tricks.functional.vl_embeddings.embed`).
-        The similarity of each neuron to its name is in ``model.name_similarity``."""
+        The similarity of each neuron to its name is in the buffer ``model.name_similarity``."""
         sae = autoencoder.sae if isinstance(autoencoder, DNCBMAutoencoder) else autoencoder
         if not isinstance(sae, SparseAutoencoder):
             raise TypeError(f"autoencoder must be a DNCBMAutoencoder or SparseAutoencoder, got {type(autoencoder)}.")
@@ -311,7 +316,7 @@ class DNCBM(RestoresRNG, pl.LightningModule):
         directions = sae.decoder.detach().T.cpu()
         index, similarity = name_directions(directions, vocabulary_embeddings.cpu(), normalize_vocabulary)
         names = None if vocabulary is None else [vocabulary[i] for i in index.tolist()]
-        model = cls(
+        return cls(
             sae.bias.detach().cpu(),
             sae.encoder.weight.detach().cpu(),
             sae.encoder.bias.detach().cpu(),
@@ -319,10 +324,17 @@ class DNCBM(RestoresRNG, pl.LightningModule):
             index,
             n_classes,
             concept_names=names,
+            name_similarity=similarity,
             **kwargs,
         )
-        model.name_similarity = similarity
-        return model
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["dn_cbm_concept_names"] = list(self.concept_names)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.concept_names = checkpoint.get("dn_cbm_concept_names", self.concept_names)
 
     def concepts(self, features: Tensor) -> Tensor:
         """Named concept activations :math:`f(x)` ``[N, M]``."""
