@@ -82,6 +82,7 @@ _EXPORTS = {
     "lit_tricks.modules.consistency": ("ConsistencyModel",),
     "lit_tricks.modules.dkvb": ("DKVB",),
     "lit_tricks.modules.metric_learning": ("MetricLearner",),
+    "lit_tricks.modules.moco": ("MoCo",),
     "lit_tricks.modules.nmc": ("NearestMeanClassifier",),
     "lit_tricks.modules.tta.adanpc": ("AdaNPC",),
     "lit_tricks.modules.tta.bn_adapt": ("BNAdapt",),

@@ -95,6 +95,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.DKVB",
         "lit_tricks.LaBo",
         "lit_tricks.BarlowTwins",
+        "lit_tricks.MoCo",
     ),
     "data": (
         "lit_tricks.data.ArrayDataModule",

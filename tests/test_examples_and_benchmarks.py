@@ -229,3 +229,18 @@ def test_ood_benchmark_quick(tmp_path):
     assert out.startswith("Machine: ") and "| MixOE (cutmix) |" in out
     runs = json.loads((tmp_path / "ood_quick.json").read_text())["runs"]
     assert len(runs) == 4 and all(0 <= r["near (digits 6-9)"]["auroc"] <= 1 for r in runs)
+
+
+def test_self_supervised_benchmark_quick(tmp_path):
+    out = _run([str(ROOT / "benchmarks/self_supervised.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
+    assert out.startswith("Machine: ") and "| MNIST-1D / CNN1D | MoCHi |" in out
+    runs = json.loads((tmp_path / "self_supervised_quick.json").read_text())["runs"]
+    assert {r["method"] for r in runs} == {"untrained encoder", "Barlow Twins", "MixBT", "MoCo-v2", "MoCHi"}
+    assert all(0.0 <= r["probe_accuracy"] <= 1.0 for r in runs)
+
+
+def test_metric_learning_benchmark_quick(tmp_path):
+    out = _run([str(ROOT / "benchmarks/metric_learning.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
+    assert out.startswith("Machine: ") and "| MNIST-1D / CNN1D | multi_similarity | input |" in out
+    rows = [line for line in out.splitlines() if line.startswith("| digits") or line.startswith("| MNIST-1D")]
+    assert len(rows) == 16

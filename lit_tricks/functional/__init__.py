@@ -62,6 +62,8 @@ from lit_tricks.functional.tta import (
     softmax_entropy,
     symmetric_cross_entropy,
 )
+from lit_tricks.functional.moco import enqueue_, moco_logits, moco_loss
+from lit_tricks.functional.mochi import hardest_negatives, mochi_negatives
 
 __all__ = [
     "adawac_consistency",
@@ -87,6 +89,7 @@ __all__ = [
     "ema_decay",
     "ema_kmeans_step",
     "ema_update_",
+    "enqueue_",
     "equiangularity",
     "equinorm",
     "filtered_entropy",
@@ -97,6 +100,7 @@ __all__ = [
     "group_drift",
     "half_life_to_decay",
     "hard_batch_round",
+    "hardest_negatives",
     "highest_losses",
     "keep_by_scores",
     "kept_count",
@@ -115,6 +119,9 @@ __all__ = [
     "mixoe_inputs",
     "mixoe_targets",
     "mixup_",
+    "mochi_negatives",
+    "moco_logits",
+    "moco_loss",
     "nc1",
     "nearest_class_centre",
     "nearest_keys",
