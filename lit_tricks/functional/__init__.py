@@ -35,6 +35,8 @@ from lit_tricks.functional.mixing import (
     sample_mixing,
     smooth_labels,
 )
+from lit_tricks.functional.mochi import hardest_negatives, mochi_negatives
+from lit_tricks.functional.moco import enqueue_, moco_logits, moco_loss
 from lit_tricks.functional.neural_collapse import (
     equiangularity,
     equinorm,
@@ -62,8 +64,6 @@ from lit_tricks.functional.tta import (
     softmax_entropy,
     symmetric_cross_entropy,
 )
-from lit_tricks.functional.moco import enqueue_, moco_logits, moco_loss
-from lit_tricks.functional.mochi import hardest_negatives, mochi_negatives
 
 __all__ = [
     "adawac_consistency",
