@@ -668,3 +668,16 @@ def _mvp():
     model = MVP(vit, num_classes=10, pool_size=3, online_iter=1, **layers)
     stream = ContinualDataModule(DigitsDataModule(batch_size=64, as_image=True), scenario="si_blurry", seed=1)
     return model, stream, [ContinualEvaluation(every_n_steps=2, eval_period=100)]
+
+
+@case("dn_cbm_autoencoder")
+def _dn_cbm_autoencoder():
+    # DN-CBM's SAE: the neurons' fire counts and the epochs since the last resampling are buffers; the resampling
+    # at epoch 1's start draws inputs from the global RNG, rewrites dead neurons and zeroes their Adam moments;
+    # under DDP the fire counts are summed over ranks and rank 0's new vectors broadcast
+    from lit_tricks.modules.concept_bottleneck.dn_cbm import DNCBMAutoencoder
+
+    model = DNCBMAutoencoder(8, expansion_factor=2, lr=1e-2, resample_every=1, skip_final_resamples=False)
+    with torch.no_grad():
+        model.sae.encoder.bias[[3, 7]] = -100.0  # dead from the start
+    return model, _Features(batch_size=50, val_fraction=0.2), []
