@@ -73,6 +73,9 @@ class ViT(nn.Module):
         depth: number of blocks.
         heads: attention heads (``dim`` divisible by it).
         mlp_ratio: hidden width of the blocks' MLP over ``dim``.
+        token_head: add ``token_head``, a second linear classifier for pooled patch tokens (SMMix's fine-grained
+            labels train it; the CLS head stays the model's output). Under DDP a trick that uses it only on some
+            steps needs ``strategy="ddp_find_unused_parameters_true"``.
 
     Example::
 
@@ -91,6 +94,7 @@ class ViT(nn.Module):
         depth: int = 4,
         heads: int = 4,
         mlp_ratio: float = 2.0,
+        token_head: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("image_size", image_size), ("patch_size", patch_size), ("num_classes", num_classes)):
@@ -115,6 +119,7 @@ class ViT(nn.Module):
         self.blocks[-1].attn.keep_weights = True
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
+        self.token_head = nn.Linear(dim, num_classes) if token_head else None
         self.keep_tokens = False
         self.tokens: Tensor | None = None
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
