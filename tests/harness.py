@@ -654,20 +654,26 @@ def _concept_metrics():
     return model, data, [ConceptMetrics(top_l=2), RecordConceptMetrics()]
 
 
-@case("mvp")
-def _mvp():
-    # MVP: the keys' use counts (they scale the next key selections) and the seen classes (the -inf logits) are
-    # buffers that must resume with Adam's moments; online_iter=1 so that a step is a batch (the harness counts
-    # steps); the frozen ViT is rebuilt from the seed, not checkpointed; under DDP the counts are summed and the seen
-    # classes united over ranks, so the ranks stay identical
-    from lit_tricks.modules.mvp import MVP
+@case("ecbm_xor")
+def _ecbm():
+    # ECBM: the global energy's concept flips and the dropout draw the global RNG; validation predicts by Adam over
+    # free logits inside the step (no state kept between batches); under DDP the concept metrics sync
+    from lit_tricks.modules.concept_bottleneck.ecbm import ECBM
+
+    features = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.ReLU())
+    model = ECBM(features, n_concepts=2, n_tasks=2, feature_dim=16, hidden_dim=8, max_steps=5)
+    return model, ConceptToyDataModule("xor", num_samples=400, batch_size=64), []
+
+
+@case("smmix_vit")
+def _smmix_vit():
+    # SMMix: the private generator (SMMix/Mixup switches, Mixup lambdas, window sides) must continue exactly after
+    # the resume; the mixing reads the ViT's own attention from an eval-mode forward of the unmixed batch
+    from lit_tricks.callbacks.smmix import SMMix
     from lit_tricks.nets.vit import ViT
 
-    vit = ViT(image_size=8, patch_size=4, dim=16, depth=3, heads=2)
-    layers = dict(g_prompt_layers=(0,), g_prompt_length=2, e_prompt_layers=(1,), e_prompt_length=3)
-    model = MVP(vit, num_classes=10, pool_size=3, online_iter=1, **layers)
-    stream = ContinualDataModule(DigitsDataModule(batch_size=64, as_image=True), scenario="si_blurry", seed=1)
-    return model, stream, [ContinualEvaluation(every_n_steps=2, eval_period=100)]
+    model = Classifier(ViT(dim=16, depth=1, heads=2), num_classes=10)
+    return model, DigitsDataModule(batch_size=32, as_image=True), [SMMix(seed=5)]
 
 
 @case("dn_cbm_autoencoder")
@@ -681,3 +687,15 @@ def _dn_cbm_autoencoder():
     with torch.no_grad():
         model.sae.encoder.bias[[3, 7]] = -100.0  # dead from the start
     return model, _Features(batch_size=50, val_fraction=0.2), []
+
+
+@case("constrained_cbm_decorrelated")
+def _constrained_cbm():
+    # ConceptDecorrelationSampler draws each epoch with replacement from (seed, epoch) alone, so a resume (also
+    # mid-epoch) replays the same batches; under DDP Lightning's DistributedSamplerWrapper shards each epoch's draws
+    from lit_tricks.data.constrained_cbm import ShapeScenesDataModule
+
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveMaxPool2d(2),
+                                  torch.nn.Flatten(), torch.nn.Linear(16, 6))  # fmt: skip
+    model = ConceptBottleneckModel(encoder, torch.nn.Linear(6, 8), n_concepts=6)
+    return model, ShapeScenesDataModule(num_samples=500, cooccurrence=0.9, decorrelate=True, batch_size=64), []
