@@ -40,6 +40,7 @@ _EXPORTS = {
     "lit_tricks.callbacks.adawac": ("AdaWAC",),
     "lit_tricks.callbacks.adversarial_training": ("AdversarialTraining",),
     "lit_tricks.callbacks.bias_loss": ("BiasLoss",),
+    "lit_tricks.callbacks.concept_metrics": ("ConceptMetrics",),
     "lit_tricks.callbacks.continual_evaluation": ("ContinualEvaluation",),
     "lit_tricks.callbacks.data_diet": ("DataDietScores",),
     "lit_tricks.callbacks.distill": ("Distill",),

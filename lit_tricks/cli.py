@@ -72,6 +72,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.NeuralCollapse",
         "lit_tricks.TemperatureScaling",
         "lit_tricks.OODEvaluation",
+        "lit_tricks.ConceptMetrics",
     ),
     "modules": (
         "lit_tricks.AdaNPC",

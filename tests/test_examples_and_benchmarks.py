@@ -244,3 +244,11 @@ def test_metric_learning_benchmark_quick(tmp_path):
     assert out.startswith("Machine: ") and "| MNIST-1D / CNN1D | multi_similarity | input |" in out
     rows = [line for line in out.splitlines() if line.startswith("| digits") or line.startswith("| MNIST-1D")]
     assert len(rows) == 16
+
+
+def test_concept_metrics_benchmark_quick(tmp_path):
+    out = _run([str(ROOT / "benchmarks/concept_metrics.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
+    assert out.startswith("Machine: ") and "| CBM |" in out and "| PCBM |" in out
+    result = json.loads((tmp_path / "concept_metrics_quick.json").read_text())
+    assert set(result["runs"]) == {"CBM", "CEM", "PCBM"}
+    assert all(0 <= r["location@1"] <= 1 for runs in result["runs"].values() for r in runs)

@@ -3,6 +3,7 @@
 from lit_tricks.callbacks.adawac import AdaWAC
 from lit_tricks.callbacks.adversarial_training import AdversarialTraining
 from lit_tricks.callbacks.bias_loss import BiasLoss
+from lit_tricks.callbacks.concept_metrics import ConceptMetrics, ConceptView, concept_view
 from lit_tricks.callbacks.continual_evaluation import ContinualEvaluation
 from lit_tricks.callbacks.data_diet import DataDietScores
 from lit_tricks.callbacks.distill import Distill
@@ -42,6 +43,8 @@ __all__ = [
     "ApplyNestedDropout",
     "ApplyTrAct",
     "BiasLoss",
+    "ConceptMetrics",
+    "ConceptView",
     "ContinualEvaluation",
     "CutMix",
     "DataDietScores",
@@ -71,5 +74,6 @@ __all__ = [
     "SelectiveBackprop",
     "SelfDistill",
     "TemperatureScaling",
+    "concept_view",
     "sla_head",
 ]

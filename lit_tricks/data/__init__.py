@@ -10,6 +10,7 @@ _EXPORTS = {
         "DigitsConceptDataModule",
         "ShapesDataModule",
         "concept_toy",
+        "render_shape_masks",
         "render_shapes",
     ),
     "lit_tricks.data.continual": ("ContinualDataModule", "split_classes", "task_stream"),

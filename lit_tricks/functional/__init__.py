@@ -8,6 +8,13 @@ from lit_tricks.functional.barlow_twins import (
     mixbt_targets,
     standardise,
 )
+from lit_tricks.functional.concept_metrics import (
+    concept_activation_maps,
+    concept_existence,
+    concept_global_importance,
+    concept_location,
+    input_gradient_maps,
+)
 from lit_tricks.functional.data_diet import el2n_scores, grand_scores, keep_by_scores, load_scores
 from lit_tricks.functional.distillation import distillation_kl, pskd_alpha, pskd_targets, sigmoid_rampup
 from lit_tricks.functional.dkvb import ema_kmeans_step, nearest_keys, retrieve
@@ -76,6 +83,10 @@ __all__ = [
     "class_prototypes",
     "class_temperatures",
     "cluster_subclasses",
+    "concept_activation_maps",
+    "concept_existence",
+    "concept_global_importance",
+    "concept_location",
     "cross_correlation",
     "cutmix_",
     "cutmix_box",
@@ -102,6 +113,7 @@ __all__ = [
     "hard_batch_round",
     "hardest_negatives",
     "highest_losses",
+    "input_gradient_maps",
     "keep_by_scores",
     "kept_count",
     "kl_similarity",

@@ -1,6 +1,7 @@
 """torchmetrics ``Metric`` subclasses, correct under DDP by construction."""
 
 from lit_tricks.metrics.classification import NegativeLogLikelihood, classification_metrics
+from lit_tricks.metrics.concepts import ConceptExistence, ConceptGlobalImportance, ConceptLocation
 from lit_tricks.metrics.long_tail import ClassGroupAccuracy, long_tail_metrics, shot_groups
 from lit_tricks.metrics.neural_collapse import NeuralCollapseMetrics
 from lit_tricks.metrics.ood import OODAUROC, FPRAtTPR, fpr_at_tpr, ood_auroc
@@ -16,6 +17,9 @@ from lit_tricks.metrics.sample_quality import (
 
 __all__ = [
     "ClassGroupAccuracy",
+    "ConceptExistence",
+    "ConceptGlobalImportance",
+    "ConceptLocation",
     "EnergyDistance",
     "FPRAtTPR",
     "FrechetDistance",
