@@ -192,6 +192,15 @@ def test_names_and_similarities_come_back_from_a_checkpoint(tmp_path, quiet_trai
     assert other.concept_names == ["right", "up"] and torch.equal(other.name_similarity, model.name_similarity)
 
 
+def test_embed_batches_without_gradients_in_eval_mode():
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.9))  # in training mode
+    x = torch.randn(5, 3)
+    out = embed(encoder, x, batch_size=2)  # three batches: 2, 2, 1
+    assert torch.allclose(out, encoder[0](x).detach(), atol=1e-6) and not out.requires_grad  # eval mode: no dropout
+    assert encoder.training and encoder[1].training  # and the flags given back
+
+
 def test_bad_input():
     sae = SparseAutoencoder(4, expansion_factor=2)
     with pytest.raises(ValueError, match="vocabulary_embeddings must be \\[M, D\\] with M >= 1"):

@@ -44,8 +44,8 @@ def check_embedding_pair(
 
 def embed(encoder: Encoder, inputs: Tensor | Sequence[Any], batch_size: int = 256) -> Tensor:
     """Run a frozen ``encoder`` over ``inputs`` (a tensor, batched along dim 0, or a sequence such as a list of
-    strings, batched as lists) without gradients (an ``nn.Module`` in eval mode, restored after) and return the
-    float ``[N, D]`` embeddings on the CPU.
+    strings, batched as lists) without gradients (an ``nn.Module`` in eval mode, restored after; tensor batches
+    moved to its parameters' device) and return the float ``[N, D]`` embeddings on the CPU.
 
     Example::
 
@@ -61,10 +61,12 @@ def embed(encoder: Encoder, inputs: Tensor | Sequence[Any], batch_size: int = 25
     if not len(inputs):
         raise ValueError("inputs must not be empty: pass at least one image or one text.")
     chunks = []
+    first = next(encoder.parameters(), None) if isinstance(encoder, nn.Module) else None
+    device = first.device if first is not None else (inputs.device if isinstance(inputs, Tensor) else None)
     with torch.no_grad(), eval_mode(encoder) if isinstance(encoder, nn.Module) else nullcontext():
         for start in range(0, len(inputs), batch_size):
             part = inputs[start : start + batch_size]
-            out = encoder(part if isinstance(inputs, Tensor) else list(part))
+            out = encoder(part.to(device) if isinstance(inputs, Tensor) else list(part))
             if not isinstance(out, Tensor) or out.ndim != 2 or len(out) != len(part):
                 shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                 raise ValueError(f"encoder must return [N, D] embeddings for N = {len(part)} inputs, got {shape}.")
