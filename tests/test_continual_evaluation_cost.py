@@ -78,3 +78,33 @@ def test_one_forward_per_batch_of_the_seen_prefix(quiet_trainer_kwargs):
     trainer = model.trainer
     evaluation.evaluate(trainer, model, record=False)
     assert calls == [64, 64, 22]
+
+
+def test_stratified_subset_keeps_the_class_mix_and_the_default_is_unchanged():
+    targets = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)  # proportions .5 .3 .2
+    inputs = torch.arange(100.0).unsqueeze(1)
+    x, y = ContinualEvaluation(subset_size=10, stratified=True)._subset(0, inputs, targets)
+    assert torch.bincount(y).tolist() == [5, 3, 2]
+    assert torch.equal(targets[x.flatten().long()], y) and len(x.unique()) == 10  # real rows, no repeats
+    # 7 of 100: quotas 3.5, 2.1, 1.4 -> floors 3, 2, 1 and the one left goes to the largest remainder (class 0)
+    assert torch.bincount(
+        ContinualEvaluation(subset_size=7, stratified=True)._subset(0, inputs, targets)[1]
+    ).tolist() == [4, 2, 1]
+    # stratified=False: the uniform draw of before, from the task's private generator
+    rows = torch.randperm(100, generator=torch.Generator().manual_seed(3 * 1000 + 2))[:10]
+    x, y = ContinualEvaluation(subset_size=10, seed=3)._subset(2, inputs, targets)
+    assert torch.equal(x, inputs[rows]) and torch.equal(y, targets[rows])
+    with pytest.raises(ValueError, match="stratified=True needs class ids"):
+        ContinualEvaluation(subset_size=10, stratified=True)._subset(0, inputs, torch.rand(100, 3))
+
+
+def test_stratified_subset_in_a_fit(quiet_trainer_kwargs):
+    pl.seed_everything(0, verbose=False)
+    evaluation = ContinualEvaluation(every_n_steps=5, subset_size=20, stratified=True)
+    stream = ContinualDataModule(DigitsDataModule(val_fraction=0.0, batch_size=64), num_tasks=5)
+    model = Classifier(MLP(64, 10, hidden=(16,)), num_classes=10)
+    pl.Trainer(max_epochs=1, callbacks=[evaluation], **quiet_trainer_kwargs).fit(model, stream)
+    for (_, y), members in zip(evaluation._subsets, stream.task_classes(), strict=True):
+        assert len(y) == 20 and set(y.tolist()) == set(members)
+        assert torch.bincount(y, minlength=10)[members].tolist() in ([10, 10], [11, 9], [9, 11])
+    assert not evaluation.history()[2][-1].isnan().any()

@@ -75,6 +75,9 @@ class ContinualEvaluation(Callback):
         eval_period: if set, evaluate on the seen classes every this many training samples and report
             ``a_auc``, ``a_last`` and ``a_avg`` (Si-Blurry's online metrics; the authors' ``eval_period``: 100 by
             default, 1000 in their CIFAR-100 scripts). ``None``: off, no extra cost.
+        stratified: draw each task's subset with every class in the proportion it has in the evaluation set
+            (largest remainders), not uniformly: a small ``subset_size`` (the cost of an evaluation is linear in it)
+            then keeps the class mix. ``False`` (default): a uniform draw, as the paper.
 
     Example::
 
@@ -102,6 +105,7 @@ class ContinualEvaluation(Callback):
         batch_size: int = 500,
         seed: int = 0,
         eval_period: int | None = None,
+        stratified: bool = False,
     ) -> None:
         check_number("every_n_steps", every_n_steps, at_least=1, integer=True, hint="1: after every optimizer step.")
         if subset_size is not None:
@@ -116,7 +120,7 @@ class ContinualEvaluation(Callback):
         self.eval_period = eval_period
         self.every_n_steps, self.subset_size, self.dense_steps = every_n_steps, subset_size, dense_steps
         self.windows, self.eval_sets, self.task_incremental = tuple(windows), eval_sets, task_incremental
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed, self.stratified = batch_size, seed, stratified
         self._subsets: list[tuple[Tensor, Tensor]] = []
         self._class_masks: Tensor | None = None
         self._row_masks: Tensor | None = None
@@ -176,7 +180,21 @@ class ContinualEvaluation(Callback):
                 "lower subset_size (or None for up to 1000)."
             )
         generator = torch.Generator().manual_seed(self.seed * 1000 + task)  # fixed per task, private
-        rows = torch.randperm(len(inputs), generator=generator)[:size]
+        if not self.stratified:
+            rows = torch.randperm(len(inputs), generator=generator)[:size]
+            return inputs[rows], targets[rows]
+        if targets.ndim != 1:
+            raise ValueError(f"stratified=True needs class ids as targets; task {task}'s are {tuple(targets.shape)}.")
+        classes, counts = targets.unique(return_counts=True)
+        quota = counts * size / len(targets)
+        take = quota.floor().long()
+        extra = torch.argsort(quota - take, descending=True, stable=True)[: size - int(take.sum())]
+        take[extra] += 1
+        rows = []
+        for c, k in zip(classes.tolist(), take.tolist(), strict=True):
+            members = (targets == c).nonzero().flatten()
+            rows.append(members[torch.randperm(len(members), generator=generator)[:k]])
+        rows = torch.cat(rows)
         return inputs[rows], targets[rows]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
