@@ -154,16 +154,18 @@ def test_prompts_enter_the_listed_blocks_only_and_only_the_prompts_head_keys_mas
     assert not any(name.startswith("backbone") for name in model.state_dict())
     assert model.key_counts.tolist() == torch.bincount(selected, minlength=3).float().tolist()
     # the loss by its parts: batch focal = mean CE x mean weight (the authors' code); sample: mean of products
-    for focal in ("batch", "sample", None):
-        m = _mvp(focal=focal, contrastive=False)
+    # mask_unseen_in_training=False: the training logits keep every class (seen: all)
+    for focal, mask_unseen in (("batch", True), ("sample", True), (None, True), ("batch", False)):
+        m = _mvp(focal=focal, contrastive=False, mask_unseen_in_training=mask_unseen)
         m.seen[:3] = True
+        seen = m.seen if mask_unseen else torch.ones(4, dtype=torch.bool)
         with torch.no_grad():
             feats, sel, dist = m.prompt_features(x)
             mask = m.mask_logits[sel].sigmoid() * 2
-            probs = masked_logits(m.head(feats), mask, m.seen).softmax(1)
+            probs = masked_logits(m.head(feats), mask, seen).softmax(1)
             w = focal_weights(ignore_scores(feats, probs, mask, targets), 0.5, 2.0)
             c = compensation_scores(m.head.weight, feats, targets, 0.5)
-            ce = F.cross_entropy(masked_logits(m.head(feats / c.unsqueeze(1)), mask, m.seen), targets, reduction="none")
+            ce = F.cross_entropy(masked_logits(m.head(feats / c.unsqueeze(1)), mask, seen), targets, reduction="none")
             want = {"batch": ce.mean() * w.mean(), "sample": (ce * w).mean(), None: ce.mean()}[focal]
             want = want + dist.gather(1, sel.unsqueeze(1)).mean()
             torch.testing.assert_close(m.mvp_loss(x, targets)[0], want)

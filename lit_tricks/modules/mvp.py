@@ -74,6 +74,8 @@ class MVP(TrickModule):
         gamma: :math:`\gamma` of the focal weights (authors: 2).
         margin: added to the compensation score (authors: 0.5).
         query_last_layer: the query passes the last block too (authors' scripts: no).
+        mask_unseen_in_training: the training logits of classes not seen yet are ``-inf`` too (the authors' code);
+            ``False``: only the evaluation masks them, so training also pushes their logits down.
         online_iter: optimizer steps per incoming batch (authors: 3).
         optimizer: ``params -> Optimizer`` (default Adam, lr 5e-3, no weight decay).
         seed: seed of the keys', prompts' and head's initialisation.
@@ -112,6 +114,7 @@ class MVP(TrickModule):
         gamma: float = 2.0,
         margin: float = 0.5,
         query_last_layer: bool = False,
+        mask_unseen_in_training: bool = True,
         online_iter: int = 3,
         optimizer: OptimizerCallable | None = None,
         seed: int = 0,
@@ -138,7 +141,8 @@ class MVP(TrickModule):
             if len(set(layers)) != len(layers):
                 raise ValueError(f"{name}={layers} names a block twice: list each block once.")
         for name, flag in (("use_mask", use_mask), ("contrastive", contrastive), ("feature_scaling", feature_scaling),
-                           ("query_last_layer", query_last_layer)):  # fmt: skip
+                           ("query_last_layer", query_last_layer),
+                           ("mask_unseen_in_training", mask_unseen_in_training)):  # fmt: skip
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}.")
         if focal not in ("batch", "sample", None):
@@ -155,7 +159,7 @@ class MVP(TrickModule):
         self.g_prompt_layers, self.e_prompt_layers = tuple(g_prompt_layers), tuple(e_prompt_layers)
         self.g_prompt_length, self.e_prompt_length = g_prompt_length, e_prompt_length
         self.use_mask, self.contrastive, self.feature_scaling = use_mask, contrastive, feature_scaling
-        self.focal = focal
+        self.focal, self.mask_unseen_in_training = focal, mask_unseen_in_training
         self.alpha, self.gamma, self.margin, self.online_iter = alpha, gamma, margin, online_iter
         self.query_depth = depth if query_last_layer else depth - 1
         self.optimizer_factory = optimizer
@@ -241,14 +245,15 @@ class MVP(TrickModule):
             chosen = self._trainer.strategy.reduce(chosen, reduce_op="sum")
         self.key_counts += chosen
         mask = self._mask(selected)
+        seen = self.seen if self.mask_unseen_in_training else torch.ones_like(self.seen)
         with torch.no_grad():
             detached = features.detach()
             fixed_mask = None if mask is None else mask.detach()
-            probs = masked_logits(self.head(detached), fixed_mask, self.seen).softmax(dim=1)
+            probs = masked_logits(self.head(detached), fixed_mask, seen).softmax(dim=1)
             ignore = ignore_scores(detached, probs, fixed_mask, targets)
             compensation = compensation_scores(self.head.weight, detached, targets, self.margin)
         head_input = features / compensation.unsqueeze(1) if self.feature_scaling else features
-        logits = masked_logits(self.head(head_input), mask, self.seen)
+        logits = masked_logits(self.head(head_input), mask, seen)
         ce = F.cross_entropy(logits, targets, reduction="none")
         if self.focal == "batch":
             ce_loss = ce.mean() * focal_weights(ignore, self.alpha, self.gamma).mean()
