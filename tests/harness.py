@@ -697,7 +697,8 @@ def _constrained_cbm():
 
     encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveMaxPool2d(2),
                                   torch.nn.Flatten(), torch.nn.Linear(16, 6))  # fmt: skip
-    model = ConceptBottleneckModel(encoder, torch.nn.Linear(6, 8), n_concepts=6)
+    # (a logit bottleneck: a probability bottleneck leaves its unused intervention percentiles NaN, never equal)
+    model = ConceptBottleneckModel(encoder, torch.nn.Linear(6, 8), n_concepts=6, bottleneck="logit")
     return model, ShapeScenesDataModule(num_samples=500, cooccurrence=0.9, decorrelate=True, batch_size=64), []
 
 
