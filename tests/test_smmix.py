@@ -217,3 +217,21 @@ def test_bad_input():
         _trainer([SMMix(), Mixup()], 1).fit(Classifier(ViT(dim=16, depth=1), 10), data)
     with pytest.raises(ValueError, match="leaves no window"):  # one 8x8 patch: no window smaller than the image
         _trainer([SMMix()], 1).fit(Classifier(ViT(patch_size=8, dim=16, depth=1), 10), data)
+
+
+def test_recipe_with_the_smmix_option_runs(tmp_path, monkeypatch):
+    from conftest import ROOT
+
+    from lit_tricks.cli import LitTricksCLI
+
+    monkeypatch.chdir(tmp_path)
+    configs = [
+        "--config",
+        str(ROOT / "configs/vit/digits.yaml"),
+        "--config",
+        str(ROOT / "configs/vit/options/smmix.yaml"),
+    ]
+    short = ["--trainer.max_steps=3", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false"]
+    cli = LitTricksCLI(args=["fit", *configs, *short])
+    assert cli.trainer.global_step == 3 and any(isinstance(cb, SMMix) for cb in cli.trainer.callbacks)
+    assert (tmp_path / "lightning_logs").exists()
