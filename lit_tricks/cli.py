@@ -97,6 +97,9 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.LaBo",
         "lit_tricks.BarlowTwins",
         "lit_tricks.MoCo",
+        "lit_tricks.DNCBMAutoencoder",
+        "lit_tricks.DNCBM",
+        "lit_tricks.KnoBo",
     ),
     "data": (
         "lit_tricks.data.ArrayDataModule",
@@ -134,6 +137,8 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
 # Parts whose arguments a YAML file cannot give, with what to do instead.
 PYTHON_ONLY = {
     "lit_tricks.AdaNPC": "its memory (source_features, source_labels) is tensors: build it in Python (docs/tta.md)",
+    "lit_tricks.DNCBM": "its concept names come from vocabulary embeddings (tensors): build it in Python (docs/dn_cbm.md)",
+    "lit_tricks.KnoBo": "its prior matrix and concept scores are tensors: build it in Python (docs/knobo.md)",
 }
 _CHECKED_PACKAGES = ("lit_tricks", "lit_tricks.data", "lit_tricks.modules", "lit_tricks.nets", "lit_tricks.optim")
 

@@ -13,6 +13,7 @@ _EXPORTS = {
         "render_shape_masks",
         "render_shapes",
     ),
+    "lit_tricks.data.confounded_digits": ("ConfoundedDigits", "confounded_digits"),
     "lit_tricks.data.continual": ("ContinualDataModule", "split_classes", "task_stream"),
     "lit_tricks.data.corruption_stream": ("CorruptionStreamDataModule",),
     "lit_tricks.data.corruptions": ("CORRUPTIONS", "corrupt", "corrupt_signals"),

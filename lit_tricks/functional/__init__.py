@@ -18,10 +18,12 @@ from lit_tricks.functional.concept_metrics import (
 from lit_tricks.functional.data_diet import el2n_scores, grand_scores, keep_by_scores, load_scores
 from lit_tricks.functional.distillation import distillation_kl, pskd_alpha, pskd_targets, sigmoid_rampup
 from lit_tricks.functional.dkvb import ema_kmeans_step, nearest_keys, retrieve
+from lit_tricks.functional.dn_cbm import name_directions, probe_l1, resample_dead_neurons, sae_loss
 from lit_tricks.functional.elr import elr_penalty, elr_probabilities, elr_targets
 from lit_tricks.functional.ema import ema_decay, ema_update_, half_life_to_decay
 from lit_tricks.functional.fpf import forgetting_prone, group_drift, parameter_groups
 from lit_tricks.functional.hard_batches import fixed_batches, hard_batch_round
+from lit_tricks.functional.knobo import knobo_ground_concepts, knobo_prior_loss, knobo_prior_matrix
 from lit_tricks.functional.labo import (
     labo_class_name_prior,
     labo_class_similarity,
@@ -71,6 +73,7 @@ from lit_tricks.functional.tta import (
     softmax_entropy,
     symmetric_cross_entropy,
 )
+from lit_tricks.functional.vl_embeddings import check_embedding_pair, embed
 
 __all__ = [
     "adawac_consistency",
@@ -78,6 +81,7 @@ __all__ = [
     "adawac_weights",
     "barlow_twins_loss",
     "cache_shots",
+    "check_embedding_pair",
     "class_balanced_weights",
     "class_priors",
     "class_prototypes",
@@ -100,6 +104,7 @@ __all__ = [
     "ema_decay",
     "ema_kmeans_step",
     "ema_update_",
+    "embed",
     "enqueue_",
     "equiangularity",
     "equinorm",
@@ -118,6 +123,9 @@ __all__ = [
     "kept_count",
     "kl_similarity",
     "knn_probabilities",
+    "knobo_ground_concepts",
+    "knobo_prior_loss",
+    "knobo_prior_matrix",
     "labo_class_name_prior",
     "labo_class_similarity",
     "labo_discriminability",
@@ -134,6 +142,7 @@ __all__ = [
     "mochi_negatives",
     "moco_logits",
     "moco_loss",
+    "name_directions",
     "nc1",
     "nearest_class_centre",
     "nearest_keys",
@@ -145,14 +154,17 @@ __all__ = [
     "paste_box_",
     "pgd_attack",
     "prior_correction",
+    "probe_l1",
     "prototype_contrastive_loss",
     "prototype_loss",
     "prototype_scores",
     "pskd_alpha",
     "pskd_targets",
     "relation_distillation_loss",
+    "resample_dead_neurons",
     "retrieve",
     "reweighting_weights",
+    "sae_loss",
     "sample_mixing",
     "sbcl_loss",
     "scale_logits",
