@@ -114,10 +114,10 @@ def test_fit_constrained_model_looks_at_the_right_shape(one_thread):
     share = {}
     for decorrelate in (False, True):
         pl.seed_everything(0, verbose=False)
-        data = ShapeScenesDataModule(num_samples=1600, cooccurrence=0.95, decorrelate=decorrelate, batch_size=64,
+        data = ShapeScenesDataModule(num_samples=1200, cooccurrence=0.95, decorrelate=decorrelate, batch_size=64,
                                      val_fraction=0.0)  # fmt: skip
         model = ConceptBottleneckModel(_encoder(), nn.Linear(6, 8), n_concepts=6)
-        pl.Trainer(max_epochs=20, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        pl.Trainer(max_epochs=15, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                    enable_model_summary=False).fit(model, data)  # fmt: skip
         x, c = data.test_set.inputs, data.test_set.extras["concepts"]
         rows = c[:, 1].bool()  # images with a circle
