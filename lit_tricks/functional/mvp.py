@@ -83,7 +83,7 @@ def masked_logits(logits: Tensor, mask: Tensor | None, seen: Tensor) -> Tensor:
     """
     if mask is not None:
         logits = logits * mask
-    return logits.masked_fill(~seen, -torch.inf) if bool(seen.any()) else logits
+    return torch.where(seen.any(), logits.masked_fill(~seen, -torch.inf), logits)  # no host sync
 
 
 def ignore_scores(features: Tensor, probs: Tensor, mask: Tensor | None, targets: Tensor) -> Tensor:
