@@ -711,3 +711,19 @@ def _ecbm():
     features = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.ReLU())
     model = ECBM(features, n_concepts=2, n_tasks=2, feature_dim=16, hidden_dim=8, max_steps=5)
     return model, ConceptToyDataModule("xor", num_samples=400, batch_size=64), []
+
+
+@case("mvp")
+def _mvp():
+    # MVP: the keys' use counts (they scale the next key selections) and the seen classes (the -inf logits) are
+    # buffers that must resume with Adam's moments; online_iter=1 so that a step is a batch (the harness counts
+    # steps); the frozen ViT is rebuilt from the seed, not checkpointed; under DDP the counts are summed and the seen
+    # classes united over ranks, so the ranks stay identical
+    from lit_tricks.modules.mvp import MVP
+    from lit_tricks.nets.vit import ViT
+
+    vit = ViT(image_size=8, patch_size=4, dim=16, depth=3, heads=2)
+    layers = dict(g_prompt_layers=(0,), g_prompt_length=2, e_prompt_layers=(1,), e_prompt_length=3)
+    model = MVP(vit, num_classes=10, pool_size=3, online_iter=1, **layers)
+    stream = ContinualDataModule(DigitsDataModule(batch_size=64, as_image=True), scenario="si_blurry", seed=1)
+    return model, stream, [ContinualEvaluation(every_n_steps=2, eval_period=100)]
