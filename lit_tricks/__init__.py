@@ -69,6 +69,7 @@ _EXPORTS = {
     "lit_tricks.callbacks.selective_backprop": ("SelectiveBackprop",),
     "lit_tricks.callbacks.self_distill": ("SelfDistill",),
     "lit_tricks.callbacks.sla": ("SLA", "sla_head"),
+    "lit_tricks.callbacks.smmix": ("SMMix",),
     "lit_tricks.callbacks.temperature_scaling": ("TemperatureScaling",),
     "lit_tricks.callbacks.tract": ("ApplyTrAct",),
     "lit_tricks.core.batch": ("StepOutput", "TrickBatch"),

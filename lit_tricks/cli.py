@@ -49,6 +49,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.HardBatches",
         "lit_tricks.MIC",
         "lit_tricks.Mixup",
+        "lit_tricks.SMMix",
         "lit_tricks.SampleReweighting",
         "lit_tricks.SelectiveBackprop",
         "lit_tricks.SLA",
@@ -120,6 +121,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
     "nets": (
         "lit_tricks.nets.CNN1D",
         "lit_tricks.nets.CNN2D",
+        "lit_tricks.nets.ViT",
         "lit_tricks.nets.HyperNetwork",
         "lit_tricks.nets.MLP",
         "lit_tricks.nets.NonScalingLayerNorm",
@@ -137,7 +139,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
 # Parts whose arguments a YAML file cannot give, with what to do instead.
 PYTHON_ONLY = {
     "lit_tricks.AdaNPC": "its memory (source_features, source_labels) is tensors: build it in Python (docs/tta.md)",
-    "lit_tricks.DNCBM": "its concept names come from vocabulary embeddings (tensors): build it in Python (docs/dn_cbm.md)",
+    "lit_tricks.DNCBM": "its concept names are vocabulary embeddings (tensors): build it in Python (docs/dn_cbm.md)",
     "lit_tricks.KnoBo": "its prior matrix and concept scores are tensors: build it in Python (docs/knobo.md)",
 }
 _CHECKED_PACKAGES = ("lit_tricks", "lit_tricks.data", "lit_tricks.modules", "lit_tricks.nets", "lit_tricks.optim")

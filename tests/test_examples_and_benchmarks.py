@@ -252,3 +252,11 @@ def test_concept_metrics_benchmark_quick(tmp_path):
     result = json.loads((tmp_path / "concept_metrics_quick.json").read_text())
     assert set(result["runs"]) == {"CBM", "CEM", "PCBM"}
     assert all(0 <= r["location@1"] <= 1 for runs in result["runs"].values() for r in runs)
+
+
+def test_smmix_benchmark_quick(tmp_path):
+    out = _run([str(ROOT / "benchmarks/smmix.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
+    assert out.startswith("Machine: ") and "| SMMix |" in out
+    runs = json.loads((tmp_path / "smmix_quick.json").read_text())["runs"]
+    assert [r["arm"] for r in runs] == ["ViT", "Mixup (0.8, smoothing 0.1)", "CutMix (1.0)", "SMMix"]
+    assert all(0.0 <= r["test_acc"] <= 1.0 for r in runs)

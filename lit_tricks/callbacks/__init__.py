@@ -32,6 +32,7 @@ from lit_tricks.callbacks.sbcl import SBCL
 from lit_tricks.callbacks.selective_backprop import SelectiveBackprop
 from lit_tricks.callbacks.self_distill import SelfDistill
 from lit_tricks.callbacks.sla import SLA, SLAHead, sla_head
+from lit_tricks.callbacks.smmix import SMMix
 from lit_tricks.callbacks.temperature_scaling import TemperatureScaling
 from lit_tricks.callbacks.tract import ApplyTrAct
 
@@ -70,6 +71,7 @@ __all__ = [
     "SBCL",
     "SLA",
     "SLAHead",
+    "SMMix",
     "SampleReweighting",
     "SelectiveBackprop",
     "SelfDistill",
