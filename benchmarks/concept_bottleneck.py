@@ -8,7 +8,7 @@ batch 256, 40 epochs. Shapes: 2,000 16x16 images (500 test), 12 concepts in 4 gr
 small CNN, 30 epochs. Heads: linear, or MLP k-64-64-C. lambda = 1. Black box: the same encoder and MLP head with no
 concept loss (lambda = 0). Hybrid: 16 extra unsupervised dimensions, linear head. CEM: m = 16, RandInt 0.25,
 linear head. ECBM: the encoder (to 64-d, LeakyReLU) feeds the three energy networks (H = 64), the authors' loss
-weights (3, 1, 1), inference (1, 1, 0.01) and intervention (0, 0, 3) weights, soft relaxation. "intervened": task
+weights (3, 1, 1), inference (1, 1, 0.01) and intervention (0, 0, 3) weights, hard relaxation. "intervened": task
 accuracy with every concept replaced by its true value; the curve is the mean over 5 random draws per number of
 groups. Ceiling: the best accuracy of any function of the true concepts.
 Post-hoc: a CNN2D trained on digits (20 epochs); PCBM on its frozen features with a CAV bank (linear-kernel SVC,

@@ -82,7 +82,8 @@ def test_relaxed_energies_at_one_hot_equal_the_training_energies():
 
 def test_one_inference_step_is_one_adam_step_on_the_weighted_energy():
     torch.manual_seed(0)
-    model = small(max_steps=1, inference_weights=(1.0, 2.0, 0.5), lr_concepts=0.1, lr_classes=0.3).eval()
+    model = small(max_steps=1, inference_weights=(1.0, 2.0, 0.5), lr_concepts=0.1, lr_classes=0.3, relaxation="soft")
+    model.eval()
     x = torch.randn(4, 3)
     c_logits, state = model.concept_logits(x)
     c0 = torch.zeros(4, 2, 2, requires_grad=True)

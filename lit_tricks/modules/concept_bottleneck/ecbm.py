@@ -49,8 +49,11 @@ class ECBM(ConceptModule):
     the softmaxed logits as mixtures of the embeddings. It stops when the mean class energy has not fallen by
     more than ``min_improvement`` for ``patience`` steps (or after ``max_steps``); the prediction is the argmax.
     An intervention clamps the known concepts to their true values and minimises again with
-    ``intervention_weights`` (class logits restarted at zero, concepts from the first solution); with
-    ``relaxation="soft"`` the global energy's gradient reaches the unknown concepts, so a correction propagates.
+    ``intervention_weights`` (class logits restarted at zero, concepts from the first solution); the global
+    energy then re-decides the class from the corrected concepts. With ``relaxation="soft"`` its gradient also
+    reaches the unknown concepts (the paper's propagation); with the authors' intervention weights, which drop the
+    input's energies, that made the unknown concepts worse on a toy with a duplicated concept (see the card), so
+    the default is the authors' ``"hard"``.
 
     The free logits are found by gradient descent during validation, test and :meth:`intervene`; this runs under
     ``torch.inference_mode(False)``, so the default ``Trainer(inference_mode=True)`` works. Network weights get no
@@ -72,9 +75,9 @@ class ECBM(ConceptModule):
         concept_flip, sample_flip: the global energy's augmentation, fraction of concepts flipped in a fraction
             of samples (the authors: 0.2, 0.2).
         dropout: on the projected features (the authors: 0.2).
-        relaxation: how the global energy reads relaxed concepts: ``"soft"`` mixes the value embeddings by
-            probability (gradients propagate between concepts); ``"hard"`` picks the embedding of
-            :math:`p > 0.5`, as the authors' code (no gradient reaches the concepts through :math:`E_{cy}`).
+        relaxation: how the global energy reads relaxed concepts: ``"hard"`` picks the embedding of
+            :math:`p > 0.5`, as the authors' code (no gradient reaches the concepts through :math:`E_{cy}`);
+            ``"soft"`` mixes the value embeddings by probability (gradients propagate between concepts).
         concept_groups, optimizer: as :class:`ConceptBottleneckModel` (``None``: Adam, lr 1e-2; the authors use
             SGD, lr 0.01, momentum 0.9, weight decay 4e-5).
 
@@ -110,7 +113,7 @@ class ECBM(ConceptModule):
         concept_flip: float = 0.2,
         sample_flip: float = 0.2,
         dropout: float = 0.2,
-        relaxation: Relaxation = "soft",
+        relaxation: Relaxation = "hard",
         concept_groups: Sequence[Sequence[int]] | None = None,
         optimizer: OptimizerCallable | None = None,
     ) -> None:
