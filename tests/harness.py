@@ -702,17 +702,6 @@ def _constrained_cbm():
     return model, ShapeScenesDataModule(num_samples=500, cooccurrence=0.9, decorrelate=True, batch_size=64), []
 
 
-@case("ecbm_xor")
-def _ecbm():
-    # ECBM: the global energy's concept flips and the dropout draw the global RNG; validation predicts by Adam over
-    # free logits inside the step (no state kept between batches); under DDP the concept metrics sync
-    from lit_tricks.modules.concept_bottleneck.ecbm import ECBM
-
-    features = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.ReLU())
-    model = ECBM(features, n_concepts=2, n_tasks=2, feature_dim=16, hidden_dim=8, max_steps=5)
-    return model, ConceptToyDataModule("xor", num_samples=400, batch_size=64), []
-
-
 @case("mvp")
 def _mvp():
     # MVP: the keys' use counts (they scale the next key selections) and the seen classes (the -inf logits) are
