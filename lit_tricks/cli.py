@@ -116,6 +116,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.data.OpenSetDigitsDataModule",
         "lit_tricks.data.FewShotDataModule",
         "lit_tricks.data.UnseenClassesDataModule",
+        "lit_tricks.data.ShapeScenesDataModule",
     ),
     "optimizers": ("lit_tricks.optim.AdaBelief", "lit_tricks.optim.Lion"),
     "nets": (

@@ -260,3 +260,9 @@ def test_smmix_benchmark_quick(tmp_path):
     runs = json.loads((tmp_path / "smmix_quick.json").read_text())["runs"]
     assert [r["arm"] for r in runs] == ["ViT", "Mixup (0.8, smoothing 0.1)", "CutMix (1.0)", "SMMix"]
     assert all(0.0 <= r["test_acc"] <= 1.0 for r in runs)
+
+
+def test_constrained_cbm_benchmark_quick(tmp_path):
+    out = _run([str(ROOT / "benchmarks/constrained_cbm.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
+    assert out.startswith("Machine: ") and "| cooccurrence 0.95, constrained |" in out
+    assert len(json.loads((tmp_path / "constrained_cbm_quick.json").read_text())["results"]) == 3

@@ -15,6 +15,13 @@ from lit_tricks.functional.concept_metrics import (
     concept_location,
     input_gradient_maps,
 )
+from lit_tricks.functional.constrained_cbm import (
+    concept_saliency,
+    cooccurrence_matrix,
+    independence_weights,
+    pointing_game,
+    saliency_in_region,
+)
 from lit_tricks.functional.data_diet import el2n_scores, grand_scores, keep_by_scores, load_scores
 from lit_tricks.functional.distillation import distillation_kl, pskd_alpha, pskd_targets, sigmoid_rampup
 from lit_tricks.functional.dkvb import ema_kmeans_step, nearest_keys, retrieve
@@ -91,6 +98,8 @@ __all__ = [
     "concept_existence",
     "concept_global_importance",
     "concept_location",
+    "concept_saliency",
+    "cooccurrence_matrix",
     "cross_correlation",
     "cutmix_",
     "cutmix_box",
@@ -118,6 +127,7 @@ __all__ = [
     "hard_batch_round",
     "hardest_negatives",
     "highest_losses",
+    "independence_weights",
     "input_gradient_maps",
     "keep_by_scores",
     "kept_count",
@@ -153,6 +163,7 @@ __all__ = [
     "parameter_groups",
     "paste_box_",
     "pgd_attack",
+    "pointing_game",
     "prior_correction",
     "probe_l1",
     "prototype_contrastive_loss",
@@ -165,6 +176,7 @@ __all__ = [
     "retrieve",
     "reweighting_weights",
     "sae_loss",
+    "saliency_in_region",
     "sample_mixing",
     "sbcl_loss",
     "scale_logits",
