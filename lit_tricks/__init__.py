@@ -87,6 +87,7 @@ _EXPORTS = {
     "lit_tricks.modules.dkvb": ("DKVB",),
     "lit_tricks.modules.metric_learning": ("MetricLearner",),
     "lit_tricks.modules.moco": ("MoCo",),
+    "lit_tricks.modules.mvp": ("MVP",),
     "lit_tricks.modules.nmc": ("NearestMeanClassifier",),
     "lit_tricks.modules.tta.adanpc": ("AdaNPC",),
     "lit_tricks.modules.tta.bn_adapt": ("BNAdapt",),

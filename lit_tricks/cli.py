@@ -101,6 +101,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.DNCBMAutoencoder",
         "lit_tricks.DNCBM",
         "lit_tricks.KnoBo",
+        "lit_tricks.MVP",
     ),
     "data": (
         "lit_tricks.data.ArrayDataModule",

@@ -266,3 +266,9 @@ def test_constrained_cbm_benchmark_quick(tmp_path):
     out = _run([str(ROOT / "benchmarks/constrained_cbm.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
     assert out.startswith("Machine: ") and "| cooccurrence 0.95, constrained |" in out
     assert len(json.loads((tmp_path / "constrained_cbm_quick.json").read_text())["results"]) == 3
+
+
+def test_mvp_benchmark_quick(tmp_path):
+    out = _run([str(ROOT / "benchmarks/mvp.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
+    assert out.startswith("Machine: ") and "| MVP |" in out
+    assert {"10/MVP/1", "5/ER/1"} <= set(json.loads((tmp_path / "mvp_quick.json").read_text())["runs"])

@@ -5,6 +5,7 @@ from lit_tricks import lazy_exports
 _EXPORTS = {
     "lit_tricks.modules.barlow_twins": ("BarlowTwins",),
     "lit_tricks.modules.moco": ("MoCo",),
+    "lit_tricks.modules.mvp": ("MVP",),
     "lit_tricks.modules.classifier": ("Classifier",),
     "lit_tricks.modules.concept_bottleneck.cbm": ("ConceptBottleneckModel",),
     "lit_tricks.modules.concept_bottleneck.cem": ("ConceptEmbeddingModel",),
