@@ -102,6 +102,7 @@ CATALOGUE: dict[str, tuple[str, ...]] = {
         "lit_tricks.DNCBM",
         "lit_tricks.KnoBo",
         "lit_tricks.MVP",
+        "lit_tricks.ECBM",
     ),
     "data": (
         "lit_tricks.data.ArrayDataModule",

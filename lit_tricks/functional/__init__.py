@@ -26,6 +26,13 @@ from lit_tricks.functional.data_diet import el2n_scores, grand_scores, keep_by_s
 from lit_tricks.functional.distillation import distillation_kl, pskd_alpha, pskd_targets, sigmoid_rampup
 from lit_tricks.functional.dkvb import ema_kmeans_step, nearest_keys, retrieve
 from lit_tricks.functional.dn_cbm import name_directions, probe_l1, resample_dead_neurons, sae_loss
+from lit_tricks.functional.ecbm import (
+    concept_class_joint,
+    concept_given_class,
+    concept_given_concept,
+    ecbm_loss,
+    state_prior,
+)
 from lit_tricks.functional.elr import elr_penalty, elr_probabilities, elr_targets
 from lit_tricks.functional.ema import ema_decay, ema_update_, half_life_to_decay
 from lit_tricks.functional.fpf import forgetting_prone, group_drift, parameter_groups
@@ -95,7 +102,10 @@ __all__ = [
     "class_temperatures",
     "cluster_subclasses",
     "concept_activation_maps",
+    "concept_class_joint",
     "concept_existence",
+    "concept_given_class",
+    "concept_given_concept",
     "concept_global_importance",
     "concept_location",
     "concept_saliency",
@@ -106,6 +116,7 @@ __all__ = [
     "cutmix_masks",
     "default_augment",
     "distillation_kl",
+    "ecbm_loss",
     "el2n_scores",
     "elr_penalty",
     "elr_probabilities",
@@ -192,6 +203,7 @@ __all__ = [
     "stablemax_cross_entropy",
     "stablemax_s",
     "standardise",
+    "state_prior",
     "strategy_scores",
     "subclass_counts",
     "symmetric_cross_entropy",

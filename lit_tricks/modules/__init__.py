@@ -4,11 +4,12 @@ from lit_tricks import lazy_exports
 
 _EXPORTS = {
     "lit_tricks.modules.barlow_twins": ("BarlowTwins",),
-    "lit_tricks.modules.moco": ("MoCo",),
-    "lit_tricks.modules.mvp": ("MVP",),
     "lit_tricks.modules.classifier": ("Classifier",),
     "lit_tricks.modules.concept_bottleneck.cbm": ("ConceptBottleneckModel",),
     "lit_tricks.modules.concept_bottleneck.cem": ("ConceptEmbeddingModel",),
+    "lit_tricks.modules.concept_bottleneck.dn_cbm": ("DNCBM", "DNCBMAutoencoder"),
+    "lit_tricks.modules.concept_bottleneck.ecbm": ("ECBM",),
+    "lit_tricks.modules.concept_bottleneck.knobo": ("KnoBo",),
     "lit_tricks.modules.concept_bottleneck.labo": ("LaBo",),
     "lit_tricks.modules.concept_bottleneck.post_hoc": ("PostHocCBM",),
     "lit_tricks.modules.concept_bottleneck.sparse": ("SparseCBM",),
@@ -18,6 +19,8 @@ _EXPORTS = {
     "lit_tricks.modules.generative": ("GenerativeModule",),
     "lit_tricks.modules.hypernetwork": ("LossConditionedRegression",),
     "lit_tricks.modules.metric_learning": ("MetricLearner",),
+    "lit_tricks.modules.moco": ("MoCo",),
+    "lit_tricks.modules.mvp": ("MVP",),
     "lit_tricks.modules.nmc": ("NearestMeanClassifier",),
     "lit_tricks.modules.tta.adanpc": ("AdaNPC",),
     "lit_tricks.modules.tta.base": ("TTAModule",),

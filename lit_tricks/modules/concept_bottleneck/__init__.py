@@ -1,5 +1,5 @@
 """Concept bottleneck models (CBM, hybrid CBM), concept embedding models (CEM), post-hoc CBMs, Sparse-CBM, LaBo,
-DN-CBM and KnoBo, one file per method (each imported on first use)."""
+DN-CBM, ECBM and KnoBo, one file per method (each imported on first use)."""
 
 from lit_tricks import lazy_exports
 
@@ -7,6 +7,7 @@ _EXPORTS = {
     "lit_tricks.modules.concept_bottleneck.base": ("ConceptModule", "unpack_concept_batch"),
     "lit_tricks.modules.concept_bottleneck.cbm": ("ConceptBottleneckModel",),
     "lit_tricks.modules.concept_bottleneck.cem": ("ConceptEmbeddingModel",),
+    "lit_tricks.modules.concept_bottleneck.ecbm": ("ECBM",),
     "lit_tricks.modules.concept_bottleneck.dn_cbm": ("DNCBM", "DNCBMAutoencoder", "SparseAutoencoder"),
     "lit_tricks.modules.concept_bottleneck.knobo": ("KnoBo",),
     "lit_tricks.modules.concept_bottleneck.labo": ("LaBo",),
