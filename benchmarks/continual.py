@@ -16,7 +16,8 @@ reports. Gap rows beside fine-tuning and ER (issue #20): ER + FPF (a fine-tuning
 module on the memory at every task switch and at the end), k-FPF (no per-step replay; a phase of the 3 most
 drifted modules every 25 steps), NMC and DKVB on the raw inputs (flattened pixels / signals; no encoder is
 pretrained here). Cost: wall time of the Split-MNIST-1D fine-tuning fit with the callback at every_n_steps = 1 and
-10, against the same fit without it.
+10, against the same fit without it; and with smaller stratified subsets (subset_size 400 / 800, stratified=True),
+which change the metrics (fewer samples) but cost less.
 Online (Si-Blurry, Moon et al. 2023; the authors' N = 50, M = 10, 5 tasks, split seed = run seed): one pass over
 the same data sets with the same models, fine-tuning and ER as above, and NMC (nearest class mean of the
 L2-normalised raw inputs, no gradient step); ContinualEvaluation every 5 steps with the online metrics every 100
@@ -68,6 +69,10 @@ def _model_and_tricks(spec: dict, method: str, seed: int) -> tuple[pl.LightningM
         "k-FPF": [FPF(memory_size=spec["memory"], replay=False, every_n_steps=25, num_groups=3, seed=seed)],
     }[method]
     return Classifier(spec["net"](), num_classes=10, optimizer=spec["optimizer"]), tricks
+
+
+# (every_n_steps, subset_size): today's evaluation (up to 1000 samples per seen task) and smaller stratified subsets
+COST_ROWS = ((None, None), (10, None), (1, None), (10, 800), (1, 400))
 
 
 def fit(setup: str, seed: int, method: str, evaluation: ContinualEvaluation | None, quick: bool, cache: dict):
@@ -136,11 +141,14 @@ def main() -> None:
                 runs.append({"setup": setup, "method": method, "seed": seed, "steps": steps, "seconds": seconds,
                              "per_step": evaluation.summary(), "coarse": evaluation.summary(end_of_task_only=True),
                              "first_task_curve": acc[:, 0].tolist(), "eval_steps": evaluation.steps})  # fmt: skip
+    if args.part in ("all", "cost"):
+        fit("Split-MNIST-1D", 0, "fine-tuning", None, True, {})  # untimed warm-up of the CNN1D path
     for seed in seeds if args.part in ("all", "cost") else ():
-        for every in (None, 10, 1):
-            evaluation = None if every is None else ContinualEvaluation(every_n_steps=every)
+        for every, subset in COST_ROWS:
+            size = subset // 10 if subset and args.quick else subset  # quick mode's tasks have ~100 test samples
+            evaluation = None if every is None else ContinualEvaluation(every, subset_size=size, stratified=bool(size))
             seconds, _ = fit("Split-MNIST-1D", seed, "fine-tuning", evaluation, args.quick, cache)
-            costs.append({"seed": seed, "every_n_steps": every, "seconds": seconds})
+            costs.append({"seed": seed, "every_n_steps": every, "subset_size": subset, "seconds": seconds})
     online = []
     for setup in SETUPS if args.part in ("all", "online") else ():
         for scenario, method in ONLINE_RUNS:
@@ -162,13 +170,14 @@ def main() -> None:
     if costs:
         print("\n| Split-MNIST-1D fine-tuning | fit time (s) | vs without |")
         print("|---|---|---|")
-    for every in (None, 10, 1) if costs else ():
-        rows = [c for c in costs if c["every_n_steps"] == every]
+    for every, subset in COST_ROWS if costs else ():
+        rows = [c for c in costs if (c["every_n_steps"], c.get("subset_size")) == (every, subset)]
         ratios = [
             c["seconds"] / next(b["seconds"] for b in costs if b["seed"] == c["seed"] and b["every_n_steps"] is None)
             for c in rows
         ]
         label = "without ContinualEvaluation" if every is None else f"every_n_steps={every}"
+        label += f", stratified subset_size={subset}" if subset else ""
         print(f"| {label} | {mean_std([c['seconds'] for c in rows])} | {mean_std(ratios, digits=2)}x |")
     if online:
         print("\n| data | stream | method | ACC (%) | min-ACC (%) | A_auc (%) | A_last (%) |")
