@@ -4,6 +4,7 @@
     python benchmarks/continual.py --seeds 5 --part cost     # only the cost table
     python benchmarks/continual.py --seeds 5 --part online   # only the Si-Blurry table (fine-tuning, ER, NMC)
     python benchmarks/continual.py --seeds 3 --part gap --methods NMC DKVB "ER + FPF" k-FPF   # some rows only
+    python benchmarks/continual.py --seeds 3 --part footprint   # each method's fit time and state, no evaluation
     python benchmarks/continual.py --quick
 
 Class-incremental, 5 tasks of 2 classes, one fit over the whole stream:
@@ -26,6 +27,7 @@ samples (A_auc, A_last), beside NMC on the split streams.
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 
@@ -34,6 +36,7 @@ import torch
 from common import machine_line, mean_std, parser, write_json
 
 from lit_tricks import DKVB, FPF, Classifier, ContinualEvaluation, ExperienceReplay, NearestMeanClassifier
+from lit_tricks.callbacks import PRD
 from lit_tricks.data import ContinualDataModule, DigitsDataModule, MNIST1DDataModule
 from lit_tricks.nets import CNN1D, MLP
 
@@ -54,7 +57,7 @@ SETUPS = {
     ),
 }
 METRICS = ("acc", "min_acc", "wc_acc", "wf10")
-GAP_METHODS = ("fine-tuning", "replay", "ER + FPF", "k-FPF", "NMC", "DKVB")
+GAP_METHODS = ("fine-tuning", "replay", "ER + FPF", "k-FPF", "PRD", "NMC", "DKVB")
 
 
 def _model_and_tricks(spec: dict, method: str, seed: int) -> tuple[pl.LightningModule, list]:
@@ -67,6 +70,7 @@ def _model_and_tricks(spec: dict, method: str, seed: int) -> tuple[pl.LightningM
         "replay": [ExperienceReplay(memory_size=spec["memory"], seed=seed)],
         "ER + FPF": [FPF(memory_size=spec["memory"], at_task_end=True, seed=seed)],
         "k-FPF": [FPF(memory_size=spec["memory"], replay=False, every_n_steps=25, num_groups=3, seed=seed)],
+        "PRD": [PRD()],
     }[method]
     return Classifier(spec["net"](), num_classes=10, optimizer=spec["optimizer"]), tricks
 
@@ -91,7 +95,15 @@ def fit(setup: str, seed: int, method: str, evaluation: ContinualEvaluation | No
     )  # fmt: skip
     start = time.perf_counter()
     trainer.fit(model, stream)
-    return time.perf_counter() - start, trainer.global_step
+    return time.perf_counter() - start, trainer.global_step, state_bytes(model, callbacks)
+
+
+def state_bytes(model: pl.LightningModule, callbacks: list) -> int:
+    """The bytes of the tensors a checkpoint keeps for the method: the module's state dict (the network, NMC's
+    means, DKVB's keys and values) and its tricks' states (replay buffers, FPF's snapshots, PRD's prototypes)."""
+    states = [model.state_dict()] + [cb.state_dict() for cb in callbacks if not isinstance(cb, ContinualEvaluation)]
+    leaves = torch.utils._pytree.tree_leaves(states)
+    return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
 
 
 ONLINE_METRICS = ("acc", "min_acc", "a_auc", "a_last")
@@ -123,7 +135,9 @@ def fit_online(setup: str, scenario: str, method: str, seed: int, quick: bool, c
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("all", "gap", "cost", "online"), default="all", help="which table(s) to measure")
+    p.add_argument(
+        "--part", choices=("all", "gap", "cost", "online", "footprint"), default="all", help="which table(s) to measure"
+    )
     p.add_argument("--methods", nargs="+", choices=GAP_METHODS, default=GAP_METHODS, help="the gap table's rows")
     p.add_argument("--setups", nargs="+", choices=list(SETUPS), default=list(SETUPS), help="the gap table's streams")
     args = p.parse_args()
@@ -135,7 +149,7 @@ def main() -> None:
         for seed in seeds:
             for method in args.methods:
                 evaluation = ContinualEvaluation(every_n_steps=1)
-                seconds, steps = fit(setup, seed, method, evaluation, args.quick, cache)
+                seconds, steps, _ = fit(setup, seed, method, evaluation, args.quick, cache)
                 print(f"{setup} {method} seed {seed}: {seconds:.1f} s", file=sys.stderr)
                 _, _, acc = evaluation.history()
                 runs.append({"setup": setup, "method": method, "seed": seed, "steps": steps, "seconds": seconds,
@@ -147,8 +161,14 @@ def main() -> None:
         for every, subset in COST_ROWS:
             size = subset // 10 if subset and args.quick else subset  # quick mode's tasks have ~100 test samples
             evaluation = None if every is None else ContinualEvaluation(every, subset_size=size, stratified=bool(size))
-            seconds, _ = fit("Split-MNIST-1D", seed, "fine-tuning", evaluation, args.quick, cache)
+            seconds, _, _ = fit("Split-MNIST-1D", seed, "fine-tuning", evaluation, args.quick, cache)
             costs.append({"seed": seed, "every_n_steps": every, "subset_size": subset, "seconds": seconds})
+    footprint = []  # each gap method without ContinualEvaluation: its own fit time and checkpointed state
+    for setup in args.setups if args.part in ("all", "footprint") else ():
+        for seed in seeds:
+            for method in args.methods:
+                seconds, _, size = fit(setup, seed, method, None, args.quick, cache)
+                footprint.append({"setup": setup, "method": method, "seed": seed, "seconds": seconds, "bytes": size})
     online = []
     for setup in SETUPS if args.part in ("all", "online") else ():
         for scenario, method in ONLINE_RUNS:
@@ -179,6 +199,16 @@ def main() -> None:
         label = "without ContinualEvaluation" if every is None else f"every_n_steps={every}"
         label += f", stratified subset_size={subset}" if subset else ""
         print(f"| {label} | {mean_std([c['seconds'] for c in rows])} | {mean_std(ratios, digits=2)}x |")
+    if footprint:
+        print("\n| stream | method | fit time (s), no evaluation | vs fine-tuning | state in the checkpoint (KB) |")
+        print("|---|---|---|---|---|")
+    for setup in args.setups if footprint else ():
+        base = {f["seed"]: f["seconds"] for f in footprint if (f["setup"], f["method"]) == (setup, "fine-tuning")}
+        for method in args.methods:
+            rows = [f for f in footprint if (f["setup"], f["method"]) == (setup, method)]
+            ratio = mean_std([f["seconds"] / base[f["seed"]] for f in rows], digits=2) + "x" if base else "-"
+            kb = statistics.fmean(f["bytes"] for f in rows) / 1024
+            print(f"| {setup} | {method} | {mean_std([f['seconds'] for f in rows])} | {ratio} | {kb:.0f} |")
     if online:
         print("\n| data | stream | method | ACC (%) | min-ACC (%) | A_auc (%) | A_last (%) |")
         print("|---|---|---|---|---|---|---|")
@@ -189,7 +219,7 @@ def main() -> None:
             stream = "Si-Blurry" if scenario == "si_blurry" else "split"
             print(f"| {setup.removeprefix('Split-')} | {stream} | {method} | {cells} |")
     name = "continual" + ("" if args.part == "all" else f"_{args.part}") + ("_quick" if args.quick else "")
-    path = write_json(args.out, name, {"runs": runs, "costs": costs, "online": online})
+    path = write_json(args.out, name, {"runs": runs, "costs": costs, "online": online, "footprint": footprint})
     print(f"\nRaw numbers: {path}")
 
 

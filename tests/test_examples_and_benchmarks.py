@@ -111,7 +111,7 @@ def test_continual_benchmark_quick(tmp_path):
     assert out.startswith("Machine: ") and "| Split-MNIST-1D | replay | task ends only |" in out
     assert "| Split-Digits | k-FPF | every step |" in out and "| Split-MNIST-1D | DKVB | every step |" in out
     result = json.loads((tmp_path / "continual_quick.json").read_text())
-    assert len(result["runs"]) == 12 and {c["every_n_steps"] for c in result["costs"]} == {None, 1, 10}
+    assert len(result["runs"]) == 14 and {c["every_n_steps"] for c in result["costs"]} == {None, 1, 10}
     assert all(0 <= r["per_step"]["acc"] <= 1 for r in result["runs"])
 
 
