@@ -224,3 +224,31 @@ def log_embedding_accuracy(module: pl.LightningModule, batch: Any, stage: str) -
     """Log ``<stage>/acc`` of a module that classifies embedding batches ``{"inputs", "targets"}`` (PCBM, LaBo)."""
     e, y = batch["inputs"], batch["targets"]
     module.log(f"{stage}/acc", (module(e).argmax(-1) == y).float().mean(), batch_size=len(y), sync_dist=True)
+
+
+class LinearHeadOnConcepts(RestoresRNG, pl.LightningModule):
+    """A linear ``head`` on fixed concept activations of embedding batches ``{"inputs", "targets"}``: the loss is the
+    cross-entropy plus the method's :meth:`penalty` on the head (logged as ``train/<penalty_name>``), Adam at ``lr``
+    on the head alone, ``<stage>/acc`` at validation and test (DN-CBM's probe, KnoBo). Subclasses set ``head``,
+    ``lr`` and ``penalty_name`` and implement ``forward(features) -> logits`` and :meth:`penalty`."""
+
+    penalty_name = "penalty"
+
+    def penalty(self) -> Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        ce = F.cross_entropy(self(batch["inputs"]), batch["targets"])
+        penalty = self.penalty()
+        loss = ce + penalty
+        self.log_dict({"train/loss": loss, "train/ce": ce, f"train/{self.penalty_name}": penalty})
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.head.parameters(), lr=self.lr)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        log_embedding_accuracy(self, batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        log_embedding_accuracy(self, batch, "test")

@@ -15,7 +15,7 @@ from lit_tricks.core.checks import check_number
 from lit_tricks.core.rng import RestoresRNG
 from lit_tricks.functional.dn_cbm import name_directions, probe_l1, resample_dead_neurons, sae_loss
 from lit_tricks.functional.vl_embeddings import Encoder, embed
-from lit_tricks.modules.concept_bottleneck.base import log_embedding_accuracy
+from lit_tricks.modules.concept_bottleneck.base import LinearHeadOnConcepts
 
 
 def _features(batch: Any) -> Tensor:
@@ -216,7 +216,7 @@ class DNCBMAutoencoder(RestoresRNG, pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.lr, betas=(0.9, 0.999), eps=1e-8)
 
 
-class DNCBM(RestoresRNG, pl.LightningModule):
+class DNCBM(LinearHeadOnConcepts):
     r"""Stage two of DN-CBM (Rao et al., ECCV 2024): the trained SAE's encoder, frozen, turns image features into
     named concept activations :math:`f(x)` ``[N, M]`` (each neuron named after the vocabulary entry nearest its
     decoder direction, :func:`~lit_tricks.functional.dn_cbm.name_directions`), and a bias-free linear probe
@@ -244,6 +244,8 @@ class DNCBM(RestoresRNG, pl.LightningModule):
         lr: Adam's learning rate (the authors' probes: 1e-3 on ImageNet, CIFAR-10, Places365; 1e-2 CIFAR-100).
         sparsity_weight: :math:`\lambda` (the authors' probes: 1; 10 on Waterbirds; the parser's default 0).
     """
+
+    penalty_name = "l1"
 
     def __init__(
         self,
@@ -354,19 +356,5 @@ class DNCBM(RestoresRNG, pl.LightningModule):
         top = weights.topk(min(k, len(weights)))
         return [(self.concept_names[i], float(w)) for w, i in zip(top.values, top.indices.tolist(), strict=True)]
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        e, y = batch["inputs"], batch["targets"]
-        ce = F.cross_entropy(self(e), y)
-        sparsity = self.sparsity_weight * probe_l1(self.head.weight)
-        loss = ce + sparsity
-        self.log_dict({"train/loss": loss, "train/ce": ce, "train/l1": sparsity})
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.head.parameters(), lr=self.lr)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        log_embedding_accuracy(self, batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        log_embedding_accuracy(self, batch, "test")
+    def penalty(self) -> Tensor:
+        return self.sparsity_weight * probe_l1(self.head.weight)

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_tricks.core.checks import check_number
-from lit_tricks.core.rng import RestoresRNG
 from lit_tricks.functional.knobo import knobo_ground_concepts, knobo_prior_loss
 from lit_tricks.functional.vl_embeddings import check_embedding_pair
-from lit_tricks.modules.concept_bottleneck.base import log_embedding_accuracy
+from lit_tricks.modules.concept_bottleneck.base import LinearHeadOnConcepts
 
 
-class KnoBo(RestoresRNG, pl.LightningModule):
+class KnoBo(LinearHeadOnConcepts):
     r"""KnoBo ("A Textbook Remedy for Domain Shifts: Knowledge Priors for Medical Image Analysis", Yang et al.,
     NeurIPS 2024) on precomputed image features :math:`x` (batches ``{"inputs": x, "targets": y}``), L2-normalised
     first as the code does (``normalize=True``).
@@ -48,6 +46,8 @@ class KnoBo(RestoresRNG, pl.LightningModule):
         lr: Adam's learning rate (the code: 1e-3, batch 64, 200 epochs, the best validation epoch kept).
         normalize: L2-normalise the image features (the code's default).
     """
+
+    penalty_name = "prior"
 
     def __init__(
         self,
@@ -117,18 +117,5 @@ class KnoBo(RestoresRNG, pl.LightningModule):
     def forward(self, features: Tensor) -> Tensor:
         return self.head(self.concepts(features))
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        ce = F.cross_entropy(self(batch["inputs"]), batch["targets"])
-        prior = self.prior_weight * knobo_prior_loss(self.head.weight, self.prior)
-        loss = ce + prior
-        self.log_dict({"train/loss": loss, "train/ce": ce, "train/prior": prior})
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.head.parameters(), lr=self.lr)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        log_embedding_accuracy(self, batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        log_embedding_accuracy(self, batch, "test")
+    def penalty(self) -> Tensor:
+        return self.prior_weight * knobo_prior_loss(self.head.weight, self.prior)
