@@ -125,9 +125,9 @@ def test_consistency_benchmark_quick(tmp_path):
 
 def test_concept_bottleneck_benchmark_quick(tmp_path):
     out = _run([str(ROOT / "benchmarks/concept_bottleneck.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
-    assert out.startswith("Machine: ") and "| CEM |" in out and "| PCBM-h |" in out
+    assert out.startswith("Machine: ") and "| ECBM |" in out and "| PCBM-h |" in out
     result = json.loads((tmp_path / "concept_bottleneck_quick.json").read_text())
-    assert len(result["runs"]) == 4 * 8 and set(result["ceilings"]) == {"XOR", "TRIG", "DOT", "shapes"}
+    assert len(result["runs"]) == 4 * 9 and set(result["ceilings"]) == {"XOR", "TRIG", "DOT", "shapes"}
     assert all(0 <= r["intervened"] <= 1 for r in result["runs"])
 
 
