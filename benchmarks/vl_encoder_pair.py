@@ -29,7 +29,7 @@ unlabelled image embeddings of pre-training split and pool; each neuron named by
 the 10 digit names and the 8 distractors; probe (Adam 1e-2, sparsity 1, 60 epochs) on the pool vs the linear probe.
 "name true": of the neurons that fire on test images, the fraction whose name is a phrase true for (or the name of)
 the digit with the largest mean activation; "chance": the same fraction for a name drawn uniformly from the
-vocabulary.
+vocabulary; "named by a distractor": the fraction of those neurons named by one of the 8 never-trained phrases.
 """
 
 from __future__ import annotations
@@ -249,6 +249,7 @@ def run(seed: int, quick: bool) -> dict:
     result["dn_cbm_l0"] = (acts > 0).float().sum(1).mean().item()
     result["dn_cbm_name_true"] = named_true[alive].float().mean().item()
     result["dn_cbm_name_chance"] = truth[top[alive]].float().mean().item()
+    result["dn_cbm_name_distractor"] = (model.concept_index[alive] >= len(PHRASES) + 10).float().mean().item()
     result["dn_cbm_names"] = sorted({model.concept_names[i] for i in alive.nonzero().flatten().tolist()})
     return result
 
@@ -283,12 +284,13 @@ def main() -> None:
         )
         print(f"| {shots or 'all'} | {k} | {' | '.join(cell(c) for c in cells)} | {probe} | {picked} | {distinct} |")
     print("\nDN-CBM (SAE M = 256 on the image embeddings; probes on the whole pool)\n")
-    print("| DN-CBM probe (%) | linear probe (%) | neurons firing | active per image | name true (%) | chance (%) |")
-    print("|---|---|---|---|---|---|")
+    print("| DN-CBM probe (%) | linear probe (%) | neurons firing | active per image | name true (%) | chance (%) "
+          "| named by a distractor (%) |\n|---|---|---|---|---|---|---|")  # fmt: skip
     alive = mean_std([float(r["dn_cbm_alive"]) for r in runs], 1, 0)
     print(
         f"| {cell('dn_cbm_probe')} | {cell('dn_cbm_linear_probe')} | {alive} | "
-        f"{mean_std([r['dn_cbm_l0'] for r in runs])} | {cell('dn_cbm_name_true')} | {cell('dn_cbm_name_chance')} |"
+        f"{mean_std([r['dn_cbm_l0'] for r in runs])} | {cell('dn_cbm_name_true')} | {cell('dn_cbm_name_chance')} | "
+        f"{cell('dn_cbm_name_distractor')} |"
     )
     path = write_json(args.out, "vl_encoder_pair" + ("_quick" if args.quick else ""), {"runs": runs})
     print(f"\nRaw numbers: {path}")
