@@ -272,3 +272,12 @@ def test_mvp_benchmark_quick(tmp_path):
     out = _run([str(ROOT / "benchmarks/mvp.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
     assert out.startswith("Machine: ") and "| MVP |" in out
     assert {"10/MVP/1", "5/ER/1"} <= set(json.loads((tmp_path / "mvp_quick.json").read_text())["runs"])
+
+
+def test_vl_encoder_pair_benchmark_quick(tmp_path):
+    out = _run([str(ROOT / "benchmarks/vl_encoder_pair.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
+    assert out.startswith("Machine: ") and "| contrast 3 |" in out and "| DN-CBM probe (%) |" in out
+    (run,) = json.loads((tmp_path / "vl_encoder_pair_quick.json").read_text())["runs"]
+    fractions = [v for k, v in run.items() if ("/" in k and "distinct" not in k) or k.startswith("dn_cbm_name_")]
+    assert len(fractions) > 40 and all(0.0 <= v <= 1.0 for v in fractions)
+    assert run["dn_cbm_names"] and 0 < run["dn_cbm_alive"] <= 256
