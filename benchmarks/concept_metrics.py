@@ -1,4 +1,4 @@
-"""Concept global importance, existence and location (Aysel et al. 2025) of CBM, CEM and PCBM on rendered shapes.
+"""Concept global importance, existence and location (Aysel et al. 2025) of CBM, CEM, ECBM and PCBM on rendered shapes.
 
     python benchmarks/concept_metrics.py --seeds 3
     python benchmarks/concept_metrics.py --quick
@@ -15,6 +15,8 @@ location of the top-1 and top-3 concepts, location region alpha = 1 (1/12 of the
 
 from __future__ import annotations
 
+import math
+
 import lightning.pytorch as pl
 import torch
 from common import machine_line, mean_std, parser, write_json
@@ -23,6 +25,7 @@ from torch import nn
 from lit_tricks import ConceptBottleneckModel, ConceptEmbeddingModel, PostHocCBM
 from lit_tricks.callbacks.concept_metrics import ConceptMetrics
 from lit_tricks.data import ArrayDataModule, ShapesDataModule
+from lit_tricks.modules.concept_bottleneck.ecbm import ECBM
 
 HIDDEN = 64
 METRICS = ["cgim_weights", "cgim_mean_prediction", "cgim_weighted", "existence", "location"]
@@ -41,16 +44,18 @@ def trainer(epochs: int = 1, callbacks: list | None = None) -> pl.Trainer:
                       callbacks=callbacks or [])  # fmt: skip
 
 
-def measure(model: pl.LightningModule, data: pl.LightningDataModule) -> dict:
-    """Test accuracy and the concept metrics for the top-1 and top-3 concepts."""
+def measure(model: pl.LightningModule, data: pl.LightningDataModule, gradients: bool = True) -> dict:
+    """Test accuracy and the concept metrics for the top-1 and top-3 concepts (without ``gradients``, as for ECBM
+    whose concepts come from an energy minimisation: no head derivative and no saliency maps, so only
+    ``cgim_mean_prediction`` and existence; the other cells are NaN)."""
     out = {}
     for top_l in (1, 3):
-        run = trainer(callbacks=[ConceptMetrics(top_l=top_l)])
+        run = trainer(callbacks=[ConceptMetrics(top_l=top_l, use_head=gradients, location=gradients)])
         run.test(model, data, verbose=False)
         values = {k.rsplit("/", 1)[-1]: float(v) for k, v in run.callback_metrics.items()}
         out["acc"] = values["acc"]
-        out.update({f"{name}@{top_l}": values[name] for name in ("existence", "location")})
-        out.update({name: values[name] for name in METRICS[:3]})
+        out.update({f"{name}@{top_l}": values.get(name, math.nan) for name in ("existence", "location")})
+        out.update({name: values.get(name, math.nan) for name in METRICS[:3]})
     return out
 
 
@@ -60,10 +65,13 @@ def concept_model(kind: str, seed: int, n: int, epochs: int) -> dict:
     groups = ShapesDataModule.concept_groups
     if kind == "CBM":
         model = ConceptBottleneckModel(encoder(12), nn.Linear(12, 9), 12, concept_groups=groups)
-    else:
+    elif kind == "CEM":
         model = ConceptEmbeddingModel(encoder(HIDDEN), 12, 9, latent_dim=HIDDEN, emb_size=16, concept_groups=groups)
+    else:  # ECBM, as in benchmarks/concept_bottleneck.py
+        features = nn.Sequential(encoder(HIDDEN), nn.LeakyReLU())
+        model = ECBM(features, 12, 9, feature_dim=HIDDEN, hidden_dim=HIDDEN, concept_groups=groups)
     trainer(epochs).fit(model, data)
-    return measure(model, data)
+    return measure(model, data, gradients=kind != "ECBM")
 
 
 class _Embeddings(ArrayDataModule):
@@ -116,9 +124,9 @@ def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     seeds = range(1 if args.quick else args.seeds)
     n, epochs, pcbm_epochs = (300, 1, 2) if args.quick else (2000, 30, 40)
-    runs: dict[str, list[dict]] = {"CBM": [], "CEM": [], "PCBM": []}
+    runs: dict[str, list[dict]] = {"CBM": [], "CEM": [], "ECBM": [], "PCBM": []}
     for seed in seeds:
-        for kind in ("CBM", "CEM"):
+        for kind in ("CBM", "CEM", "ECBM"):
             runs[kind].append({"seed": seed, **concept_model(kind, seed, n, epochs)})
         runs["PCBM"].append({"seed": seed, **post_hoc(seed, n, pcbm_epochs)})
     columns = ["acc", *METRICS[:3], "existence@1", "existence@3", "location@1", "location@3"]
@@ -127,7 +135,8 @@ def main() -> None:
     print("| model | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
     for kind, results in runs.items():
-        cells = [mean_std([r[c] for r in results], 100 if c in ("acc",) or "@" in c else 1, 1 if c == "acc" or "@" in c
+        cells = ["-" if math.isnan(results[0][c]) else
+                 mean_std([r[c] for r in results], 100 if c in ("acc",) or "@" in c else 1, 1 if c == "acc" or "@" in c
                           else 3) for c in columns]  # fmt: skip
         print(f"| {kind} | " + " | ".join(cells) + " |")
     print("\nacc, existence, location in %; CGIM: cosine in [-1, 1]. Chance location@1 with alpha = 1: ~8%.")

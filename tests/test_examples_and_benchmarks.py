@@ -250,8 +250,9 @@ def test_concept_metrics_benchmark_quick(tmp_path):
     out = _run([str(ROOT / "benchmarks/concept_metrics.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
     assert out.startswith("Machine: ") and "| CBM |" in out and "| PCBM |" in out
     result = json.loads((tmp_path / "concept_metrics_quick.json").read_text())
-    assert set(result["runs"]) == {"CBM", "CEM", "PCBM"}
-    assert all(0 <= r["location@1"] <= 1 for runs in result["runs"].values() for r in runs)
+    assert set(result["runs"]) == {"CBM", "CEM", "ECBM", "PCBM"} and "| ECBM |" in out
+    assert all(0 <= r["location@1"] <= 1 for kind, runs in result["runs"].items() if kind != "ECBM" for r in runs)
+    assert all(0 <= r["existence@1"] <= 1 for runs in result["runs"].values() for r in runs)
 
 
 def test_smmix_benchmark_quick(tmp_path):
