@@ -10,11 +10,12 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from lit_tricks.core.checks import check_number
+from lit_tricks.core.frozen import HoldsFrozen
 from lit_tricks.core.module import TrickModule
 from lit_tricks.functional.dkvb import ema_kmeans_step, nearest_keys, retrieve
 
 
-class DKVB(TrickModule):
+class DKVB(HoldsFrozen, TrickModule):
     r"""Discrete Key-Value Bottleneck (Träuble et al., "Discrete Key-Value Bottleneck", ICML 2023) as a classifier.
 
     The frozen ``encoder`` gives features :math:`\phi(x)` ``[N, E]``; fixed random projections (Xavier-normal, one
@@ -89,7 +90,7 @@ class DKVB(TrickModule):
                 f"key_init_data must be a tensor of inputs [M, ...] or None, got {type(key_init_data).__name__}."
             )
         self.save_hyperparameters(ignore=["encoder", "key_init_data", "optimizer"])
-        object.__setattr__(self, "encoder", encoder.eval().requires_grad_(False))  # frozen, not a submodule
+        self.hold_frozen("encoder", encoder)
         self.top_k, self.key_init_data, self.optimizer_factory = top_k, key_init_data, optimizer
         self.key_init_epochs, self.key_decay, self.key_batch_size = key_init_epochs, key_decay, key_batch_size
         self._generator = torch.Generator().manual_seed(seed)
@@ -161,12 +162,6 @@ class DKVB(TrickModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         factory = self.optimizer_factory or (lambda params: torch.optim.Adam(params, lr=1e-3))
         return factory([self.values])
-
-    # ------------------------------------------------------------------ the frozen encoder moves with the module
-    def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)
-        self.encoder._apply(fn, recurse)
-        return self
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         saved = state_dict.get(prefix + "projection")

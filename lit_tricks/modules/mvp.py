@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from lit_tricks.core.batch import TrickBatch
 from lit_tricks.core.checks import check_number
+from lit_tricks.core.frozen import HoldsFrozen
 from lit_tricks.core.module import TrickModule
 from lit_tricks.core.trick import logging_due
 from lit_tricks.functional.mvp import (
@@ -28,7 +29,7 @@ from lit_tricks.functional.mvp import (
 _VIT_PARTS = ("patch_embed", "cls_token", "pos_embed", "blocks", "norm")
 
 
-class MVP(TrickModule):
+class MVP(HoldsFrozen, TrickModule):
     r"""Mask and Visual Prompt tuning (Moon, Park, Kim & Park, "Online Class Incremental Learning on
     Stochastic Blurry Task Boundary via Mask and Visual Prompt Tuning", ICCV 2023), as in the authors' code
     (KHU-AGI/Si-Blurry, ``models/mvp.py`` and ``methods/mvp.py``).
@@ -155,7 +156,7 @@ class MVP(TrickModule):
         self.save_hyperparameters(ignore=["backbone", "optimizer"])
         if path is not None:
             self.hparams["backbone"] = path
-        object.__setattr__(self, "backbone", vit.eval().requires_grad_(False))  # frozen, not a submodule
+        self.hold_frozen("backbone", vit)
         self.g_prompt_layers, self.e_prompt_layers = tuple(g_prompt_layers), tuple(e_prompt_layers)
         self.g_prompt_length, self.e_prompt_length = g_prompt_length, e_prompt_length
         self.use_mask, self.contrastive, self.feature_scaling = use_mask, contrastive, feature_scaling
@@ -297,9 +298,3 @@ class MVP(TrickModule):
         params = [p for p in self.parameters() if p.requires_grad]
         factory = self.optimizer_factory or (lambda ps: torch.optim.Adam(ps, lr=5e-3, weight_decay=0.0))
         return factory(params)
-
-    # ------------------------------------------------------------------ the frozen backbone moves with the module
-    def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)
-        self.backbone._apply(fn, recurse)
-        return self

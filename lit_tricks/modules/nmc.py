@@ -11,10 +11,11 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 
 from lit_tricks.core.batch import TrickBatch
+from lit_tricks.core.frozen import HoldsFrozen
 from lit_tricks.core.module import TrickModule
 
 
-class NearestMeanClassifier(TrickModule):
+class NearestMeanClassifier(HoldsFrozen, TrickModule):
     r"""Nearest-mean classifier (NMC) on a frozen encoder ("A Simple Baseline that Questions the Use of
     Pretrained-Models in Continual Learning", Janson, Zhang, Aljundi & Elhoseiny, NeurIPS 2022 workshop).
 
@@ -80,8 +81,7 @@ class NearestMeanClassifier(TrickModule):
             {"num_classes": num_classes, "normalize": normalize, **({"encoder": path} if path else {})}
         )
         self.normalize = normalize
-        # not a submodule: the frozen encoder stays out of the state dict, the parameters and train()
-        object.__setattr__(self, "encoder", encoder.eval().requires_grad_(False))
+        self.hold_frozen("encoder", encoder)  # out of the state dict, the parameters and train()
         # sized [C, D] at the first batch (D is the encoder's), or by a checkpoint's
         self.register_buffer("class_sums", torch.zeros(num_classes, 0))
         self.register_buffer("class_counts", torch.zeros(num_classes))
@@ -162,11 +162,6 @@ class NearestMeanClassifier(TrickModule):
 
     def configure_optimizers(self) -> None:
         return None
-
-    def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)
-        self.encoder._apply(fn, recurse)  # moved and cast with the module (it is not a submodule)
-        return self
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         sums = state_dict.get(prefix + "class_sums")
