@@ -79,7 +79,7 @@ _EXPORTS = {
     "lit_tricks.modules.classifier": ("Classifier",),
     "lit_tricks.modules.concept_bottleneck.cbm": ("ConceptBottleneckModel",),
     "lit_tricks.modules.concept_bottleneck.cem": ("ConceptEmbeddingModel",),
-    "lit_tricks.modules.concept_bottleneck.dn_cbm": ("DNCBM", "DNCBMAutoencoder",),
+    "lit_tricks.modules.concept_bottleneck.dn_cbm": ("DNCBM", "DNCBMAutoencoder"),
     "lit_tricks.modules.concept_bottleneck.ecbm": ("ECBM",),
     "lit_tricks.modules.concept_bottleneck.knobo": ("KnoBo",),
     "lit_tricks.modules.concept_bottleneck.labo": ("LaBo",),
