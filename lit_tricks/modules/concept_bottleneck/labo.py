@@ -165,10 +165,7 @@ class LaBo(RestoresRNG, pl.LightningModule):
         return torch.optim.Adam([self.weights], lr=self.lr)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._log_accuracy(batch, "val")
+        log_embedding_accuracy(self, batch, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._log_accuracy(batch, "test")
-
-    def _log_accuracy(self, batch: Any, stage: str) -> None:
-        log_embedding_accuracy(self, batch, stage)
+        log_embedding_accuracy(self, batch, "test")
