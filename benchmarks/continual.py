@@ -102,8 +102,17 @@ def state_bytes(model: pl.LightningModule, callbacks: list) -> int:
     """The bytes of the tensors a checkpoint keeps for the method: the module's state dict (the network, NMC's
     means, DKVB's keys and values) and its tricks' states (replay buffers, FPF's snapshots, PRD's prototypes)."""
     states = [model.state_dict()] + [cb.state_dict() for cb in callbacks if not isinstance(cb, ContinualEvaluation)]
-    leaves = torch.utils._pytree.tree_leaves(states)
-    return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
+    return _tensor_bytes(states)
+
+
+def _tensor_bytes(state: object) -> int:
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_tensor_bytes(value) for value in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_tensor_bytes(value) for value in state)
+    return 0
 
 
 ONLINE_METRICS = ("acc", "min_acc", "a_auc", "a_last")
