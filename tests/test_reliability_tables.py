@@ -41,8 +41,23 @@ def test_table_skips_and_counts_rows_that_are_not_finite():
     table.write(module, torch.tensor([0, 1, 2]), rows)
     assert table.values.tolist() == [[0.25, 0.75], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]
     assert table.seen.tolist() == [True, False, False, False, False] and int(table.nonfinite) == 2
-    values, seen = table.read(torch.tensor([0, 1]))
-    assert values.tolist() == [[0.25, 0.75], [0.0, 0.0]] and seen.tolist() == [True, False]
+    assert table.read(torch.tensor([0, 1])).tolist() == [[0.25, 0.75], [0.0, 0.0]]
+    assert table.read(torch.tensor([0, 1]), default=-1.0).tolist() == [[0.25, 0.75], [-1.0, -1.0]]
+
+
+def test_table_default_follows_the_seen_flags_after_all_rows_were_written_and_after_a_reload():
+    table = SampleTable()
+    trainer = SimpleNamespace(train_dataloader=SimpleNamespace(dataset=range(3)), world_size=1)
+    module = SimpleNamespace(num_classes=1, device=torch.device("cpu"), trainer=trainer)
+    table.allocate(trainer, module, owner="test")
+    table.write(module, torch.tensor([0]), torch.ones(1, 1))
+    partial = {key: value.clone() for key, value in table.state_dict().items()}
+    table.write(module, torch.tensor([1, 2]), torch.full((2, 1), 2.0))
+    everything = torch.tensor([0, 1, 2])
+    for _ in range(2):  # the first read finds every row written, the second skips the flags
+        assert table.read(everything, default=-1.0).flatten().tolist() == [1.0, 2.0, 2.0]
+    table.load_state_dict(partial)  # a checkpoint from before rows 1 and 2 were written
+    assert table.read(everything, default=-1.0).flatten().tolist() == [1.0, -1.0, -1.0]
 
 
 def test_ema_update_is_skipped_when_a_value_is_not_finite():

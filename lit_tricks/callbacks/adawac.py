@@ -133,8 +133,8 @@ class AdaWAC(Trick):
             first, second = out.logits, logits
         supervised = 0.5 * (out.per_sample_loss + module.per_sample_loss(logits, batch.targets))
         consistency = self.consistency_weight * adawac_consistency(first, second)
-        stored, seen = self.weights.read(batch.index)
-        weights = adawac_weights(torch.where(seen[:, None], stored, 0.5), supervised, consistency, self.step_size)
+        stored = self.weights.read(batch.index, default=0.5)
+        weights = adawac_weights(stored, supervised, consistency, self.step_size)
         self.weights.write(module, batch.index, weights)
         out.per_sample_loss = adawac_objective(supervised, consistency, weights)
         if logging_due(trainer):

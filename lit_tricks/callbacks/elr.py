@@ -80,7 +80,7 @@ class ELR(Trick):
         self, trainer: pl.Trainer, module: pl.LightningModule, batch: TrickBatch, out: StepOutput
     ) -> StepOutput:
         probs = elr_probabilities(out.logits)
-        previous, _ = self.targets.read(batch.index)
+        previous = self.targets.read(batch.index)  # 0 where never written, as in the authors' code
         targets = elr_targets(previous, probs, self.beta)
         self.targets.write(module, batch.index, targets)
         out.aux_losses["elr_log_regulariser"] = self.lam * elr_penalty(probs, targets).mean()

@@ -102,8 +102,7 @@ class LDRLoss(Trick):
         if self.lambdas is None:
             out.per_sample_loss = ldr_kl_loss(z, batch.targets, self.lam, self.margin)
             return out
-        stored, seen = self.lambdas.read(batch.index)
-        previous = torch.where(seen, stored[:, 0], self.lam)
+        previous = self.lambdas.read(batch.index, default=self.lam)[:, 0]
         lambdas = aldr_lambdas(z, previous, self.lam, self.alpha)
         self.lambdas.write(module, batch.index, lambdas[:, None])
         out.per_sample_loss = aldr_kl_loss(z, batch.targets, lambdas, self.lam, self.alpha, self.margin)

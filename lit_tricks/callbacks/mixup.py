@@ -183,19 +183,20 @@ class Mixup(Trick):
             )
         per_sample = self.mode == "elem"
         perm, lam = sample_mixing(self._rng, len(inputs), alpha, per_sample, inputs.device)
+        if not per_sample:
+            lam = float(lam)  # one weight for the batch: mixing by a number needs no tensor on the device
         spatial = tuple(inputs.shape[2:] if inputs.ndim == 4 else inputs.shape[-1:])
         with torch.no_grad():
             if use_cutmix and not per_sample:  # one box: paste by slicing, on the host's numbers
-                box, corrected = cutmix_box(spatial, float(lam), self._rng)
+                box, lam = cutmix_box(spatial, lam, self._rng)
                 paste_box_(inputs, perm, box)
-                lam = torch.tensor([corrected])
             elif use_cutmix:
                 mask, lam = cutmix_masks(spatial, lam, self._rng, inputs.device)
                 cutmix_(inputs, perm, mask)
             else:
                 mixup_(inputs, perm, lam)
         if logging_due(trainer):
-            module.log(self.tag("lam"), lam.mean())
+            module.log(self.tag("lam"), lam.mean() if per_sample else lam)
             module.log(self.tag("cutmix"), float(use_cutmix))
         if targets.ndim == 2:
             probs = mixup_(targets.float(), perm, lam)

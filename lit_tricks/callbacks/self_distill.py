@@ -137,10 +137,12 @@ class SelfDistill(Trick):
             return batch
         epoch = trainer.current_epoch
         self._alpha = 0.0 if epoch == 0 else pskd_alpha(epoch, self.total_epochs or trainer.max_epochs, self.alpha_T)
+        if self._alpha == 0.0:
+            return batch  # the targets as given: (1 - 0) y + 0 p, exactly
         targets = batch.targets  # class ids, or probabilities that PS-KD blends as they are
         given = targets.float() if targets.ndim == 2 else one_hot(targets, module.num_classes)
-        past, seen = self.table.read(batch.index)
-        batch.targets = pskd_targets(given, torch.where(seen[:, None], past, given), self._alpha)
+        past = self.table.read(batch.index, default=given)  # a sample not seen before keeps its label
+        batch.targets = pskd_targets(given, past, self._alpha)
         return batch
 
     def after_loss(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -144,7 +145,7 @@ class TrickModule(RestoresRNG, pl.LightningModule):
             out = trick.after_loss(trainer, self, tb, out)
 
         task_loss = weighted_mean(out.per_sample_loss, tb.weight)
-        loss = task_loss + sum(out.aux_losses.values())
+        loss = sum(out.aux_losses.values(), task_loss)  # no `+ 0` op when there are none
         n = len(tb)
         keep = self._count_nonfinite(loss, trainer.global_step)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
@@ -201,7 +202,11 @@ class TrickModule(RestoresRNG, pl.LightningModule):
 
     def _count_nonfinite(self, loss: Tensor, step: int) -> bool:
         """Count a non-finite loss; return whether to train on this step (``False`` only for ``skip_step``)."""
-        bad = ~torch.isfinite(loss.detach())
+        loss = loss.detach()
+        on_host = loss.device.type == "cpu" and (self.on_nonfinite == "warn" or self._trainer.world_size == 1)
+        if on_host and math.isfinite(loss):
+            return True  # the common case, told apart by one read of the host number
+        bad = ~torch.isfinite(loss)
         if self.on_nonfinite != "warn" or bad.device.type == "cpu":  # on the CPU reading it is free
             if self._trainer.world_size > 1 and self.on_nonfinite != "warn":
                 bad = self.all_gather(bad).any()  # every rank skips or raises together

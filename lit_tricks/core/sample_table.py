@@ -40,6 +40,27 @@ def check_table_options(table_dtype: str, table_device: str, num_samples: int | 
         raise ValueError(f"num_samples must be a positive integer (or None: from the data), got {num_samples!r}.")
 
 
+_last_bounds: list = [None, 0, 0]  # the last CPU index tensor checked, and its smallest and largest entry
+
+
+def _bounds(index: Tensor) -> tuple[int, int]:
+    """The smallest and largest entry of a CPU index tensor; the tables that read one batch's index (e.g. PS-KD's and
+    ELR's) share one computation, as they receive the same tensor object."""
+    if _last_bounds[0] is not index:
+        low, high = (int(end) for end in torch.aminmax(index)) if len(index) else (0, 0)
+        _last_bounds[:] = [index, low, high]
+    return _last_bounds[1], _last_bounds[2]
+
+
+def _moved(rows: Tensor, device: torch.device) -> Tensor:
+    """``rows`` on ``device``: a non-blocking copy, from pinned memory when it leaves the host for CUDA."""
+    if rows.device == device:
+        return rows
+    if rows.device.type == "cpu" and device.type == "cuda":
+        rows = rows.pin_memory()
+    return rows.to(device, non_blocking=True)
+
+
 class SampleTable:
     """Rows ``[N, C]`` indexed by dataset index, with a ``seen`` mask.
 
@@ -65,6 +86,7 @@ class SampleTable:
         self._owner = "SampleTable"
         self._checked_index: Tensor | None = None  # the last index tensor checked, and its copy on the table's device
         self._checked_table_index: Tensor | None = None
+        self._all_seen = False  # every row written at least once (then `read` skips the seen flags)
 
     def allocate(self, trainer: pl.Trainer, module: pl.LightningModule, owner: str) -> None:
         """One row of ``module.num_classes`` per dataset index: zero rows, or the restored ones after checking their
@@ -87,6 +109,7 @@ class SampleTable:
             self.values, self.seen = self.values.to(device, self.dtype), self.seen.to(device)
         if device.type == "cpu" and torch.cuda.is_available():
             self.values, self.seen = self.values.pin_memory(), self.seen.pin_memory()
+        self._all_seen = False
         self.nonfinite = (self.nonfinite if self.nonfinite is not None else torch.zeros((), dtype=torch.long)).to(
             module.device
         )
@@ -95,15 +118,18 @@ class SampleTable:
             f"{owner}: per-sample table {num_samples} x {width} {self.dtype} on {device}, {megabytes:.1f} MiB"
         )
 
-    def read(self, index: Tensor) -> tuple[Tensor, Tensor]:
-        """The rows at ``index`` as float32 and their ``seen`` flags, on ``index``'s device."""
+    def read(self, index: Tensor, default: Tensor | float | None = None) -> Tensor:
+        """The rows at ``index`` as float32, on ``index``'s device; with ``default``, rows never written are
+        ``default`` instead (a tensor broadcastable to the rows, or a number). Once every row has been written,
+        the ``seen`` flags are no longer read (known for free when the table is in host memory)."""
         table_index = self._table_index(index)
-        values, seen = self.values[table_index], self.seen[table_index]
-        if values.device != index.device:
-            if values.device.type == "cpu" and index.is_cuda:
-                values, seen = values.pin_memory(), seen.pin_memory()
-            values, seen = values.to(index.device, non_blocking=True), seen.to(index.device, non_blocking=True)
-        return values.float(), seen
+        values = _moved(self.values.index_select(0, table_index), index.device).float()
+        if default is None or self._all_seen:
+            return values
+        seen = _moved(self.seen.index_select(0, table_index), index.device)
+        if self.seen.device.type == "cpu":
+            self._all_seen = bool(self.seen.all())  # rows never become unseen again
+        return torch.where(seen.view(-1, *[1] * (values.ndim - 1)), values, default)
 
     def write(self, module: pl.LightningModule, index: Tensor, rows: Tensor) -> None:
         """Store ``rows`` at ``index``, from every rank under DDP; rows that are not finite are skipped and counted."""
@@ -113,7 +139,8 @@ class SampleTable:
             # the common case, told apart for free on the CPU (a sum is finite only if every entry is; the Python
             # test of the host number costs one tensor op less than four of Tensor.isfinite)
             index = self._table_index(index)
-            self.values[index], self.seen[index] = rows, True
+            self.values.index_copy_(0, index, rows)
+            self.seen.index_fill_(0, index, True)
             return
         finite = torch.isfinite(rows).all(dim=1)
         self.nonfinite += (~finite).sum()
@@ -136,12 +163,12 @@ class SampleTable:
             f"count in), or give indices that count from 0 within the training set."
         )
         if index.device.type == "cpu":
-            low, high = (int(end) for end in torch.aminmax(index)) if len(index) else (0, 0)
+            low, high = _bounds(index)
             if low < 0 or high >= n:
                 raise ValueError(f"{message} Got indices in [{low}, {high}].")
         else:
             torch._assert_async(((index >= 0) & (index < n)).all(), message)
-        self._checked_index, self._checked_table_index = index, index.to(self.values.device)
+        self._checked_index, self._checked_table_index = index, index.to(self.values.device, torch.long)
         return self._checked_table_index
 
     def state_dict(self) -> dict[str, Any]:
@@ -152,4 +179,5 @@ class SampleTable:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             self.values, self.seen = state["values"], state["seen"]
+            self._all_seen = False
             self.nonfinite = state.get("nonfinite")

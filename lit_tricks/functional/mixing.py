@@ -21,11 +21,13 @@ def sample_mixing(
     return perm, lam
 
 
-def mixup_(inputs: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
+def mixup_(inputs: Tensor, perm: Tensor, lam: Tensor | float) -> Tensor:
     r"""In place, :math:`x_i \leftarrow \lambda_i x_i + (1 - \lambda_i) x_{\pi(i)}` (Zhang et al., 2018);
-    for inputs and for probability targets ``[N, C]`` alike."""
-    lam = lam.to(device=inputs.device, dtype=inputs.dtype, non_blocking=True).view(-1, *([1] * (inputs.ndim - 1)))
-    partners = inputs[perm]  # a gathered copy, so the in-place update reads unmixed partners
+    for inputs and for probability targets ``[N, C]`` alike. ``lam``: one number for the batch, or ``[N]``
+    (or ``[1]``) weights."""
+    if isinstance(lam, Tensor):
+        lam = lam.to(device=inputs.device, dtype=inputs.dtype, non_blocking=True).view(-1, *[1] * (inputs.ndim - 1))
+    partners = inputs.index_select(0, perm)  # a gathered copy, so the in-place update reads unmixed partners
     return inputs.lerp_(partners, 1.0 - lam)  # x + (1 - lam)(x_perm - x): one pass over the inputs
 
 
@@ -91,7 +93,7 @@ def paste_box_(inputs: Tensor, perm: Tensor, box: tuple[slice, ...]) -> Tensor:
     """In place, paste the partners' ``box`` (slices of the trailing spatial dimensions) into ``inputs``;
     reads and writes only the box, so it costs a fraction of a full-tensor mix."""
     region = inputs[(..., *box)]
-    region.copy_(region[perm])  # the gather copies first, so partners are read unmixed
+    region.copy_(region.index_select(0, perm))  # the gather copies first, so partners are read unmixed
     return inputs
 
 
@@ -100,7 +102,7 @@ def cutmix_(inputs: Tensor, perm: Tensor, mask: Tensor) -> Tensor:
     channels (the dimensions between batch and spatial) share the mask."""
     channels = inputs.ndim - mask.ndim
     mask = mask.view(mask.shape[0], *([1] * channels), *mask.shape[1:])
-    partners = inputs[perm]
+    partners = inputs.index_select(0, perm)
     return inputs.copy_(torch.where(mask, partners, inputs))
 
 
@@ -110,14 +112,20 @@ def one_hot(targets: Tensor, num_classes: int) -> Tensor:
     return probs.scatter_(1, targets.view(-1, 1), 1.0)
 
 
-def mixed_one_hot(targets: Tensor, perm: Tensor, lam: Tensor, num_classes: int) -> Tensor:
+def mixed_one_hot(targets: Tensor, perm: Tensor, lam: Tensor | float, num_classes: int) -> Tensor:
     r"""Mixed one-hot targets :math:`\lambda_i e_{y_i} + (1 - \lambda_i) e_{y_{\pi(i)}}` ``[N, C]`` from class ids,
     written with two scatters: the same as ``mixup_(one_hot(targets, C), perm, lam)`` at a fraction of its cost.
-    Float32 whatever the default dtype (``precision="bf16-true"`` sets it to bfloat16)."""
-    lam = lam.to(targets.device, torch.float32).expand(len(targets)).view(-1, 1)
-    probs = torch.zeros(len(targets), num_classes, dtype=torch.float32, device=targets.device)
+    ``lam``: one number for the batch, or ``[N]`` (or ``[1]``) weights. Float32 whatever the default dtype
+    (``precision="bf16-true"`` sets it to bfloat16)."""
+    n = len(targets)
+    probs = torch.zeros(n, num_classes, dtype=torch.float32, device=targets.device)
+    if isinstance(lam, Tensor):
+        lam = lam.to(targets.device, torch.float32).expand(n).view(-1, 1)
+        partner_weight = 1.0 - lam
+    else:
+        partner_weight = probs.new_full((n, 1), 1.0 - lam)
     probs.scatter_(1, targets.view(-1, 1), lam)
-    return probs.scatter_add_(1, targets[perm].view(-1, 1), 1.0 - lam)
+    return probs.scatter_add_(1, targets.index_select(0, perm).view(-1, 1), partner_weight)
 
 
 def smooth_labels(probs: Tensor, smoothing: float) -> Tensor:
