@@ -1,7 +1,9 @@
+import math
+
 import pytest
 import torch
 
-from lit_tricks import TrickBatch
+from lit_tricks import StepOutput, TrickBatch
 
 
 def test_from_dict_keeps_extras():
@@ -55,3 +57,13 @@ def test_check_rejects_bad_targets(targets, match):
 def test_check_accepts_good_targets():
     TrickBatch(torch.zeros(2, 5), torch.tensor([0, 2])).check(3)
     TrickBatch(torch.zeros(2, 5), torch.tensor([[0.2, 0.3, 0.5], [0, 0, 1.0]]), torch.tensor([0, 1])).check(3)
+
+
+def test_step_output_probabilities_are_computed_once_and_follow_replaced_logits():
+    logits = torch.tensor([[0.0, math.log(3.0)]], requires_grad=True)
+    out = StepOutput(logits, None, torch.zeros(1))
+    first = out.probabilities()
+    torch.testing.assert_close(first, torch.tensor([[0.25, 0.75]]))
+    assert out.probabilities() is first and first.requires_grad  # one softmax per step, in the graph
+    out.logits = logits * 0.0  # a trick replaced the logits: the next ask sees them
+    torch.testing.assert_close(out.probabilities(), torch.tensor([[0.5, 0.5]]))

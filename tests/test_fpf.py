@@ -128,8 +128,10 @@ def test_k_fpf_phases_and_state_round_trip():
 def test_replay_off_trains_on_the_new_batch_only():
     # k-FPF fills the memory but trains each step on the new batch alone: the same weights as plain fine-tuning
     # until the first phase
+    pl.seed_everything(0, verbose=False)  # the same initial weights for both (_fit seeds after they are built)
     plain = _fit(MLP(64, 10, hidden=(16,)), [], _stream(batch_size=64))
     fpf = FPF(memory_size=100, replay=False, every_n_steps=1000, at_fit_end=False)
+    pl.seed_everything(0, verbose=False)
     stored = _fit(MLP(64, 10, hidden=(16,)), [fpf], _stream(batch_size=64))
     assert fpf.seen == 1438 and not fpf.phases
     for a, b in zip(plain.parameters(), stored.parameters(), strict=True):

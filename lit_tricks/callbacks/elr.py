@@ -79,7 +79,7 @@ class ELR(Trick):
     def after_loss(
         self, trainer: pl.Trainer, module: pl.LightningModule, batch: TrickBatch, out: StepOutput
     ) -> StepOutput:
-        probs = elr_probabilities(out.logits)
+        probs = elr_probabilities(out.probabilities())
         previous = self.targets.read(batch.index)  # 0 where never written, as in the authors' code
         targets = elr_targets(previous, probs, self.beta)
         self.targets.write(module, batch.index, targets)

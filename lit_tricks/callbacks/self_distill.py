@@ -150,7 +150,7 @@ class SelfDistill(Trick):
     ) -> StepOutput:
         log_now = logging_due(trainer)
         if self.teacher == "past_predictions":
-            self.table.write(module, batch.index, out.logits.detach().float().softmax(dim=-1))
+            self.table.write(module, batch.index, out.probabilities().detach())
             if log_now:
                 module.log(self.tag("alpha"), self._alpha)
                 module.log(self.tag("nonfinite"), self.table.nonfinite.float())

@@ -132,3 +132,11 @@ class StepOutput:
     features: Tensor | None
     per_sample_loss: Tensor
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    _softmax: tuple[Tensor, Tensor] | None = field(default=None, init=False, repr=False)
+
+    def probabilities(self) -> Tensor:
+        """``softmax(logits)`` in float32 ``[N, C]``, with gradient; computed once per step however many tricks ask
+        for it (``.detach()`` it to store or compare), and again if a trick has replaced ``logits``."""
+        if self._softmax is None or self._softmax[0] is not self.logits:
+            self._softmax = (self.logits, self.logits.float().softmax(dim=-1))
+        return self._softmax[1]

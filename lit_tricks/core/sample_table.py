@@ -140,7 +140,8 @@ class SampleTable:
             # test of the host number costs one tensor op less than four of Tensor.isfinite)
             index = self._table_index(index)
             self.values.index_copy_(0, index, rows)
-            self.seen.index_fill_(0, index, True)
+            if not self._all_seen:
+                self.seen.index_fill_(0, index, True)
             return
         finite = torch.isfinite(rows).all(dim=1)
         self.nonfinite += (~finite).sum()

@@ -6,9 +6,10 @@ import torch
 from torch import Tensor
 
 
-def elr_probabilities(logits: Tensor) -> Tensor:
-    """The clamped softmax ELR uses: :math:`p = \\mathrm{clamp}(\\sigma(z), 10^{-4}, 1 - 10^{-4})`."""
-    return logits.float().softmax(dim=-1).clamp(1e-4, 1.0 - 1e-4)
+def elr_probabilities(softmax: Tensor) -> Tensor:
+    """The clamped softmax ELR uses, from the softmax :math:`\\sigma(z)`:
+    :math:`p = \\mathrm{clamp}(\\sigma(z), 10^{-4}, 1 - 10^{-4})`."""
+    return softmax.clamp(1e-4, 1.0 - 1e-4)
 
 
 def elr_targets(previous: Tensor, probs: Tensor, beta: float) -> Tensor:
