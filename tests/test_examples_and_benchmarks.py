@@ -61,8 +61,9 @@ def test_ema_speed_benchmark_quick(tmp_path):
 def test_overhead_benchmark_quick(tmp_path):
     out = _run([str(ROOT / "benchmarks/overhead.py"), "--quick", "--out", str(tmp_path)], cwd=tmp_path)
     assert out.startswith("Machine: ") and "| Classifier + EMATeacher + Mixup + PS-KD + ELR |" in out
+    assert "| plain LightningModule + the four tricks by hand |" in out
     runs = json.loads((tmp_path / "overhead_quick.json").read_text())["runs"]
-    assert len(runs) == 2 and all(len(r["step_ms"]) == 4 for r in runs)
+    assert len(runs) == 2 and all(len(r["step_ms"]) == 6 for r in runs)
     assert set(runs[0]["hook_ms"]) == {"EMATeacher", "Mixup", "SelfDistill", "ELR"}
     assert all(ms[0] > 0 for r in runs for ms in r["step_ms"].values())
 

@@ -208,6 +208,21 @@ def test_an_index_outside_the_table_is_a_clear_error(quiet_trainer_kwargs):
     assert elr.targets.values.shape == (116, 3) and int(elr.targets.seen[100:].sum()) == 16
 
 
+@pytest.mark.parametrize("bad", [[-1, 0], [0, 3]])
+def test_reads_and_writes_outside_the_table_are_clear_errors(bad):
+    table = SampleTable()
+    trainer = SimpleNamespace(train_dataloader=SimpleNamespace(dataset=range(3)), world_size=1)
+    module = SimpleNamespace(num_classes=2, device=torch.device("cpu"), trainer=trainer)
+    table.allocate(trainer, module, owner="test")
+    expected = rf"index outside \[0, 3\).*Got indices in \[{min(bad)}, {max(bad)}\]"
+    with pytest.raises(ValueError, match=expected):
+        table.read(torch.tensor(bad))
+    for rows in (torch.ones(2, 2), torch.tensor([[1.0, NAN], [1.0, 1.0]])):  # the finite and the guarded path
+        with pytest.raises(ValueError, match=expected):
+            table.write(module, torch.tensor(bad), rows)
+    assert not table.seen.any()  # no row counts as written
+
+
 # ---------------------------------------------------------------- uneven batches under DDP
 def test_uneven_rank_local_shards_under_ddp(tmp_path):
     """Rank 0 holds indices 0-19 and rank 1 20-35 of 40, batches of 12: last batches of 8 and 4 samples."""

@@ -40,18 +40,6 @@ def check_table_options(table_dtype: str, table_device: str, num_samples: int | 
         raise ValueError(f"num_samples must be a positive integer (or None: from the data), got {num_samples!r}.")
 
 
-_last_bounds: list = [None, 0, 0]  # the last CPU index tensor checked, and its smallest and largest entry
-
-
-def _bounds(index: Tensor) -> tuple[int, int]:
-    """The smallest and largest entry of a CPU index tensor; the tables that read one batch's index (e.g. PS-KD's and
-    ELR's) share one computation, as they receive the same tensor object."""
-    if _last_bounds[0] is not index:
-        low, high = (int(end) for end in torch.aminmax(index)) if len(index) else (0, 0)
-        _last_bounds[:] = [index, low, high]
-    return _last_bounds[1], _last_bounds[2]
-
-
 def _moved(rows: Tensor, device: torch.device) -> Tensor:
     """``rows`` on ``device``: a non-blocking copy, from pinned memory when it leaves the host for CUDA."""
     if rows.device == device:
@@ -123,7 +111,11 @@ class SampleTable:
         ``default`` instead (a tensor broadcastable to the rows, or a number). Once every row has been written,
         the ``seen`` flags are no longer read (known for free when the table is in host memory)."""
         table_index = self._table_index(index)
-        values = _moved(self.values.index_select(0, table_index), index.device).float()
+        try:
+            values = self.values.index_select(0, table_index)
+        except IndexError:
+            raise self._out_of_range(index) from None
+        values = _moved(values, index.device).float()
         if default is None or self._all_seen:
             return values
         seen = _moved(self.seen.index_select(0, table_index), index.device)
@@ -135,42 +127,49 @@ class SampleTable:
         """Store ``rows`` at ``index``, from every rank under DDP; rows that are not finite are skipped and counted."""
         (index, rows), _ = all_gather_rows(module, index, rows)
         rows = rows.detach().to(self.dtype)
-        if rows.device.type == "cpu" and self.values.device.type == "cpu" and math.isfinite(rows.sum()):
-            # the common case, told apart for free on the CPU (a sum is finite only if every entry is; the Python
-            # test of the host number costs one tensor op less than four of Tensor.isfinite)
-            index = self._table_index(index)
-            self.values.index_copy_(0, index, rows)
-            if not self._all_seen:
-                self.seen.index_fill_(0, index, True)
-            return
-        finite = torch.isfinite(rows).all(dim=1)
-        self.nonfinite += (~finite).sum()
-        if self.values.device != rows.device:  # queue the copies; the index copy below waits for all of them
-            host = self.values.device
-            rows, finite = rows.to(host, non_blocking=True), finite.to(host, non_blocking=True)
-        index = self._table_index(index)
-        self.values[index] = torch.where(finite[:, None], rows, self.values[index])
-        self.seen[index] = self.seen[index] | finite
+        table_index = self._table_index(index)
+        try:
+            if rows.device.type == "cpu" and self.values.device.type == "cpu" and math.isfinite(rows.sum()):
+                # the common case, told apart for free on the CPU (a sum is finite only if every entry is; the
+                # Python test of the host number costs one tensor op less than four of Tensor.isfinite)
+                self.values.index_copy_(0, table_index, rows)
+                if not self._all_seen:
+                    self.seen.index_fill_(0, table_index, True)
+                return
+            finite = torch.isfinite(rows).all(dim=1)
+            self.nonfinite += (~finite).sum()
+            if self.values.device != rows.device:  # queue the copies; the index copy below waits for all of them
+                host = self.values.device
+                rows, finite = rows.to(host, non_blocking=True), finite.to(host, non_blocking=True)
+            kept = torch.where(finite[:, None], rows, self.values.index_select(0, table_index))
+            self.values.index_copy_(0, table_index, kept)
+            self.seen.index_copy_(0, table_index, self.seen.index_select(0, table_index) | finite)
+        except IndexError:
+            raise self._out_of_range(index) from None
 
     def _table_index(self, index: Tensor) -> Tensor:
-        """``index`` on the table's device, after a range check (on CUDA an asynchronous assertion); a step's
-        write reuses the check of its read of the same index tensor."""
+        """``index`` as int64 on the table's device; a step's write reuses its read's copy of the same tensor. On
+        the CPU an index out of range makes the indexing itself fail (then :meth:`_out_of_range` explains it); an
+        accelerator's index is checked by an asynchronous assertion first."""
         if index is self._checked_index:
             return self._checked_table_index
-        n = len(self.values)
-        message = (
-            f"{self._owner}: a batch holds a dataset index outside [0, {n}), the rows of its per-sample table: "
-            f"pass num_samples= (one more than the largest index, e.g. the size of the full dataset the indices "
-            f"count in), or give indices that count from 0 within the training set."
-        )
-        if index.device.type == "cpu":
-            low, high = _bounds(index)
-            if low < 0 or high >= n:
-                raise ValueError(f"{message} Got indices in [{low}, {high}].")
-        else:
-            torch._assert_async(((index >= 0) & (index < n)).all(), message)
+        if index.device.type != "cpu":
+            n = len(self.values)
+            torch._assert_async(((index >= 0) & (index < n)).all(), str(self._out_of_range(index, read=False)))
         self._checked_index, self._checked_table_index = index, index.to(self.values.device, torch.long)
         return self._checked_table_index
+
+    def _out_of_range(self, index: Tensor, read: bool = True) -> ValueError:
+        """The clear error for a batch whose dataset indices fall outside the table (``read``: say which ones)."""
+        message = (
+            f"{self._owner}: a batch holds a dataset index outside [0, {len(self.values)}), the rows of its "
+            "per-sample table: pass num_samples= (one more than the largest index, e.g. the size of the full "
+            "dataset the indices count in), or give indices that count from 0 within the training set."
+        )
+        if read:
+            low, high = (int(end) for end in torch.aminmax(index))
+            message += f" Got indices in [{low}, {high}]."
+        return ValueError(message)
 
     def state_dict(self) -> dict[str, Any]:
         if self.values is None:
