@@ -193,8 +193,8 @@ class EMATeacher(Callback):
             ema_update_(self._ema, live, decay)
         else:
             finite = ema_update_finite_(self._ema, live, decay)
-            if finite.device.type != "cpu" or not finite:  # on the CPU the answer is known already: count skips
-                self.nonfinite += ~finite
+            if finite is not True:  # decided on an accelerator (counted there), or skipped on the CPU
+                self.nonfinite += ~torch.as_tensor(finite, device=self.nonfinite.device)
         if logging_due(trainer):
             pl_module.log("tricks/EMATeacher/decay", decay)
             pl_module.log("tricks/EMATeacher/nonfinite", self.nonfinite.float())

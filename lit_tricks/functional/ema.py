@@ -40,16 +40,16 @@ def ema_update_(averages: list[Tensor], values: list[Tensor], decay: float) -> N
 
 
 @torch.no_grad()
-def ema_update_finite_(averages: list[Tensor], values: list[Tensor], decay: float) -> Tensor:
+def ema_update_finite_(averages: list[Tensor], values: list[Tensor], decay: float) -> Tensor | bool:
     r""":func:`ema_update_`, skipped as a whole when any value is NaN or infinite, so finite averages stay finite.
 
     Every value is finite when all their norms are (a weight beyond about :math:`10^{19}` overflows its float32
     norm and counts as not finite). On the CPU the update then runs or not; on an accelerator the decision
-    stays on the device (:func:`lerp_where_`), with no host-device synchronisation. Returns the decision, a
-    0-dim bool tensor.
+    stays on the device (:func:`lerp_where_`), with no host-device synchronisation. Returns the decision: a
+    0-dim bool tensor on an accelerator, a Python bool on the CPU.
     """
     if not values:
-        return torch.tensor(True)
+        return True
     norms = torch.stack(torch._foreach_norm(values, 2, dtype=torch.float32))
     if norms.device.type != "cpu":
         finite = norms.isfinite().all()
@@ -58,7 +58,7 @@ def ema_update_finite_(averages: list[Tensor], values: list[Tensor], decay: floa
     finite = math.isfinite(norms.sum())  # norms are >= 0: their sum is finite only if each one is
     if finite:
         ema_update_(averages, values, decay)
-    return torch.tensor(finite)
+    return finite
 
 
 @torch.no_grad()
