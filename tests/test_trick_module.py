@@ -8,7 +8,7 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lit_tricks import Classifier, Trick, TrickModule
+from lit_tricks import ELR, Classifier, EMATeacher, Mixup, SelfDistill, Trick, TrickModule
 from lit_tricks.core.trick import logging_due
 from lit_tricks.data import DigitsDataModule, IndexedDataset
 from lit_tricks.nets import MLP
@@ -128,6 +128,21 @@ def test_step_terms_reach_the_logger_at_lightnings_steps_with_that_steps_values(
         assert metrics["train/acc"] == pytest.approx(truth.acc[step])
     # an epoch's last step feeds callbacks that monitor at the epoch's end, though the logger skips it
     assert trainer.callback_metrics["train/acc"] == pytest.approx(truth.acc[13])
+
+
+def test_the_overhead_benchmarks_stack_logs_every_term_at_lightnings_steps(quiet_trainer_kwargs):
+    """EMATeacher + Mixup + PS-KD + ELR (benchmarks/overhead.py): every term each part logs reaches the logger at
+    the steps train/loss does, and at no other step."""
+    logger = MemoryLogger()
+    tricks = [EMATeacher(decay=0.9), Mixup(alpha=0.2), SelfDistill("past_predictions"), ELR()]
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=7, limit_val_batches=0, log_every_n_steps=3,
+                         callbacks=tricks, **{**quiet_trainer_kwargs, "logger": logger})  # fmt: skip
+    trainer.fit(_digits_model(), DigitsDataModule(batch_size=16))
+    terms = {"train/loss", "train/acc", "train/task_loss", "train/elr_log_regulariser", "train/nonfinite_steps",
+             "tricks/EMATeacher/decay", "tricks/EMATeacher/nonfinite", "tricks/Mixup/lam", "tricks/Mixup/cutmix",
+             "tricks/SelfDistill/alpha", "tricks/SelfDistill/nonfinite", "tricks/ELR/nonfinite"}  # fmt: skip
+    logged = {step: set(metrics) for step, metrics in logger.steps.items() if set(metrics) & terms}
+    assert sorted(logged) == [2, 5, 8, 11] and all(names - {"epoch"} == terms for names in logged.values())
 
 
 def test_features_reach_tricks_that_ask(quiet_trainer_kwargs):
