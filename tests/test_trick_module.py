@@ -145,6 +145,31 @@ def test_the_overhead_benchmarks_stack_logs_every_term_at_lightnings_steps(quiet
     assert sorted(logged) == [2, 5, 8, 11] and all(names - {"epoch"} == terms for names in logged.values())
 
 
+class DueRecorder(Trick):
+    """Records logging_due and Lightning's own answer in the first and the last per-step hook of every batch."""
+
+    def __init__(self):
+        self.first, self.last, self.lightning = [], [], []
+
+    def before_forward(self, trainer, module, batch):
+        self.first.append(logging_due(trainer))
+        self.lightning.append(trainer._logger_connector.should_update_logs)
+        return batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.last.append(logging_due(trainer))
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_logging_due_is_lightnings_rule_in_every_hook_and_for_every_trainer(every, quiet_trainer_kwargs):
+    """Answered once per batch: Lightning's answer, the same before the forward and after the optimizer step;
+    each trainer (fits run one after another in one process) gets its own answers."""
+    due = DueRecorder()
+    trainer = pl.Trainer(max_steps=6, log_every_n_steps=every, callbacks=[due], **quiet_trainer_kwargs)
+    trainer.fit(_digits_model(), DigitsDataModule(batch_size=16))
+    assert due.first == due.last == due.lightning == [(step + 1) % every == 0 for step in range(6)]
+
+
 def test_features_reach_tricks_that_ask(quiet_trainer_kwargs):
     recorder = Recorder("f", [], needs_features=True)
     trainer = pl.Trainer(max_steps=1, limit_val_batches=0, callbacks=[recorder], **quiet_trainer_kwargs)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import RunningStage
 
 from lit_tricks.core.batch import StepOutput, TrickBatch
 
@@ -24,8 +26,23 @@ def logging_due(trainer: pl.Trainer) -> bool:
     A step-level ``self.log`` value reaches TensorBoard only on such steps (every ``log_every_n_steps``
     optimizer steps, a stopping run's last step, every step under ``fast_dev_run``), while each call costs
     more than most tricks' own work, so values that only feed the loggers are logged only then. The answer
-    is the same in every hook of one batch, before and after the optimizer step.
+    is the same in every hook of one batch, before and after the optimizer step; in training it is worked out
+    once per batch, however many tricks ask.
     """
+    if trainer.state.stage is not RunningStage.TRAINING:
+        return _lightning_writes(trainer)
+    batch, stop = trainer.fit_loop.epoch_loop.batch_progress.total.ready, trainer.should_stop
+    owner, memo_batch, memo_stop, answer = _memo
+    if owner is None or owner() is not trainer or memo_batch != batch or memo_stop != stop:
+        answer = _lightning_writes(trainer)
+        _memo[:] = [weakref.ref(trainer), batch, stop, answer]
+    return answer
+
+
+_memo: list = [None, -1, False, False]  # (weak reference to the trainer, its training batch, should_stop), answer
+
+
+def _lightning_writes(trainer: pl.Trainer) -> bool:
     # Lightning's own rule (LoggerConnector.should_update_logs), so the phase always matches its writes.
     return bool(trainer.fast_dev_run) or trainer._logger_connector.should_update_logs
 
