@@ -25,7 +25,9 @@ from lit_tricks.functional import cutmix_, mixup_
 # name -> (batch shape, number of classes): ImageNet-like and CIFAR-100-like batches
 BATCHES = {"64x3x224x224, 1000 classes": ((64, 3, 224, 224), 1000), "256x3x32x32, 100 classes": ((256, 3, 32, 32), 100)}
 # a stand-in trainer on a step Lightning does not write logs (see lit_tricks.core.trick.logging_due)
-NO_LOGGING = SimpleNamespace(fast_dev_run=False, _logger_connector=SimpleNamespace(should_update_logs=False))
+NO_LOGGING = SimpleNamespace(  # a trainer outside the training stage, whose loggers write nothing
+    fast_dev_run=False, _logger_connector=SimpleNamespace(should_update_logs=False), state=SimpleNamespace(stage=None)
+)
 
 
 def median_ms(fn, repeats: int) -> float:

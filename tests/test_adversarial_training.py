@@ -63,7 +63,10 @@ def test_class_balanced_weights_by_hand():
 
 def _fake_trainer(epoch=0, log=False):
     return SimpleNamespace(
-        current_epoch=epoch, fast_dev_run=False, _logger_connector=SimpleNamespace(should_update_logs=log)
+        current_epoch=epoch,
+        fast_dev_run=False,
+        _logger_connector=SimpleNamespace(should_update_logs=log),
+        state=SimpleNamespace(stage=None),
     )
 
 

@@ -12,7 +12,12 @@ from lit_tricks.data import DigitsDataModule
 from lit_tricks.functional.bias_loss import bias_weights, feature_variance, normalise_variance
 from lit_tricks.nets import MLP
 
-TRAINER = SimpleNamespace(world_size=1, fast_dev_run=False, _logger_connector=SimpleNamespace(should_update_logs=False))
+TRAINER = SimpleNamespace(
+    world_size=1,
+    fast_dev_run=False,
+    _logger_connector=SimpleNamespace(should_update_logs=False),
+    state=SimpleNamespace(stage=None),  # logging_due then asks _logger_connector
+)
 
 
 def _step(trick, features):

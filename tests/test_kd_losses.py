@@ -156,7 +156,7 @@ def test_dhkd_bad_arguments():
 def _fake_trainer(lr: float = 0.5):
     """What TGeoLoss reads of a trainer, for tests that run the loss outside a fit."""
     return SimpleNamespace(
-        state=SimpleNamespace(fn=TrainerFn.FITTING),
+        state=SimpleNamespace(fn=TrainerFn.FITTING, stage=None),
         datamodule=None,
         strategy=SimpleNamespace(reduce=lambda tensor, reduce_op: tensor),
         optimizers=[SimpleNamespace(param_groups=[{"lr": lr}])],
