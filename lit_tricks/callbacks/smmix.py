@@ -152,8 +152,8 @@ class SMMix(Trick):
         else:
             lam = float(self._rng.beta(self.mixup_alpha, self.mixup_alpha))
             with torch.no_grad():
-                mixup_(inputs, perm, torch.tensor([lam]))
-        batch.targets = mixup_(probs.clone(), perm, torch.tensor([lam]))
+                mixup_(inputs, perm, lam)
+        batch.targets = mixup_(probs.clone(), perm, lam)
         if logging_due(trainer):
             module.log(self.tag("lam"), lam)
             module.log(self.tag("smmix"), float(use_smmix))

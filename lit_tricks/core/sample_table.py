@@ -155,18 +155,18 @@ class SampleTable:
             return self._checked_table_index
         if index.device.type != "cpu":
             n = len(self.values)
-            torch._assert_async(((index >= 0) & (index < n)).all(), str(self._out_of_range(index, read=False)))
+            torch._assert_async(((index >= 0) & (index < n)).all(), str(self._out_of_range(index, name_range=False)))
         self._checked_index, self._checked_table_index = index, index.to(self.values.device, torch.long)
         return self._checked_table_index
 
-    def _out_of_range(self, index: Tensor, read: bool = True) -> ValueError:
-        """The clear error for a batch whose dataset indices fall outside the table (``read``: say which ones)."""
+    def _out_of_range(self, index: Tensor, name_range: bool = True) -> ValueError:
+        """The clear error for a batch whose dataset indices fall outside the table (``name_range``: say which)."""
         message = (
             f"{self._owner}: a batch holds a dataset index outside [0, {len(self.values)}), the rows of its "
             "per-sample table: pass num_samples= (one more than the largest index, e.g. the size of the full "
             "dataset the indices count in), or give indices that count from 0 within the training set."
         )
-        if read:
+        if name_range:
             low, high = (int(end) for end in torch.aminmax(index))
             message += f" Got indices in [{low}, {high}]."
         return ValueError(message)
