@@ -13,7 +13,6 @@ from torch import Tensor, nn
 
 from lit_tricks.core.batch import TrickBatch
 from lit_tricks.core.checks import check_number
-from lit_tricks.core.trick import logging_due
 from lit_tricks.functional.barlow_twins import barlow_twins_loss, mixbt_loss, standardise
 from lit_tricks.functional.mixing import sample_mixing
 from lit_tricks.modules.two_views import TwoViewModule, ViewMaker
@@ -141,14 +140,7 @@ class BarlowTwins(TwoViewModule):
             loss_mix = h.mixbt * h.lambd * mixbt_loss(z_m, hat_a, hat_b, hat_b[self._global_perm(perm, n)], lam)
             loss = loss_bt + loss_mix
             terms |= {"train/mixbt_loss": loss_mix.detach(), "train/mixbt_lam": lam.squeeze()}
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        probe_loss = self.probe_loss(feat_a, tb.hard_targets)
-        if probe_loss is not None:
-            terms["train/probe_loss"] = probe_loss.detach()
-            loss = loss + probe_loss
-        if logging_due(self.trainer):
-            self.log_dict(terms, batch_size=n)
-        return loss
+        return self.finish_step(loss, terms, feat_a, tb.hard_targets)
 
     def _global_perm(self, perm: Tensor, n: int) -> Tensor:
         """Each process's partners, as indices into the gathered batch (process ``r`` holds rows ``r n .. (r+1) n``)."""

@@ -13,7 +13,6 @@ from torch import Tensor, nn
 
 from lit_tricks.core.batch import TrickBatch
 from lit_tricks.core.checks import check_number
-from lit_tricks.core.trick import logging_due
 from lit_tricks.functional.ema import ema_update_
 from lit_tricks.functional.mochi import mochi_negatives
 from lit_tricks.functional.moco import enqueue_, moco_loss
@@ -144,15 +143,7 @@ class MoCo(TwoViewModule):
             extra = mochi_negatives(q.detach(), self.queue, h.mochi, h.mochi_s1, h.mochi_s2, self._views)
         loss = moco_loss(q, k, self.queue.clone(), h.temperature, extra)
         enqueue_(self.queue, self.queue_pointer, k if world == 1 else self.all_gather(k).flatten(0, 1))
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        terms = {"train/infonce_loss": loss.detach()}
-        probe_loss = self.probe_loss(feat_q, tb.hard_targets)
-        if probe_loss is not None:
-            terms["train/probe_loss"] = probe_loss.detach()
-            loss = loss + probe_loss
-        if logging_due(self.trainer):
-            self.log_dict(terms, batch_size=n)
-        return loss
+        return self.finish_step(loss, {"train/infonce_loss": loss.detach()}, feat_q, tb.hard_targets)
 
     @torch.no_grad()
     def momentum_update(self) -> None:

@@ -16,6 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lit_tricks.core.batch import TrickBatch
 from lit_tricks.core.checks import check_number
 from lit_tricks.core.rng import RestoresRNG
+from lit_tricks.core.trick import logging_due
 from lit_tricks.functional.tta import default_augment
 
 ViewMaker = Callable[[Tensor, torch.Generator], Tensor]
@@ -23,7 +24,7 @@ ViewMaker = Callable[[Tensor, torch.Generator], Tensor]
 
 class TwoViewModule(RestoresRNG, pl.LightningModule):
     """What every two-view self-supervised module shares; a subclass writes ``training_step`` (with
-    :meth:`views` and :meth:`probe_loss`) and calls ``save_hyperparameters``.
+    :meth:`views` and :meth:`finish_step`) and calls ``save_hyperparameters``.
 
     - Views: ``augment(inputs, generator)`` with the module's own generator (seeded by ``seed``), whose state, with
       any other generator a subclass names in :meth:`generator_states`, is saved in the checkpoint under
@@ -75,11 +76,19 @@ class TwoViewModule(RestoresRNG, pl.LightningModule):
         """Two augmented views of the batch, drawn from the module's generator."""
         return self.augment(inputs, self._views), self.augment(inputs, self._views)
 
-    def probe_loss(self, features: Tensor, targets: Tensor) -> Tensor | None:
-        """The probe's cross-entropy on the detached ``features`` (``None`` without a probe)."""
-        if self.probe is None:
-            return None
-        return F.cross_entropy(self.probe(features.detach()), targets)
+    def finish_step(self, loss: Tensor, terms: dict[str, Tensor], features: Tensor, targets: Tensor) -> Tensor:
+        """The end of a ``training_step``: log the self-supervised ``loss`` as ``train/loss`` (every step), add the
+        probe's cross-entropy on the detached ``features`` (``train/probe_loss``), log ``terms`` and that at the
+        logging interval, and return what to minimise."""
+        n = len(features)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        if self.probe is not None:
+            probe_loss = F.cross_entropy(self.probe(features.detach()), targets)
+            terms = {**terms, "train/probe_loss": probe_loss.detach()}
+            loss = loss + probe_loss
+        if logging_due(self.trainer):
+            self.log_dict(terms, batch_size=n)
+        return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, "val")
