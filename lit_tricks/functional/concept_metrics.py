@@ -77,19 +77,13 @@ def concept_jacobian(head: Callable[[Tensor], Tensor], activations: Tensor) -> T
     r""":math:`J_{ijk} = \partial z_{ik} / \partial \hat u_{ij}` ``[N, L, K]`` of the task logits
     :math:`z = \text{head}(\hat u)` (one backward pass per class; samples must not interact, as in eval mode).
     Gradients are on even inside ``torch.no_grad`` / ``inference_mode`` (e.g. a validation loop)."""
-    with torch.inference_mode(False), torch.enable_grad():
-        u = activations.detach().clone().requires_grad_(True)
-        logits = head(u)
-        if not logits.requires_grad:
-            raise ValueError(
-                "The task logits do not depend differentiably on the concept activations (e.g. ECBM's energy "
-                "minimisation): there is no head derivative; use ConceptMetrics(use_head=False)."
-            )
-        columns = [
-            torch.autograd.grad(logits[:, k].sum(), u, retain_graph=k + 1 < logits.shape[1], allow_unused=True)[0]
-            for k in range(logits.shape[1])
-        ]
-    return torch.stack([torch.zeros_like(u) if g is None else g for g in columns], dim=-1).detach()
+    columns = _column_gradients(
+        head,
+        activations,
+        "The task logits do not depend differentiably on the concept activations (e.g. ECBM's energy "
+        "minimisation): there is no head derivative; use ConceptMetrics(use_head=False).",
+    )
+    return torch.stack(columns, dim=-1)
 
 
 def local_importance(jacobian: Tensor, activations: Tensor, classes: Tensor) -> Tensor:
@@ -148,19 +142,32 @@ def input_gradient_maps(concept_scores: Callable[[Tensor], Tensor], inputs: Tens
     ``inputs`` ``[N, C, H, W]`` to ``[N, L]`` (concept logits). Returns ``[N, L, H, W]``."""
     if inputs.ndim != 4:
         raise ValueError(f"input_gradient_maps needs images [N, C, H, W], got {tuple(inputs.shape)}.")
+    maps = _column_gradients(
+        concept_scores,
+        inputs,
+        "The concept scores do not depend differentiably on the inputs (e.g. ECBM's energy minimisation): "
+        "no saliency maps; use ConceptMetrics(location=False).",
+        reduce=lambda gradient: gradient.abs().sum(dim=1),
+    )
+    return torch.stack(maps, dim=1)
+
+
+def _column_gradients(
+    fn: Callable[[Tensor], Tensor], x: Tensor, no_gradient: str, reduce: Callable[[Tensor], Tensor] = lambda g: g
+) -> list[Tensor]:
+    r"""``reduce`` of :math:`\partial \sum_i f(x)_{ik} / \partial x` for each output column :math:`k` of
+    :math:`f(x)` ``[N, K]``, one backward pass each (zeros where a column does not depend on ``x``); gradients are on
+    even inside ``torch.no_grad`` / ``inference_mode``. Raises ``ValueError(no_gradient)`` when ``f(x)`` has none."""
     with torch.inference_mode(False), torch.enable_grad():
-        x = inputs.detach().clone().requires_grad_(True)
-        scores = concept_scores(x)
-        if not scores.requires_grad:
-            raise ValueError(
-                "The concept scores do not depend differentiably on the inputs (e.g. ECBM's energy minimisation): "
-                "no saliency maps; use ConceptMetrics(location=False)."
-            )
-        maps = [
-            torch.autograd.grad(scores[:, j].sum(), x, retain_graph=j + 1 < scores.shape[1])[0].abs().sum(dim=1)
-            for j in range(scores.shape[1])
-        ]
-    return torch.stack(maps, dim=1).detach()
+        x = x.detach().clone().requires_grad_(True)
+        out = fn(x)
+        if not out.requires_grad:
+            raise ValueError(no_gradient)
+        columns = []
+        for k in range(out.shape[1]):
+            (gradient,) = torch.autograd.grad(out[:, k].sum(), x, retain_graph=k + 1 < out.shape[1], allow_unused=True)
+            columns.append(reduce(torch.zeros_like(x) if gradient is None else gradient).detach())
+    return columns
 
 
 def top_region(maps: Tensor, alpha: float = 1.0) -> Tensor:
