@@ -15,13 +15,13 @@ from lit_tricks.core.batch import TrickBatch
 from lit_tricks.core.checks import check_number
 from lit_tricks.core.module import TrickModule
 from lit_tricks.core.trick import Trick, logging_due
+from lit_tricks.functional.losses import to_probabilities
 from lit_tricks.functional.mixing import (
     cutmix_,
     cutmix_box,
     cutmix_masks,
     mixed_one_hot,
     mixup_,
-    one_hot,
     paste_box_,
     sample_mixing,
     smooth_labels,
@@ -172,7 +172,7 @@ class Mixup(Trick):
         smoothing the mixed targets equals mixing the smoothed ones."""
         stopped = self._stop_step is not None and trainer.global_step >= self._stop_step
         if stopped or self._rng.random() >= self.prob:
-            probs = targets.float() if targets.ndim == 2 else one_hot(targets, self.num_classes)
+            probs = to_probabilities(targets, self.num_classes)
             return smooth_labels(probs, self.label_smoothing) if self.label_smoothing else probs
         use_cutmix = self.cutmix_alpha > 0 and (self.alpha == 0 or self._rng.random() < self.switch_prob)
         alpha = self.cutmix_alpha if use_cutmix else self.alpha

@@ -14,7 +14,7 @@ from lit_tricks.core.checks import check_number
 from lit_tricks.core.sample_table import SampleTable, TableDevice, check_table_options
 from lit_tricks.core.trick import Trick, logging_due
 from lit_tricks.functional.distillation import distillation_kl, pskd_alpha, pskd_targets, sigmoid_rampup
-from lit_tricks.functional.mixing import one_hot
+from lit_tricks.functional.losses import to_probabilities
 
 
 class SelfDistill(Trick):
@@ -140,7 +140,7 @@ class SelfDistill(Trick):
         if self._alpha == 0.0:
             return batch  # the targets as given: (1 - 0) y + 0 p, exactly
         targets = batch.targets  # class ids, or probabilities that PS-KD blends as they are
-        given = targets.float() if targets.ndim == 2 else one_hot(targets, module.num_classes)
+        given = to_probabilities(targets, module.num_classes)
         past = self.table.read(batch.index, default=given)  # a sample not seen before keeps its label
         batch.targets = pskd_targets(given, past, self._alpha)
         return batch

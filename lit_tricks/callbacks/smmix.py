@@ -14,7 +14,8 @@ from lit_tricks.core.checks import check_number
 from lit_tricks.core.eval_mode import eval_mode
 from lit_tricks.core.module import TrickModule
 from lit_tricks.core.trick import Trick, logging_due
-from lit_tricks.functional.mixing import mixup_, one_hot, smooth_labels
+from lit_tricks.functional.losses import to_probabilities
+from lit_tricks.functional.mixing import mixup_, smooth_labels
 from lit_tricks.functional.smmix import consistency_loss, fine_grained_loss, smmix_images
 from lit_tricks.nets.vit import ViT
 
@@ -137,7 +138,7 @@ class SMMix(Trick):
                 f"SMMix mixes float images [B, C, H, W], got {inputs.dtype} of shape {tuple(inputs.shape)}."
             )
         perm = torch.arange(len(inputs) - 1, -1, -1, device=inputs.device)
-        probs = batch.targets.float() if batch.targets.ndim == 2 else one_hot(batch.targets, module.num_classes)
+        probs = to_probabilities(batch.targets, module.num_classes)
         if self.label_smoothing:
             probs = smooth_labels(probs, self.label_smoothing)
         use_smmix = self._rng.random() < self.switch_prob

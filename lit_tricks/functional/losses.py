@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lit_tricks.functional.mixing import one_hot
+
 
 def soft_target_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     r"""Per-sample cross-entropy :math:`\ell_i = -\sum_c t_{ic} \log \mathrm{softmax}(z_i)_c`.
@@ -24,10 +26,11 @@ def soft_target_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def to_probabilities(targets: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Class ids ``[N]`` to one-hot probabilities ``[N, C]``; probability targets pass through."""
+    """Probability targets ``[N, C]`` in ``dtype``: class ids ``[N]`` one-hot, probabilities as they are (the same
+    tensor when already ``dtype``)."""
     if targets.ndim == 2:
-        return targets
-    return F.one_hot(targets, num_classes).to(dtype)
+        return targets.to(dtype)
+    return one_hot(targets, num_classes).to(dtype)
 
 
 def weighted_mean(per_sample_loss: Tensor, weight: Tensor | None) -> Tensor:

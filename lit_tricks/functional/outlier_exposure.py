@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lit_tricks.functional.mixing import cutmix_box, one_hot
+from lit_tricks.functional.losses import to_probabilities
+from lit_tricks.functional.mixing import cutmix_box
 
 MixOp = Literal["mixup", "cutmix"]
 Score = Literal["msp", "max_logit", "energy"]
@@ -42,7 +43,7 @@ def mixoe_targets(targets: Tensor, lam: float | Tensor, num_classes: int) -> Ten
         >>> mixoe_targets(torch.tensor([0]), 0.7, 2)  # 0.7 * [1, 0] + 0.3 * [0.5, 0.5]
         tensor([[0.8500, 0.1500]])
     """
-    probs = targets.float() if targets.ndim == 2 else one_hot(targets, num_classes)
+    probs = to_probabilities(targets, num_classes)
     lam = torch.as_tensor(lam, dtype=torch.float32, device=probs.device).reshape(-1, 1)
     return probs * lam + (1.0 - lam) / num_classes
 
